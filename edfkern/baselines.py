@@ -1,0 +1,192 @@
+"""The loop formulations DD code runs today, written from the SPEC.
+
+These are the "original" rows of every benchmark and the second oracle in tests.
+They are deliberately the per-image / per-class / per-sample Python loops of the
+authors' released code (EDF's ``create_soft_mask`` and CPD sort block, IID's
+per-class ``loss_cov`` / ``loss_insdis`` and DM's per-class means), not tuned.
+Groups are ``int`` K (contiguous blocks) or ``(N,)`` labels, as in the ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Groups = Union[int, Tensor]
+
+
+def _members(groups: Groups, n: int, num_groups: Optional[int] = None) -> list[Tensor]:
+    """Row indices of every class, in order."""
+    if isinstance(groups, int):
+        ipc = n // groups
+        return [torch.arange(k * ipc, (k + 1) * ipc) for k in range(groups)]
+    k = num_groups if num_groups is not None else int(groups.max()) + 1
+    return [torch.nonzero(groups == c).flatten() for c in range(k)]
+
+
+# ----------------------------------------------------------------------------- DAE (EDF)
+
+
+def create_soft_mask(cam: Tensor, size: tuple[int, int], beta: float, threshold: Optional[float] = None) -> Tensor:
+    """EDF's per-image mask loop: upsample each CAM, threshold at its mean, ``cam + beta`` above, 1 below.
+
+    cam (N, h, w) -> (N, 1, H, W).
+    """
+    masks = []
+    for i in range(cam.shape[0]):
+        up = F.interpolate(cam[i][None, None].float(), size=size, mode="bilinear", align_corners=False)
+        tau = up.mean() if not threshold else threshold
+        masks.append(torch.where(up >= tau, up + beta, torch.ones_like(up)))
+    return torch.cat(masks, 0)
+
+
+def dae_(grad: Tensor, cam: Tensor, *, beta: float, threshold: Optional[float] = None) -> Tensor:
+    """``grad *= create_soft_mask(...)``, as EDF does after ``backward()``."""
+    grad *= create_soft_mask(cam, tuple(grad.shape[-2:]), beta, threshold)
+    return grad
+
+
+def dae_sgd_step_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], cam: Tensor, *, lr: float,
+                  beta: float, threshold: Optional[float] = None, momentum: float = 0.5, dampening: float = 0.0,
+                  weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
+                  first_step: bool = False) -> Tensor:
+    """Mask loop, ``grad * mask``, then a real ``torch.optim.SGD.step()`` on ``param``.
+
+    The buffer is handed to (and read back from) the optimizer's state, so this is exactly torch's update.
+    """
+    masked = grad * create_soft_mask(cam, tuple(grad.shape[-2:]), beta, threshold)
+    p = torch.nn.Parameter(param.detach().clone())
+    p.grad = masked.to(p.dtype)
+    opt = torch.optim.SGD([p], lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                          nesterov=nesterov, maximize=maximize)
+    if momentum != 0 and not first_step:
+        opt.state[p]["momentum_buffer"] = momentum_buffer.detach().clone()
+    opt.step()
+    with torch.no_grad():
+        param.copy_(p)
+        if momentum != 0:
+            momentum_buffer.copy_(opt.state[p]["momentum_buffer"])
+    return param
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+
+def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam", size=None, normalize: bool = True,
+             clean_activations: Optional[Tensor] = None) -> Tensor:
+    """One image at a time, as torchcam computes a map, stacked."""
+    eps = 1e-8
+    smooth = method == "smoothgradcam++"
+    n = activations.shape[1] if smooth else activations.shape[0]
+    out = []
+    for i in range(n):
+        if smooth:
+            gs = gradients[:, i].float()
+            d2, d3 = (gs ** 2).mean(0), (gs ** 3).mean(0)
+            a_clean = clean_activations[i].float()
+            alpha = d2 / (2 * d2 + (a_clean * d3).sum(dim=(1, 2), keepdim=True) + eps)
+            a, g = activations[-1, i].float(), gs[-1]
+            w = (alpha * torch.relu(g)).sum(dim=(1, 2))
+        else:
+            a, g = activations[i].float(), gradients[i].float()
+            if method == "gradcam":
+                w = g.mean(dim=(1, 2))
+            else:
+                alpha = g ** 2 / (2 * g ** 2 + (a * g ** 3).sum(dim=(1, 2), keepdim=True) + eps)
+                w = (alpha * torch.relu(g)).sum(dim=(1, 2))
+        cam = torch.relu((w[:, None, None] * a).sum(0))
+        if normalize:
+            cam = cam - cam.min()
+            cam = cam / (cam.max() + eps)
+        if size is not None:
+            cam = F.interpolate(cam[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
+        out.append(cam)
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- CPD (EDF)
+
+
+def cpd_keep_mask(l: Tensor, drop_ratio: float) -> Tensor:
+    """Full stable sort, then drop the first ``floor(drop_ratio * P)`` indices."""
+    flat = l.reshape(-1)
+    k = int(math.floor(drop_ratio * flat.numel()))
+    order = torch.sort(flat, stable=True).indices
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[order[:k]] = False
+    return keep.view(l.shape)
+
+
+def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_ratio: float) -> Tensor:
+    """EDF's CPD block: element-wise losses, full sort, gather the kept tail, ratio of sums."""
+    s, t, s0 = student.reshape(-1).float(), target.reshape(-1).float(), start.reshape(-1).float()
+    if student.dtype == torch.float64:
+        s, t, s0 = student.reshape(-1), target.reshape(-1), start.reshape(-1)
+    l = (s - t) ** 2
+    d = (s0 - t) ** 2
+    k = int(math.floor(drop_ratio * l.numel()))
+    _, idx = torch.sort(l.detach(), stable=True)
+    kept = idx[k:]
+    return l[kept].sum() / d[kept].sum()
+
+
+# ----------------------------------------------------------------------------- IID / DM
+
+
+def _acc(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def local_covariance(x: Tensor, *, groups: Groups, num_groups: Optional[int] = None) -> Tensor:
+    """IID's per-class covariance: centre the class, form every (C, C) product, average them."""
+    x = _acc(x.flatten(2) if x.dim() == 4 else (x[:, :, None] if x.dim() == 2 else x))
+    out = []
+    for idx in _members(groups, x.shape[0], num_groups):
+        if idx.numel() == 0:
+            out.append(x.new_zeros(x.shape[1], x.shape[1]))
+            continue
+        xk = x[idx]
+        xc = xk - xk.mean(0, keepdim=True)
+        prods = torch.bmm(xc, xc.transpose(1, 2))  # (n, C, C): the per-sample products
+        out.append(prods.mean(0))
+    return torch.stack(out)
+
+
+def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: Groups, real_groups: Groups,
+                             num_groups: Optional[int] = None, weight: float = 0.01) -> Tensor:
+    """``loss_cov`` of IID, class by class."""
+    k_syn = _members(syn_groups, syn.shape[0], num_groups)
+    k_real = _members(real_groups, real.shape[0], num_groups)
+    loss = 0.0
+    for i_s, i_r in zip(k_syn, k_real):
+        cs = local_covariance(syn[i_s], groups=1)[0]
+        cr = local_covariance(real[i_r], groups=1)[0]
+        loss = loss + ((cr - cs) ** 2).sum()
+    return weight * loss
+
+
+def class_centralization_loss(feat: Tensor, *, groups: Groups, num_groups: Optional[int] = None,
+                              weight: float = 0.05) -> Tensor:
+    """``loss_insdis`` of IID (linear form): a loop over classes and, inside, over samples."""
+    f = _acc(feat.reshape(feat.shape[0], -1))
+    loss = 0.0
+    for idx in _members(groups, f.shape[0], num_groups):
+        fk = f[idx]
+        mu = fk.mean(0)
+        for i in range(fk.shape[0]):
+            loss = loss + ((fk[i] - mu) ** 2).sum()
+    return weight * loss
+
+
+def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: Groups, real_groups: Groups,
+                       num_groups: Optional[int] = None, weight: float = 1.0) -> Tensor:
+    """DM's ``loss_ori``: per-class mean embeddings, squared distance, summed over classes."""
+    s = _acc(syn.reshape(syn.shape[0], -1))
+    r = _acc(real.reshape(real.shape[0], -1))
+    loss = 0.0
+    for i_s, i_r in zip(_members(syn_groups, s.shape[0], num_groups), _members(real_groups, r.shape[0], num_groups)):
+        loss = loss + ((r[i_r].mean(0) - s[i_s].mean(0)) ** 2).sum()
+    return weight * loss

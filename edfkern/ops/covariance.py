@@ -1,0 +1,176 @@
+"""Local covariance and covariance matching (IID, SPEC section 5).
+
+``Sigma_k = 1/n_k sum_{i in k} (X_i - Xbar_k)(X_i - Xbar_k)^T`` for conv features
+``X_i`` of shape ``(C, L)``, and IID's loss ``w * sum_k ||Sigma_k(real) - Sigma_k(syn)||_F^2``.
+Every backward is the analytic ``grad_i = M_k (X_i - Xbar_k)`` with a per-class
+``(C, C)`` matrix ``M_k``, computed by one backend kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks as C
+from .._dispatch import kernel
+from ._util import no_double_backward
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("edfkern::local_covariance", mutates_args=())
+def _local_cov(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns (sigma (K,C,C), mean (K,C,L)); ``mean`` is kept for backward."""
+    return kernel("cov_forward", x.device)(x.contiguous(), perm, offsets)
+
+
+@_local_cov.register_fake
+def _(x, perm, offsets):
+    k, (_, c, l) = offsets.shape[0] - 1, x.shape
+    acc = C.acc_dtype(x.dtype)
+    return x.new_empty((k, c, c), dtype=acc), x.new_empty((k, c, l), dtype=acc)
+
+
+@torch.library.custom_op("edfkern::covariance_backward", mutates_args=())
+def _cov_backward(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor) -> Tensor:
+    """grad_i = M_k (x_i - mean_k) for every row i of group k: (N,C,L) in x.dtype."""
+    return kernel("cov_backward", x.device)(x.contiguous(), perm, offsets, mean.contiguous(), M.contiguous())
+
+
+@_cov_backward.register_fake
+def _(x, perm, offsets, mean, M):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+torch.library.register_autograd("edfkern::covariance_backward", no_double_backward("local_covariance"),
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def _inv_counts(offsets: Tensor, dtype: torch.dtype) -> Tensor:
+    """1/n_k as a (K,1,1) tensor (0 for empty groups, whose rows do not exist)."""
+    n = offsets.diff().to(dtype)
+    return torch.where(n > 0, 1.0 / n.clamp_min(1), torch.zeros_like(n))[:, None, None]
+
+
+def _local_cov_setup(ctx, inputs, output):
+    x, perm, offsets = inputs
+    ctx.save_for_backward(x, perm, offsets, output[1])
+
+
+def _local_cov_backward(ctx, g_sigma, g_mean):
+    x, perm, offsets, mean = ctx.saved_tensors
+    if g_sigma is None:
+        return None, None, None
+    M = (g_sigma + g_sigma.transpose(1, 2)) * _inv_counts(offsets, g_sigma.dtype)
+    return _cov_backward(x, perm, offsets, mean, M), None, None
+
+
+torch.library.register_autograd("edfkern::local_covariance", _local_cov_backward, setup_context=_local_cov_setup)
+
+
+@torch.library.custom_op("edfkern::covariance_matching_loss", mutates_args=())
+def _cm_loss(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets: Tensor, real: Tensor,
+             real_perm: Optional[Tensor], real_offsets: Tensor, weight: float
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, sigma_syn, sigma_real, mean_syn, mean_real); only ``loss`` is public."""
+    fwd = kernel("cov_forward", syn.device)
+    s_syn, m_syn = fwd(syn.contiguous(), syn_perm, syn_offsets)
+    s_real, m_real = fwd(real.contiguous(), real_perm, real_offsets)
+    diff = s_real - s_syn
+    return weight * (diff * diff).sum(), s_syn, s_real, m_syn, m_real
+
+
+@_cm_loss.register_fake
+def _(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight):
+    k, (_, c, l) = syn_offsets.shape[0] - 1, syn.shape
+    acc = C.acc_dtype(syn.dtype)
+    e = syn.new_empty
+    return (e((), dtype=acc), e((k, c, c), dtype=acc), e((k, c, c), dtype=acc), e((k, c, l), dtype=acc),
+            e((k, c, l), dtype=acc))
+
+
+def _cm_setup(ctx, inputs, output):
+    syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight = inputs
+    _, s_syn, s_real, m_syn, m_real = output
+    ctx.weight = weight
+    ctx.save_for_backward(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, s_syn, s_real, m_syn, m_real)
+
+
+def _cm_backward(ctx, g, *_aux):
+    syn, syn_perm, syn_offsets, real, real_perm, real_offsets, s_syn, s_real, m_syn, m_real = ctx.saved_tensors
+    grads = [None] * 7
+    if g is None:
+        return tuple(grads)
+    d = (s_syn - s_real) * (4.0 * ctx.weight * g)  # dL/dX_i = 4w/n_k (S_syn - S_real)(X_i - Xbar_k)
+    if ctx.needs_input_grad[0]:
+        grads[0] = _cov_backward(syn, syn_perm, syn_offsets, m_syn, d * _inv_counts(syn_offsets, d.dtype))
+    if ctx.needs_input_grad[3]:
+        grads[3] = _cov_backward(real, real_perm, real_offsets, m_real, -d * _inv_counts(real_offsets, d.dtype))
+    return tuple(grads)
+
+
+torch.library.register_autograd("edfkern::covariance_matching_loss", _cm_backward, setup_context=_cm_setup)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _as_ncl(name: str, x: Tensor) -> Tensor:
+    """(N,C,L) as is; (N,C,h,w) -> (N,C,h*w); (N,D) -> (N,D,1)."""
+    C.check_float_tensor(name, x)
+    C.check_rank(name, x, (2, 3, 4), "(N, C, L), (N, C, h, w) or (N, D)")
+    if x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must have N >= 1 rows and non-empty features, got {tuple(x.shape)}")
+    if x.dim() == 4:
+        return x.flatten(2)
+    if x.dim() == 2:
+        return x.unsqueeze(2)
+    return x
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None) -> Tensor:
+    """Per-class local covariance of conv features (IID, Sec. 3.3, the ``Sigma`` of Eq. 6).
+
+    Args:
+        x: ``(N, C, L)`` features (``L = h*w``); ``(N, C, h, w)`` is flattened, ``(N, D)`` read as ``(N, D, 1)``.
+        groups: ``int`` K (N rows in K equal contiguous blocks) or ``(N,)`` integer labels in ``[0, K)``.
+        num_groups: K for label groups (default: max label + 1).
+
+    Returns:
+        ``(K, C, C)`` with ``Sigma_k = 1/n_k sum_{i in k} (X_i - Xbar_k)(X_i - Xbar_k)^T`` (divided by
+        ``n_k``, not ``n_k - 1`` or ``L``); zeros for an empty group. float32 (float64 for float64 input).
+    """
+    x = _as_ncl("x", x)
+    g = C.resolve_groups(groups, x.shape[0], x.device, num_groups)
+    return _local_cov(x, g.perm, g.offsets)[0]
+
+
+def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, real_groups: C.GroupsArg,
+                             num_groups: Optional[int] = None, weight: float = 0.01) -> Tensor:
+    """IID's covariance matching loss (Eq. 6): ``weight * sum_k ||Sigma_k(real) - Sigma_k(syn)||_F^2``.
+
+    Args:
+        syn: ``(N_syn, C, L)`` synthetic conv features (or ``(N, C, h, w)`` / ``(N, D)``).
+        real: ``(N_real, C, L)`` real features, same ``C`` and ``L``; IID detaches them.
+        syn_groups, real_groups: ``int`` K or ``(N,)`` labels for each side.
+        num_groups: K when both sides are labels (default: max label over both + 1).
+        weight: IID uses 0.01 (DM+IID) and 0.03 (IDM+IID).
+
+    Returns:
+        Scalar loss, float32 (float64 for float64 inputs). Gradients reach whichever inputs need them.
+
+    Raises:
+        ValueError: a group is empty on either side, or shapes disagree.
+    """
+    syn, real = _as_ncl("syn", syn), _as_ncl("real", real)
+    if syn.shape[1:] != real.shape[1:]:
+        raise ValueError(f"real must have the same (C, L) as syn {tuple(syn.shape[1:])}, got {tuple(real.shape[1:])}")
+    C.check_same_dtype(syn=syn, real=real)
+    C.check_same_device(syn=syn, real=real)
+    weight = C.check_number("weight", weight)
+    gs, gr = C.resolve_group_pair(syn_groups, real_groups, syn.shape[0], real.shape[0], syn.device, num_groups)
+    return _cm_loss(syn, gs.perm, gs.offsets, real, gr.perm, gr.offsets, weight)[0]

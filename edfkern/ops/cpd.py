@@ -1,0 +1,136 @@
+"""Common Pattern Dropout (EDF, SPEC section 4).
+
+The element-wise trajectory-matching loss drops its ``k = floor(drop_ratio * P)``
+smallest entries (ties: lower indices first, as a stable ascending sort):
+``loss = sum_K l / sum_K d`` with ``l = (student - target)^2``, ``d = (start - target)^2``.
+The forward saves only two scalars (threshold value and tie index), so backward
+rebuilds the keep-set with no P-sized mask in memory.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _checks as C
+from .._dispatch import kernel
+from ._util import no_double_backward
+
+
+def _k(drop_ratio: float, p: int) -> int:
+    return int(math.floor(drop_ratio * p))
+
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("edfkern::cpd_trajectory_loss", mutates_args=())
+def _cpd_loss(student: Tensor, target: Tensor, start: Tensor, drop_ratio: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, thr, tie, sum_d); only ``loss`` is public."""
+    s, t, s0 = (v.reshape(-1).contiguous() for v in (student, target, start))
+    sum_l, sum_d, thr, tie = kernel("cpd_forward", s.device)(s, t, s0, _k(drop_ratio, s.numel()))
+    return sum_l / sum_d, thr, tie, sum_d
+
+
+@_cpd_loss.register_fake
+def _(student, target, start, drop_ratio):
+    acc = C.acc_dtype(student.dtype)
+    e = student.new_empty((), dtype=acc)
+    return e, student.new_empty((), dtype=acc), student.new_empty((), dtype=torch.int64), student.new_empty((), dtype=acc)
+
+
+@torch.library.custom_op("edfkern::cpd_trajectory_loss_backward", mutates_args=())
+def _cpd_backward(grad: Tensor, student: Tensor, target: Tensor, start: Tensor, thr: Tensor, tie: Tensor,
+                  sum_d: Tensor) -> Tensor:
+    s, t, s0 = (v.reshape(-1).contiguous() for v in (student, target, start))
+    g = kernel("cpd_backward", s.device)(grad, s, t, s0, thr, tie, sum_d)
+    return g.view(student.shape)
+
+
+@_cpd_backward.register_fake
+def _(grad, student, target, start, thr, tie, sum_d):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output):
+    student, target, start, _ = inputs
+    _, thr, tie, sum_d = output
+    ctx.save_for_backward(student, target, start, thr, tie, sum_d)
+
+
+def _backward(ctx, g_loss, g_thr, g_tie, g_sum_d):
+    student, target, start, thr, tie, sum_d = ctx.saved_tensors
+    if g_loss is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return _cpd_backward(g_loss, student, target, start, thr, tie, sum_d), None, None, None
+
+
+torch.library.register_autograd("edfkern::cpd_trajectory_loss", _backward, setup_context=_setup)
+torch.library.register_autograd(
+    "edfkern::cpd_trajectory_loss_backward", no_double_backward("cpd_trajectory_loss"),
+    setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op("edfkern::cpd_keep_mask", mutates_args=())
+def _cpd_keep_mask(l: Tensor, drop_ratio: float) -> Tensor:
+    flat = l.reshape(-1).contiguous()
+    return kernel("cpd_keep_mask", flat.device)(flat, _k(drop_ratio, flat.numel())).view(l.shape)
+
+
+@_cpd_keep_mask.register_fake
+def _(l, drop_ratio):
+    return torch.empty_like(l, dtype=torch.bool, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_ratio(drop_ratio: float) -> float:
+    return C.check_number("drop_ratio", drop_ratio, lo=0.0, hi=1.0, hi_open=True)
+
+
+def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_ratio: float) -> Tensor:
+    """EDF's trajectory-matching loss with Common Pattern Dropout.
+
+    Args:
+        student: ``(P,)`` flattened student parameters after the synthetic steps (any shape is
+            read flat; the gradient has its shape).
+        target: ``(P,)`` expert parameters at epoch ``t+M``.
+        start: ``(P,)`` expert parameters at epoch ``t``.
+        drop_ratio: fraction in ``[0, 1)`` of the smallest ``l`` entries to drop (EDF: 0.25–0.5;
+            0 keeps everything).
+
+    Returns:
+        Scalar ``sum_K l / sum_K d`` (float32; float64 for float64 inputs). The gradient flows to
+        ``student`` only: ``2 (student - target) 1_K / sum_K d``.
+    """
+    for name, v in (("student", student), ("target", target), ("start", start)):
+        C.check_float_tensor(name, v)
+    C.check_shape("target", target, student.shape, "(P,) like student")
+    C.check_shape("start", start, student.shape, "(P,) like student")
+    C.check_same_dtype(student=student, target=target, start=start)
+    C.check_same_device(student=student, target=target, start=start)
+    if student.numel() == 0:
+        raise ValueError("student must hold at least one parameter (P >= 1), got an empty tensor")
+    drop_ratio = _check_ratio(drop_ratio)
+    return _cpd_loss(student, target, start, drop_ratio)[0]
+
+
+def cpd_keep_mask(l: Tensor, drop_ratio: float) -> Tensor:
+    """Keep-set of CPD: ``False`` for the ``floor(drop_ratio * numel)`` smallest entries of ``l``.
+
+    Ties are broken as a stable ascending sort breaks them (lower indices are dropped first).
+
+    Args:
+        l: per-element losses, any shape (read flat, row-major).
+        drop_ratio: fraction in ``[0, 1)``.
+
+    Returns:
+        bool tensor shaped like ``l``.
+    """
+    C.check_float_tensor("l", l)
+    drop_ratio = _check_ratio(drop_ratio)
+    if l.numel() == 0:
+        return torch.ones_like(l, dtype=torch.bool)
+    return _cpd_keep_mask(l, drop_ratio)

@@ -1,0 +1,161 @@
+"""Class centralization and mean matching on flat features (IID and DM, SPEC section 5).
+
+Both are segmented reductions over the rows of each class:
+CC ``w * sum_k sum_{i in k} ||f_i - mu_k||^2`` (IID's released linear form) and
+DM ``w * sum_k ||mean_real_k - mean_syn_k||^2``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks as C
+from .._dispatch import kernel
+from ._util import no_double_backward
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("edfkern::class_centralization_loss", mutates_args=())
+def _cc_loss(feat: Tensor, perm: Optional[Tensor], offsets: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+    """Returns (loss, mean (K,D)); ``mean`` is kept for backward."""
+    sq, mean = kernel("cc_forward", feat.device)(feat.contiguous(), perm, offsets)
+    return weight * sq, mean
+
+
+@_cc_loss.register_fake
+def _(feat, perm, offsets, weight):
+    acc = C.acc_dtype(feat.dtype)
+    return feat.new_empty((), dtype=acc), feat.new_empty((offsets.shape[0] - 1, feat.shape[1]), dtype=acc)
+
+
+@torch.library.custom_op("edfkern::class_centralization_backward", mutates_args=())
+def _cc_backward(grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor,
+                 coef: float) -> Tensor:
+    """coef * grad * (f_i - mu_k), (N,D) in feat.dtype."""
+    return kernel("cc_backward", feat.device)(grad, feat.contiguous(), perm, offsets, mean, coef)
+
+
+@_cc_backward.register_fake
+def _(grad, feat, perm, offsets, mean, coef):
+    return torch.empty_like(feat, memory_format=torch.contiguous_format)
+
+
+def _cc_setup(ctx, inputs, output):
+    feat, perm, offsets, weight = inputs
+    ctx.weight = weight
+    ctx.save_for_backward(feat, perm, offsets, output[1])
+
+
+def _cc_bwd(ctx, g, _g_mean):
+    feat, perm, offsets, mean = ctx.saved_tensors
+    if g is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return _cc_backward(g, feat, perm, offsets, mean, 2.0 * ctx.weight), None, None, None
+
+
+torch.library.register_autograd("edfkern::class_centralization_loss", _cc_bwd, setup_context=_cc_setup)
+torch.library.register_autograd("edfkern::class_centralization_backward",
+                                no_double_backward("class_centralization_loss"),
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op("edfkern::mean_matching_loss", mutates_args=())
+def _mm_loss(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets: Tensor, real: Tensor,
+             real_perm: Optional[Tensor], real_offsets: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+    """Returns (loss, mean_syn - mean_real (K,D)); the difference is kept for backward."""
+    mean = kernel("seg_mean", syn.device)
+    diff = mean(syn.contiguous(), syn_perm, syn_offsets) - mean(real.contiguous(), real_perm, real_offsets)
+    return weight * (diff * diff).sum(), diff
+
+
+@_mm_loss.register_fake
+def _(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight):
+    acc = C.acc_dtype(syn.dtype)
+    return syn.new_empty((), dtype=acc), syn.new_empty((syn_offsets.shape[0] - 1, syn.shape[1]), dtype=acc)
+
+
+def _mm_setup(ctx, inputs, output):
+    syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight = inputs
+    ctx.weight, ctx.n_syn, ctx.n_real = weight, syn.shape[0], real.shape[0]
+    ctx.dtypes = (syn.dtype, real.dtype)
+    ctx.save_for_backward(syn_perm, syn_offsets, real_perm, real_offsets, output[1])
+
+
+def _spread(per_class: Tensor, perm: Optional[Tensor], offsets: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """Row i gets per_class[label_i] / n_{label_i}: the gradient of a class mean."""
+    scaled = per_class / offsets.diff().clamp_min(1).to(per_class.dtype)[:, None]
+    return scaled.index_select(0, C.row_labels(perm, offsets, n)).to(dtype)
+
+
+def _mm_bwd(ctx, g, _g_diff):
+    syn_perm, syn_offsets, real_perm, real_offsets, diff = ctx.saved_tensors
+    grads = [None] * 7
+    if g is None:
+        return tuple(grads)
+    d = diff * (2.0 * ctx.weight * g)  # dL/dmean_syn_k
+    if ctx.needs_input_grad[0]:
+        grads[0] = _spread(d, syn_perm, syn_offsets, ctx.n_syn, ctx.dtypes[0])
+    if ctx.needs_input_grad[3]:
+        grads[3] = _spread(-d, real_perm, real_offsets, ctx.n_real, ctx.dtypes[1])
+    return tuple(grads)
+
+
+torch.library.register_autograd("edfkern::mean_matching_loss", _mm_bwd, setup_context=_mm_setup)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _as_rows(name: str, x: Tensor) -> Tensor:
+    C.check_float_tensor(name, x)
+    if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must have shape (N, D) with N, D >= 1 (other shapes are flattened per row), "
+                         f"got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1) if x.dim() != 2 else x
+
+
+def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None,
+                              weight: float = 0.05) -> Tensor:
+    """IID's class centralization loss, in its released linear form (paper Eq. 4 with beta = 0).
+
+    Args:
+        feat: ``(N, D)`` features (IID: 512-d ResNet-18 features); other shapes are flattened per row.
+        groups: ``int`` K or ``(N,)`` integer labels.
+        num_groups: K for label groups (default: max label + 1).
+        weight: 0.05 by default; IDM+IID uses 0.01.
+
+    Returns:
+        Scalar ``weight * sum_k sum_{i in k} ||f_i - mu_k||^2``; gradient ``2 * weight * (f_i - mu_k)``.
+    """
+    x = _as_rows("feat", feat)
+    weight = C.check_number("weight", weight)
+    g = C.resolve_groups(groups, x.shape[0], x.device, num_groups)
+    C.require_nonempty(g, "feat")
+    return _cc_loss(x, g.perm, g.offsets, weight)[0]
+
+
+def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, real_groups: C.GroupsArg,
+                       num_groups: Optional[int] = None, weight: float = 1.0) -> Tensor:
+    """DM's distribution (mean) matching loss: ``weight * sum_k ||mean_real_k - mean_syn_k||^2``.
+
+    Args:
+        syn: ``(N_syn, D)`` synthetic embeddings (other shapes flattened per row).
+        real: ``(N_real, D)`` real embeddings.
+        syn_groups, real_groups: ``int`` K or ``(N,)`` labels for each side.
+        num_groups: K when both sides are labels.
+        weight: scale (DM: 1).
+
+    Returns:
+        Scalar loss, float32 (float64 for float64 inputs).
+    """
+    s, r = _as_rows("syn", syn), _as_rows("real", real)
+    if s.shape[1] != r.shape[1]:
+        raise ValueError(f"real must have the same feature size D={s.shape[1]} as syn, got {r.shape[1]}")
+    C.check_same_dtype(syn=s, real=r)
+    C.check_same_device(syn=s, real=r)
+    weight = C.check_number("weight", weight)
+    gs, gr = C.resolve_group_pair(syn_groups, real_groups, s.shape[0], r.shape[0], s.device, num_groups)
+    return _mm_loss(s, gs.perm, gs.offsets, r, gr.perm, gr.offsets, weight)[0]

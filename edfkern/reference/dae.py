@@ -1,0 +1,48 @@
+"""Reference DAE kernels (SPEC section 2): materialise U(cam) and the mask, then apply them.
+
+Memory traffic (the fused backends avoid the middle two):
+    read cam (N*h*w) -> write/read U(cam) (N*H*W) -> write/read mask (N*H*W) -> read/write grad (N*C*H*W).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._checks import acc_dtype
+from ._common import upsample
+
+
+def _mask(cam: Tensor, beta: float, threshold: Optional[float], size: tuple[int, int]) -> Tensor:
+    """(N,H,W) mask in acc: U(cam)+beta where U(cam) >= tau, else 1."""
+    u = upsample(cam.to(acc_dtype(cam.dtype)), size)
+    tau = u.mean(dim=(1, 2), keepdim=True) if threshold is None else threshold
+    return torch.where(u >= tau, u + beta, torch.ones_like(u))
+
+
+def dae_mask(cam: Tensor, beta: float, threshold: Optional[float], H: int, W: int) -> Tensor:
+    return _mask(cam, beta, threshold, (H, W)).to(cam.dtype)[:, None]
+
+
+def dae_(grad: Tensor, cam: Tensor, beta: float, threshold: Optional[float]) -> None:
+    m = _mask(cam, beta, threshold, tuple(grad.shape[-2:]))[:, None]
+    grad.copy_(grad.to(m.dtype) * m)
+
+
+def dae_sgd_step_(param: Tensor, grad: Tensor, buf: Optional[Tensor], cam: Tensor, lr: float, beta: float,
+                  threshold: Optional[float], momentum: float, dampening: float, weight_decay: float,
+                  nesterov: bool, maximize: bool, first_step: bool) -> None:
+    m = _mask(cam, beta, threshold, tuple(grad.shape[-2:]))[:, None]
+    d = grad.to(m.dtype) * m
+    if maximize:
+        d = -d
+    if weight_decay != 0:
+        d = d + weight_decay * param.to(d.dtype)
+    if momentum != 0:
+        assert buf is not None
+        b = d if first_step else buf.to(d.dtype) * momentum + (1 - dampening) * d
+        buf.copy_(b)
+        b = buf.to(d.dtype)  # the stored value, as torch.optim.SGD uses it
+        d = d + momentum * b if nesterov else b
+    param.copy_(param.to(d.dtype) - lr * d)
