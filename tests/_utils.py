@@ -1,0 +1,82 @@
+"""Assertion helpers shared by the op tests."""
+from __future__ import annotations
+
+import torch
+
+# (dtype, rtol, atol) for results that accumulate in float32 (float64 for float64).
+# Low-precision inputs are compared against an fp64 oracle computed on the *same rounded inputs*,
+# so the only error left is fp32 accumulation, plus output rounding for in-place results.
+ACC_TOL = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float64: (1e-10, 1e-12),
+    torch.float16: (1e-4, 1e-5),
+    torch.bfloat16: (1e-4, 1e-5),
+}
+# Results stored back in the input dtype (in-place ops, gradients): one rounding of that dtype.
+STORE_TOL = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float64: (1e-10, 1e-12),
+    torch.float16: (2e-3, 1e-4),
+    torch.bfloat16: (1.6e-2, 1e-3),
+}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, name: str = "") -> None:
+    """allclose with a report: mismatch count, first bad index, and the values there."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    bad = ~((a - e).abs() <= atol + rtol * e.abs())
+    bad |= a.isnan() != e.isnan()
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (rtol={rtol}, atol={atol}); first at {idx}: "
+            f"got {a[idx].item()!r}, expected {e[idx].item()!r}; max abs err {(a - e).abs().max().item():.3e}"
+        )
+
+
+def assert_rel_norm(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "") -> None:
+    """||a - e|| / ||e|| <= tol (the SPEC's rule for masks, where a pixel at the threshold may flip)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    rel = ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+    assert rel <= tol, f"{name}: relative norm error {rel:.3e} > {tol:.1e}"
+
+
+def flipped_fraction(actual_mask: torch.Tensor, expected_mask: torch.Tensor, atol: float = 1e-4) -> float:
+    """Fraction of mask pixels that disagree by more than rounding (threshold flips)."""
+    d = (actual_mask.double() - expected_mask.double()).abs() > atol * (1 + expected_mask.double().abs())
+    return d.float().mean().item()
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", gen=None, low=None) -> torch.Tensor:
+    """Fresh random data in fp64, rounded once to ``dtype`` (so oracles can use the exact same values)."""
+    x = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    if low is not None:
+        x = x.abs() + low
+    return x.to(dtype=dtype, device=device)
+
+
+def noncontig(x: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout: every other column of a wider buffer."""
+    big = torch.full(x.shape[:-1] + (2 * x.shape[-1],), float("nan"), dtype=x.dtype, device=x.device)
+    big[..., ::2] = x
+    return big[..., ::2]
+
+
+def assert_within_torch_error(actual: torch.Tensor, torch_result: torch.Tensor, oracle: torch.Tensor, rtol: float,
+                              atol: float, name: str = "") -> None:
+    """FlashAttention's rule: at most 2x as far from the fp64 oracle as plain PyTorch in the same dtype, plus slack.
+
+    Used where the math itself is ill-conditioned (e.g. gradcam++'s alpha), so a fixed
+    tolerance would be either flaky or meaningless.
+    """
+    a, t, e = (v.detach().double().cpu() for v in (actual, torch_result, oracle))
+    allowed = 2 * (t - e).abs() + atol + rtol * e.abs()
+    bad = ~((a - e).abs() <= allowed)
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements further from fp64 than 2x torch's error; first at {idx}: "
+            f"got {a[idx].item()!r}, torch {t[idx].item()!r}, fp64 {e[idx].item()!r}"
+        )
