@@ -215,9 +215,11 @@ def test_dae_mask_has_no_gradient_wrt_cam():
 
 
 def test_dae_mask_threshold_is_inclusive(backend, device):
-    """``>=``: a constant map equals its own mean, so every pixel takes ``value + beta``."""
+    """``>=``: an all-zero map (torchcam's output for a flat map) equals its mean 0, so every pixel gets ``beta``;
+    a map equal to a fixed threshold takes ``value + beta`` too."""
+    cam = torch.zeros(2, 3, 3)
+    m = edfkern.dae_mask(cam.to(device), beta=2.0, size=(7, 5))
+    assert torch.equal(m.cpu(), torch.full((2, 1, 7, 5), 2.0))
     cam = torch.full((2, 3, 3), 0.25)
-    m = edfkern.dae_mask(cam.to(device), beta=1.0, size=(7, 5))
-    assert torch.equal(m.cpu(), torch.full((2, 1, 7, 5), 1.25))
     m = edfkern.dae_mask(cam.to(device), beta=1.0, threshold=0.25)
     assert torch.equal(m.cpu(), torch.full((2, 1, 3, 3), 1.25))

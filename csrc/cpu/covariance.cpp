@@ -1,0 +1,170 @@
+// Local covariance (SPEC section 5, IID) on CPU.
+//
+// Forward, per class k: mean_k (C, L) in acc, then Sigma_k = Y_k Y_k^T / n_k where Y_k = [x_i - mean_k]
+// is (C, n_k * L). Y_k is never formed whole: blocks of B rows are centred into one (C, B*L) acc
+// buffer and accumulated with a BLAS GEMM (IEEE fp32 on CPU; fp64 for fp64). No per-sample (C, C)
+// product exists anywhere. Backward, per block: G = M_k Y_b (one GEMM), scattered back to the rows.
+// Workspace: outputs (K*C*C + K*C*L) plus two (C, B*L) blocks, B*L ~ 4096 columns.
+// FLOPs: 2*N*C*C*L forward (GEMM), 2*N*C*C*L backward; bytes: x read twice forward, twice backward.
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace edfkern {
+namespace cpu {
+
+HostGroups host_groups(const std::optional<at::Tensor>& perm, const at::Tensor& offsets) {
+  HostGroups g;
+  auto off = offsets.to(at::kLong).contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  g.offsets.assign(o, o + off.numel());
+  if (perm.has_value() && perm->defined()) g.perm = perm->data_ptr<int64_t>();
+  return g;
+}
+
+namespace {
+
+// Rows of a block: B such that the (C, B*L) buffer has about 4096 columns and at most 1M elements.
+int64_t block_rows(int64_t C, int64_t L) {
+  int64_t b = std::max<int64_t>(1, 4096 / L);
+  b = std::min<int64_t>(b, std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, C * L)));
+  return b;
+}
+
+// Per-class means in acc, rows summed in ascending input order (as index_add_ does), then / n_k.
+template <typename scalar_t, typename acc_t>
+void class_means(const scalar_t* x, const HostGroups& g, int64_t D, acc_t* mean) {
+  const int64_t K = g.K();
+  constexpr int64_t kCols = 512;
+  const int64_t nchunks = (D + kCols - 1) / kCols;
+  at::parallel_for(0, K * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(kCols);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t / nchunks, c0 = (t % nchunks) * kCols, c1 = std::min(D, c0 + kCols), w = c1 - c0;
+      std::fill(acc.begin(), acc.begin() + w, acc_t(0));
+      const int64_t j0 = g.offsets[k], j1 = g.offsets[k + 1];
+      for (int64_t j = j0; j < j1; ++j) {
+        const scalar_t* r = x + g.row(j) * D + c0;
+        for (int64_t c = 0; c < w; ++c) acc[c] += static_cast<acc_t>(r[c]);
+      }
+      const acc_t n = static_cast<acc_t>(std::max<int64_t>(1, j1 - j0));
+      acc_t* m = mean + k * D + c0;
+      for (int64_t c = 0; c < w; ++c) m[c] = acc[c] / n;
+    }
+  });
+}
+
+// Centre rows j0..j0+nb-1 of class k into Y (C, ld): Y[c, b*L + l] = x[row, c, l] - mean[c, l].
+template <typename scalar_t, typename acc_t>
+void centre_block(const scalar_t* x, const HostGroups& g, const acc_t* mean_k, int64_t j0, int64_t nb, int64_t C,
+                  int64_t L, int64_t ld, acc_t* Y) {
+  at::parallel_for(0, nb, std::max<int64_t>(1, 8192 / (C * L)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* xr = x + g.row(j0 + b) * C * L;
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* y = Y + c * ld + b * L;
+        const scalar_t* xc = xr + c * L;
+        const acc_t* mc = mean_k + c * L;
+        for (int64_t l = 0; l < L; ++l) y[l] = static_cast<acc_t>(xc[l]) - mc[l];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void cov_forward_impl(const at::Tensor& x, const HostGroups& g, at::Tensor& sigma, at::Tensor& mean) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = x.size(1), L = x.size(2), K = g.K();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  acc_t* mp = mean.data_ptr<acc_t>();
+  class_means<scalar_t, acc_t>(xp, g, C * L, mp);
+  const int64_t B = block_rows(C, L), ld = B * L;
+  auto Y = at::empty({C, ld}, mean.options());
+  acc_t* yp = Y.data_ptr<acc_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t j0 = g.offsets[k], n = g.offsets[k + 1] - j0;
+    auto sk = sigma[k];
+    if (n == 0) continue;  // sigma is zero-initialised
+    for (int64_t jb = 0; jb < n; jb += B) {
+      const int64_t nb = std::min(B, n - jb);
+      centre_block<scalar_t, acc_t>(xp, g, mp + k * C * L, j0 + jb, nb, C, L, ld, yp);
+      auto Yv = Y.narrow(1, 0, nb * L);
+      sk.addmm_(Yv, Yv.t());
+    }
+    sk.div_(static_cast<double>(n));
+  }
+}
+
+template <typename scalar_t>
+void cov_backward_impl(const at::Tensor& x, const HostGroups& g, const at::Tensor& mean, const at::Tensor& M,
+                       at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = x.size(1), L = x.size(2), K = g.K();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const acc_t* mp = mean.data_ptr<acc_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t B = block_rows(C, L), ld = B * L;
+  auto Y = at::empty({C, ld}, mean.options());
+  auto Gb = at::empty({C, ld}, mean.options());
+  acc_t* yp = Y.data_ptr<acc_t>();
+  acc_t* gp = Gb.data_ptr<acc_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t j0 = g.offsets[k], n = g.offsets[k + 1] - j0;
+    if (n == 0) continue;
+    auto Mk = M[k];
+    for (int64_t jb = 0; jb < n; jb += B) {
+      const int64_t nb = std::min(B, n - jb);
+      centre_block<scalar_t, acc_t>(xp, g, mp + k * C * L, j0 + jb, nb, C, L, ld, yp);
+      auto Gv = Gb.narrow(1, 0, nb * L);
+      at::mm_out(Gv, Mk, Y.narrow(1, 0, nb * L));
+      at::parallel_for(0, nb, std::max<int64_t>(1, 8192 / (C * L)), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          scalar_t* orow = op + g.row(j0 + jb + b) * C * L;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t* gr = gp + c * ld + b * L;
+            scalar_t* o = orow + c * L;
+            for (int64_t l = 0; l < L; ++l) o[l] = static_cast<scalar_t>(gr[l]);
+          }
+        }
+      });
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cov_forward(const at::Tensor& x, const std::optional<at::Tensor>& perm,
+                                               const at::Tensor& offsets) {
+  const HostGroups g = host_groups(perm, offsets);
+  const int64_t C = x.size(1), L = x.size(2), K = g.K();
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto sigma = at::zeros({K, C, C}, x.options().dtype(acc));
+  auto mean = at::zeros({K, C, L}, x.options().dtype(acc));
+  if (K == 0 || x.numel() == 0) return {sigma, mean};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "edfkern_cov_forward", [&] {
+    cov_forward_impl<scalar_t>(x, g, sigma, mean);
+  });
+  return {sigma, mean};
+}
+
+at::Tensor cov_backward(const at::Tensor& x, const std::optional<at::Tensor>& perm, const at::Tensor& offsets,
+                        const at::Tensor& mean, const at::Tensor& M) {
+  const HostGroups g = host_groups(perm, offsets);
+  auto out = at::empty_like(x);  // every row belongs to exactly one group
+  if (g.K() == 0 || x.numel() == 0) return out;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto Mc = M.to(acc).contiguous();
+  auto meanc = mean.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "edfkern_cov_backward", [&] {
+    cov_backward_impl<scalar_t>(x, g, meanc, Mc, out);
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace edfkern

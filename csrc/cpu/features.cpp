@@ -1,0 +1,118 @@
+// Segmented reductions over flat features (SPEC section 5: CC and DM) on CPU.
+// Tasks are (class, 256-column slice) pairs: the slice of one class is read once for the mean
+// and once more, while still in cache, for sum ||x_i - mu_k||^2. Partial sums are combined in
+// a fixed order in float64, so results do not depend on the thread count.
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace edfkern {
+namespace cpu {
+namespace {
+
+constexpr int64_t kCols = 256;
+
+template <typename scalar_t>
+void mean_and_sq(const at::Tensor& x, const HostGroups& g, at::Tensor& mean, double* sq_total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = x.size(1), K = g.K();
+  const int64_t nchunks = (D + kCols - 1) / kCols;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  acc_t* mp = mean.data_ptr<acc_t>();
+  std::vector<double> part(K * nchunks, 0.0);
+  at::parallel_for(0, K * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(kCols);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t / nchunks, c0 = (t % nchunks) * kCols, w = std::min(D, c0 + kCols) - c0;
+      const int64_t j0 = g.offsets[k], j1 = g.offsets[k + 1];
+      std::fill(acc.begin(), acc.begin() + w, acc_t(0));
+      for (int64_t j = j0; j < j1; ++j) {
+        const scalar_t* r = xp + g.row(j) * D + c0;
+        for (int64_t c = 0; c < w; ++c) acc[c] += static_cast<acc_t>(r[c]);
+      }
+      const acc_t n = static_cast<acc_t>(std::max<int64_t>(1, j1 - j0));
+      acc_t* m = mp + k * D + c0;
+      for (int64_t c = 0; c < w; ++c) m[c] = acc[c] / n;
+      if (!sq_total) continue;
+      std::fill(acc.begin(), acc.begin() + w, acc_t(0));
+      for (int64_t j = j0; j < j1; ++j) {
+        const scalar_t* r = xp + g.row(j) * D + c0;
+        for (int64_t c = 0; c < w; ++c) {
+          const acc_t v = static_cast<acc_t>(r[c]) - m[c];
+          acc[c] += v * v;
+        }
+      }
+      double s = 0.0;
+      for (int64_t c = 0; c < w; ++c) s += static_cast<double>(acc[c]);
+      part[t] = s;
+    }
+  });
+  if (sq_total) {
+    double s = 0.0;
+    for (double v : part) s += v;
+    *sq_total = s;
+  }
+}
+
+}  // namespace
+
+at::Tensor seg_mean(const at::Tensor& x, const std::optional<at::Tensor>& perm, const at::Tensor& offsets) {
+  const HostGroups g = host_groups(perm, offsets);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto mean = at::zeros({g.K(), x.size(1)}, x.options().dtype(acc));
+  if (g.K() == 0 || x.numel() == 0) return mean;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "edfkern_seg_mean", [&] {
+    mean_and_sq<scalar_t>(x, g, mean, nullptr);
+  });
+  return mean;
+}
+
+std::tuple<at::Tensor, at::Tensor> cc_forward(const at::Tensor& x, const std::optional<at::Tensor>& perm,
+                                              const at::Tensor& offsets) {
+  const HostGroups g = host_groups(perm, offsets);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto mean = at::zeros({g.K(), x.size(1)}, x.options().dtype(acc));
+  double sq = 0.0;
+  if (g.K() > 0 && x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "edfkern_cc_forward", [&] {
+      mean_and_sq<scalar_t>(x, g, mean, &sq);
+    });
+  }
+  return {at::scalar_tensor(sq, x.options().dtype(acc)), mean};
+}
+
+at::Tensor cc_backward(const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& perm,
+                       const at::Tensor& offsets, const at::Tensor& mean, double coef) {
+  const HostGroups g = host_groups(perm, offsets);
+  auto out = at::empty_like(x);
+  const int64_t N = x.size(0), D = x.size(1), K = g.K();
+  if (N == 0 || D == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "edfkern_cc_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto meanc = mean.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t s = static_cast<acc_t>(coef) * grad_out.item<acc_t>();
+    const acc_t* mp = meanc.data_ptr<acc_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / D), [&](int64_t j0, int64_t j1) {
+      int64_t k = std::upper_bound(g.offsets.begin(), g.offsets.end(), j0) - g.offsets.begin() - 1;
+      for (int64_t j = j0; j < j1; ++j) {
+        while (k + 1 < K && j >= g.offsets[k + 1]) ++k;
+        const int64_t i = g.row(j);
+        const scalar_t* r = xp + i * D;
+        const acc_t* m = mp + k * D;
+        scalar_t* o = op + i * D;
+        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>((static_cast<acc_t>(r[c]) - m[c]) * s);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace edfkern

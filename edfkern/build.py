@@ -1,0 +1,117 @@
+"""Build the native extension ``edfkern._C`` (sources, flags, ahead-of-time entry points).
+
+``python -m edfkern.build`` compiles the extension now (the same cached just-in-time build that
+the first native op call would do) and prints where it lives; ``--force`` rebuilds it.
+
+``setup.py`` loads this file by path (no ``import edfkern``, which would need torch) and, with
+``EDFKERN_BUILD_EXT=1``, calls :func:`ahead_of_time_extension` to compile ``edfkern._C`` into the
+wheel. Everything that needs torch is imported inside the functions.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+from typing import Optional
+
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG"]
+LD_FLAGS = ["-fopenmp"]
+CUDA_ARCHS = ("80", "90")
+
+
+def csrc_dir() -> Optional[str]:
+    """The ``csrc`` folder: inside the package (wheel installs) or at the repository top (editable/repo)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.path.join(here, "csrc"), os.path.join(os.path.dirname(here), "csrc")):
+        if os.path.isfile(os.path.join(cand, "edfkern.cpp")):
+            return cand
+    return None
+
+
+def sources(root: str, with_cuda: bool) -> list[str]:
+    """Every translation unit, CPU first; the .cu files and the CUDA bindings only ``with_cuda``."""
+    srcs = [os.path.join(root, "edfkern.cpp")] + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
+    if with_cuda:
+        srcs += [os.path.join(root, "cuda_bindings.cpp")] + sorted(glob.glob(os.path.join(root, "cuda", "*.cu")))
+    return srcs
+
+
+def include_dirs(root: str) -> list[str]:
+    return [os.path.abspath(root), os.path.abspath(os.path.join(root, "include"))]
+
+
+def cuda_reason() -> Optional[str]:
+    """None when the CUDA part can be built against this torch, else why not."""
+    if os.environ.get("EDFKERN_NO_CUDA", "0") == "1":
+        return "EDFKERN_NO_CUDA=1 set"
+    import torch
+
+    if torch.version.cuda is None:
+        return "this torch has no CUDA support"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return "no CUDA toolkit (nvcc) found"
+    return None
+
+
+def nvcc_arch_flags() -> list[str]:
+    archs = os.environ.get("EDFKERN_CUDA_ARCHS", ",".join(CUDA_ARCHS)).split(",")
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a.strip()]
+
+
+def max_jobs() -> str:
+    """Parallel compile jobs, capped by cores and by memory (about 2 GB per nvcc/g++ job)."""
+    jobs = os.cpu_count() or 1
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        jobs = max(1, min(jobs, int(mem_gb // 2)))
+    except (ValueError, OSError, AttributeError):
+        pass
+    return str(jobs)
+
+
+def ahead_of_time_extension():
+    """``(ext_modules, cmdclass)`` for setup.py: ``edfkern._C`` as a CppExtension or CUDAExtension."""
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    root = csrc_dir()
+    if root is None:
+        raise RuntimeError("edfkern: csrc/ not found next to the package; cannot build the extension")
+    force = os.environ.get("EDFKERN_FORCE_CUDA", "0") == "1"
+    with_cuda = cuda_reason() is None or force
+    rel = [os.path.relpath(s, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) for s in
+           sources(root, with_cuda)]
+    kw = dict(include_dirs=include_dirs(root), extra_link_args=LD_FLAGS)
+    if with_cuda:
+        ext = CUDAExtension("edfkern._C", rel, define_macros=[("EDFKERN_WITH_CUDA", None)],
+                            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + nvcc_arch_flags()}, **kw)
+    else:
+        ext = CppExtension("edfkern._C", rel, extra_compile_args={"cxx": CXX_FLAGS}, **kw)
+    os.environ.setdefault("MAX_JOBS", max_jobs())
+    return [ext], {"build_ext": BuildExtension}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m edfkern.build", description=__doc__.splitlines()[0])
+    ap.add_argument("--force", action="store_true", help="delete the cached build and compile again")
+    ap.add_argument("--verbose", action="store_true", help="show the compiler output")
+    args = ap.parse_args(argv)
+    from edfkern import _extension
+
+    if args.force:
+        shutil.rmtree(_extension.build_dir(), ignore_errors=True)
+    mod, why = _extension.load(verbose=args.verbose)
+    if mod is None:
+        print(f"edfkern: native extension not built: {why}", file=sys.stderr)
+        return 1
+    print(f"edfkern: native extension ready ({'CPU + CUDA' if mod.with_cuda() else 'CPU only'}): {mod.__file__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

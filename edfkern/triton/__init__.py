@@ -1,0 +1,1 @@
+from .dae import dae_, dae_mask, dae_sgd_step_

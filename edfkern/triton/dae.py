@@ -1,0 +1,206 @@
+"""DAE (SPEC section 2) in Triton: the mask is computed on the fly from the low-res CAM.
+
+Kernels, top-down:
+    _dae_tau_kernel    per image, tau_i = mean of U(cam_i), computed exactly from the
+                       (h, w) map with separable row/column weight sums (no (H, W) map).
+    _dae_apply_kernel  one program per (pixel tile, image): U(cam) and the mask for the
+                       tile, then, by MODE, store the mask / scale grad / one SGD step
+                       over all C channels of the tile.
+Launchers: dae_mask, dae_, dae_sgd_step_ (the backend contract).
+
+Bytes (fp32, N*C*H*W = E elements): dae_ reads+writes grad (8E); dae_sgd_step_ reads
+grad, param, buf and writes param, buf (20E). The CAM (N*h*w) and tau (N) are noise.
+Workspace: tau, N elements.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import acc_tl, as_acc, bilinear, calculate_settings, next_pow2
+
+MODE_MASK, MODE_SCALE, MODE_SGD = 0, 1, 2
+
+
+@triton.jit
+def _axis_weight_sums(n_in, n_out, a, BLOCK_O: tl.constexpr, ACC: tl.constexpr):
+    """For input indices ``a`` (vector), sum over all output positions of their bilinear weight."""
+    scale = n_in.to(ACC) / n_out
+    acc = tl.zeros(a.shape, ACC)
+    for o0 in range(0, n_out, BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        valid = o < n_out
+        s = tl.maximum(scale * (o.to(ACC) + 0.5) - 0.5, 0.0)
+        i0 = tl.minimum(s.to(tl.int32), n_in - 1)
+        i1 = tl.minimum(i0 + 1, n_in - 1)
+        lam = s - i0.to(ACC)
+        w = tl.where(i0[:, None] == a[None, :], 1.0 - lam[:, None], 0.0) \
+            + tl.where(i1[:, None] == a[None, :], lam[:, None], 0.0)
+        acc += tl.sum(tl.where(valid[:, None], w, 0.0), axis=0)
+    return acc
+
+
+@triton.jit(do_not_specialize=["h", "w", "H", "W"])
+def _dae_tau_kernel(
+    cam_ptr,  # (N, h, w) low-res CAMs, any float dtype
+    tau_ptr,  # (N,) out: per-image mean of the upsampled map, ACC
+    h, w, H, W,
+    IDENTITY: tl.constexpr,  # (h, w) == (H, W): U is the identity
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    base = cam_ptr + n * h * w
+    total = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    for a0 in range(0, h, BLOCK_A):
+        a = a0 + tl.arange(0, BLOCK_A)
+        if not IDENTITY:
+            rw = _axis_weight_sums(h, H, a, BLOCK_O, ACC)
+        for b0 in range(0, w, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B)
+            m = (a[:, None] < h) & (b[None, :] < w)
+            c = tl.load(base + a[:, None] * w + b[None, :], mask=m, other=0.0).to(ACC)
+            if IDENTITY:
+                total += c
+            else:
+                cw = _axis_weight_sums(w, W, b, BLOCK_O, ACC)
+                total += c * rw[:, None] * cw[None, :]
+    tl.store(tau_ptr + n, tl.sum(tl.sum(total, axis=1), axis=0) / (H * W).to(ACC))
+
+
+@triton.jit(do_not_specialize=["C", "h", "w", "H", "W"])
+def _dae_apply_kernel(
+    cam_ptr,    # (N, h, w) low-res CAMs
+    tau_ptr,    # (N,) per-image thresholds, ACC (unused when FIXED_THR)
+    out_ptr,    # MODE_MASK: (N, 1, H, W) mask out; MODE_SCALE: (N, C, H, W) grad, in/out
+    grad_ptr,   # MODE_SGD: (N, C, H, W) gradient, read only
+    param_ptr,  # MODE_SGD: (N, C, H, W) parameter, in/out
+    buf_ptr,    # MODE_SGD: (N, C, H, W) momentum buffer, in/out (unused unless HAS_MOM)
+    C, h, w, H, W,
+    beta: tl.float64, thr: tl.float64,
+    lr: tl.float64, momentum: tl.float64, damp1: tl.float64, weight_decay: tl.float64,
+    MODE: tl.constexpr, IDENTITY: tl.constexpr, FIXED_THR: tl.constexpr,
+    HAS_MOM: tl.constexpr, HAS_WD: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    FIRST: tl.constexpr,
+    BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    HW = H * W
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = p < HW
+    y = p // W
+    x = p % W
+    cam = cam_ptr + n * h * w
+    if IDENTITY:
+        u = tl.load(cam + p, mask=valid, other=0.0).to(ACC)
+    else:
+        u = bilinear(cam, y, x, h, w, H, W, ACC)
+    if FIXED_THR:
+        tau = as_acc(thr, ACC)
+    else:
+        tau = tl.load(tau_ptr + n)
+    mask = tl.where(u >= tau, u + as_acc(beta, ACC), 1.0)
+
+    if MODE == 0:
+        tl.store(out_ptr + n * HW + p, mask.to(out_ptr.dtype.element_ty), mask=valid)
+    elif MODE == 1:
+        for c in range(0, C):
+            offs = (n * C + c) * HW + p  # int64
+            g = tl.load(out_ptr + offs, mask=valid, other=0.0).to(ACC)
+            tl.store(out_ptr + offs, (g * mask).to(out_ptr.dtype.element_ty), mask=valid)
+    else:
+        lr_a = as_acc(lr, ACC)
+        mom_a = as_acc(momentum, ACC)
+        damp_a = as_acc(damp1, ACC)
+        wd_a = as_acc(weight_decay, ACC)
+        for c in range(0, C):
+            offs = (n * C + c) * HW + p  # int64
+            d = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(ACC) * mask
+            prm = tl.load(param_ptr + offs, mask=valid, other=0.0).to(ACC)
+            if MAXIMIZE:
+                d = -d
+            if HAS_WD:
+                d = d + wd_a * prm
+            if HAS_MOM:
+                if FIRST:
+                    b = d
+                else:
+                    b = tl.load(buf_ptr + offs, mask=valid, other=0.0).to(ACC) * mom_a + damp_a * d
+                b_st = b.to(buf_ptr.dtype.element_ty)
+                tl.store(buf_ptr + offs, b_st, mask=valid)
+                b = b_st.to(ACC)  # the stored (rounded) buffer feeds the update, as in torch
+                if NESTEROV:
+                    d = d + mom_a * b
+                else:
+                    d = b
+            tl.store(param_ptr + offs, (prm - lr_a * d).to(param_ptr.dtype.element_ty), mask=valid)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _acc_dtype(cam: Tensor, data: Tensor) -> torch.dtype:
+    """fp64 math if the CAM or the data is fp64, else fp32 (the reference uses the CAM's acc)."""
+    return torch.float64 if torch.float64 in (cam.dtype, data.dtype) else torch.float32
+
+
+def _tau(cam: Tensor, H: int, W: int, threshold: Optional[float], acc: torch.dtype) -> Tensor:
+    """Per-image thresholds (N,) in acc, or a 1-element dummy when the threshold is fixed."""
+    n, h, w = cam.shape
+    if threshold is not None:
+        return torch.empty(1, dtype=acc, device=cam.device)
+    tau = torch.empty(n, dtype=acc, device=cam.device)
+    _dae_tau_kernel[(n,)](
+        cam, tau, h, w, H, W,
+        IDENTITY=(h, w) == (H, W),
+        BLOCK_A=min(64, next_pow2(h)), BLOCK_B=min(64, next_pow2(w)), BLOCK_O=min(128, next_pow2(max(H, W))),
+        ACC=acc_tl(acc),
+    )
+    return tau
+
+
+def _launch(mode: int, cam: Tensor, H: int, W: int, C: int, beta: float, threshold: Optional[float],
+            out: Tensor, grad: Tensor, param: Tensor, buf: Optional[Tensor], lr: float = 0.0,
+            momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+            maximize: bool = False, first_step: bool = False) -> None:
+    n, h, w = cam.shape
+    if n == 0 or H * W == 0 or C == 0:
+        return
+    acc = _acc_dtype(cam, param)
+    tau = _tau(cam, H, W, threshold, acc)
+    block, warps = calculate_settings(H * W, max_block=1024, lo=16)
+    grid = (triton.cdiv(H * W, block), n)
+    _dae_apply_kernel[grid](
+        cam, tau, out, grad, param, buf if buf is not None else param,
+        C, h, w, H, W,
+        float(beta), float(threshold) if threshold is not None else 0.0,
+        float(lr), float(momentum), float(1.0 - dampening), float(weight_decay),
+        MODE=mode, IDENTITY=(h, w) == (H, W), FIXED_THR=threshold is not None,
+        HAS_MOM=buf is not None and momentum != 0, HAS_WD=weight_decay != 0, NESTEROV=bool(nesterov),
+        MAXIMIZE=bool(maximize), FIRST=bool(first_step),
+        BLOCK=block, ACC=acc_tl(acc), num_warps=warps,
+    )
+
+
+def dae_mask(cam: Tensor, beta: float, threshold: Optional[float], H: int, W: int) -> Tensor:
+    out = torch.empty((cam.shape[0], 1, H, W), dtype=cam.dtype, device=cam.device)
+    _launch(MODE_MASK, cam, H, W, 1, beta, threshold, out, out, out, None)
+    return out
+
+
+def dae_(grad: Tensor, cam: Tensor, beta: float, threshold: Optional[float]) -> None:
+    _, C, H, W = grad.shape
+    _launch(MODE_SCALE, cam, H, W, C, beta, threshold, grad, grad, grad, None)
+
+
+def dae_sgd_step_(param: Tensor, grad: Tensor, buf: Optional[Tensor], cam: Tensor, lr: float, beta: float,
+                  threshold: Optional[float], momentum: float, dampening: float, weight_decay: float,
+                  nesterov: bool, maximize: bool, first_step: bool) -> None:
+    _, C, H, W = param.shape
+    _launch(MODE_SGD, cam, H, W, C, beta, threshold, param, grad, param, buf if momentum != 0 else None,
+            lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)

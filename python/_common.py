@@ -1,0 +1,205 @@
+"""Shared pieces of the demos: the digits data set, a small ConvNet, training and evaluation, output.
+
+Data: scikit-learn's ``load_digits`` (1797 real 8x8 grayscale handwritten digits, 10 classes,
+shipped inside the scikit-learn wheel, so nothing is downloaded). Images are upsampled to
+16x16 (bilinear), kept as 1 channel, standardised with the training split's mean and std,
+and split 70/30 (stratified) into train and held-out test.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # runnable as `python python/demo_*.py` from a checkout
+    sys.path.insert(0, ROOT)
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 16
+
+
+@dataclass
+class Digits:
+    x_train: Tensor  # (N, 1, 16, 16), standardised
+    y_train: Tensor  # (N,) int64
+    x_test: Tensor
+    y_test: Tensor
+
+    def by_class(self) -> list[Tensor]:
+        return [self.x_train[self.y_train == c] for c in range(NUM_CLASSES)]
+
+
+def load_digits_split(size: int = IMAGE_SIZE, test_fraction: float = 0.3, seed: int = 0) -> Digits:
+    """The real digits data, upsampled to ``size`` and split into train / held-out test."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    y = torch.tensor(d.target, dtype=torch.long)
+    idx_tr, idx_te = train_test_split(torch.arange(len(y)).numpy(), test_size=test_fraction, random_state=seed,
+                                      stratify=y.numpy())
+    idx_tr, idx_te = torch.as_tensor(idx_tr), torch.as_tensor(idx_te)
+    mean, std = x[idx_tr].mean(), x[idx_tr].std()
+    x = (x - mean) / std
+    return Digits(x[idx_tr], y[idx_tr], x[idx_te], y[idx_te])
+
+
+class ConvNet(nn.Module):
+    """DM/MTT's ConvNet, scaled down: ``depth`` x [conv3x3 - instance norm - ReLU - avgpool2].
+
+    16x16 input, depth 2, width 32: local features (N, 32, 4, 4), flat embedding 512-d.
+    """
+
+    def __init__(self, channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 32, depth: int = 2,
+                 size: int = IMAGE_SIZE) -> None:
+        super().__init__()
+        blocks, c = [], channels
+        for _ in range(depth):
+            blocks.append(nn.Sequential(nn.Conv2d(c, width, 3, padding=1),
+                                        nn.GroupNorm(width, width, affine=True),  # instance norm, as DM/MTT
+                                        nn.ReLU(), nn.AvgPool2d(2)))
+            c = width
+            size //= 2
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(width * size * size, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+    def embed(self, x: Tensor) -> Tensor:
+        """DM's embedding: the flattened output of the last block."""
+        return self.features(x).flatten(1)
+
+
+def seeded_net(seed: int, **kw) -> ConvNet:
+    """A ConvNet whose initial weights depend only on ``seed`` (not on the global RNG state)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return ConvNet(**kw)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def random_real_init(data: Digits, ipc: int, seed: int) -> tuple[Tensor, Tensor]:
+    """IPC random real training images per class, class-contiguous (the DD initialisation)."""
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for xc in data.by_class():
+        xs.append(xc[torch.randperm(len(xc), generator=g)[:ipc]])
+    return torch.cat(xs).clone(), torch.arange(NUM_CLASSES).repeat_interleave(ipc)
+
+
+def train_and_test(x: Tensor, y: Tensor, data: Digits, *, epochs: int, lr: float = 0.01, seed: int = 0,
+                   batch_size: int = 256) -> float:
+    """Train a fresh ConvNet on (x, y) with SGD (momentum 0.9, lr halved at epoch epochs//2, as DC/DM
+    evaluation does) and return held-out test accuracy in percent."""
+    net = seeded_net(10_000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    x, y = x.detach(), y.detach()
+    for ep in range(epochs):
+        if ep == epochs // 2:
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            xb = augment(x[idx], g)
+            loss = F.cross_entropy(net(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return accuracy(net, data.x_test, data.y_test)
+
+
+def augment(x: Tensor, g: torch.Generator, max_shift: int = 1) -> Tensor:
+    """A random shift of up to ``max_shift`` pixels per batch (a cheap stand-in for DSA)."""
+    dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=g))
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
+    net.eval()
+    acc = (net(x).argmax(1) == y).float().mean().item() * 100
+    net.train()
+    return acc
+
+
+def mean_acc(x: Tensor, y: Tensor, data: Digits, *, epochs: int, lr: float, runs: int) -> tuple[float, float]:
+    accs = torch.tensor([train_and_test(x, y, data, epochs=epochs, lr=lr, seed=s) for s in range(runs)])
+    return float(accs.mean()), float(accs.std()) if runs > 1 else 0.0
+
+
+def progress(iterable, **kw):
+    """tqdm progress bar on stderr (plain iteration if tqdm is missing)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kw)
+
+
+class Stopwatch:
+    """Accumulates wall time of the timed blocks: ``with sw: ...``."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.total += time.perf_counter() - self._t0
+        self.count += 1
+
+    @property
+    def mean_ms(self) -> float:
+        return 1e3 * self.total / max(self.count, 1)
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain-text table on stdout (the demos' final report; tests parse it)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    print()
+    print(title)
+    print(line)
+    for j, r in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+        if j == 0:
+            print(line)
+    print(line)
+    sys.stdout.flush()
+
+
+def describe_backend() -> str:
+    import edfkern
+    avail = [n for n, info in edfkern.backends().items() if info["available"]]
+    return f"edfkern default backend ({edfkern.current_backend()}; available: {', '.join(avail)})"
+
+
+def fmt_acc(mean: float, std: float) -> str:
+    return f"{mean:.2f} +- {std:.2f}"
+
+
+def set_threads(n: Optional[int] = None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+Op = Callable[..., Tensor]
