@@ -50,3 +50,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionstart(session):
+    """CI sets EDFKERN_REQUIRE_BACKENDS so a backend that fails to build fails the run instead of skipping."""
+    required = [b for b in os.environ.get("EDFKERN_REQUIRE_BACKENDS", "").split(",") if b]
+    report = edfkern.backends()
+    missing = {b: report.get(b, {"reason": "not registered"})["reason"] for b in required
+               if not report.get(b, {}).get("available")}
+    if missing:
+        raise pytest.UsageError(f"EDFKERN_REQUIRE_BACKENDS: unavailable backends: {missing}")

@@ -101,3 +101,20 @@ def bilinear(cam_ptr, y, x, h, w, H, W, ACC: tl.constexpr):
     row0 = tl.fma(c01, lx, c00 * hx)
     row1 = tl.fma(c11, lx, c10 * hx)
     return tl.fma(row1, ly, row0 * hy)
+
+
+#: The CPU interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even);
+#: under TRITON_INTERPRET=1 the stores below round explicitly so results match torch.
+BF16_RNE_FIX: tl.constexpr = tl.constexpr(interpreting())
+
+
+@triton.jit
+def cast_to(x, DT: tl.constexpr):
+    """``x.to(DT)`` with round-to-nearest-even, also under the interpreter."""
+    if BF16_RNE_FIX and DT == tl.bfloat16:
+        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        y = b.to(tl.float32, bitcast=True).to(DT)
+    else:
+        y = x.to(DT)
+    return y

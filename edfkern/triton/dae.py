@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_tl, as_acc, bilinear, calculate_settings, next_pow2
+from ._utils import acc_tl, as_acc, bilinear, calculate_settings, cast_to, next_pow2
 
 MODE_MASK, MODE_SCALE, MODE_SGD = 0, 1, 2
 
@@ -107,12 +107,12 @@ def _dae_apply_kernel(
     mask = tl.where(u >= tau, u + as_acc(beta, ACC), 1.0)
 
     if MODE == 0:
-        tl.store(out_ptr + n * HW + p, mask.to(out_ptr.dtype.element_ty), mask=valid)
+        tl.store(out_ptr + n * HW + p, cast_to(mask, out_ptr.dtype.element_ty), mask=valid)
     elif MODE == 1:
         for c in range(0, C):
             offs = (n * C + c) * HW + p  # int64
             g = tl.load(out_ptr + offs, mask=valid, other=0.0).to(ACC)
-            tl.store(out_ptr + offs, (g * mask).to(out_ptr.dtype.element_ty), mask=valid)
+            tl.store(out_ptr + offs, cast_to(g * mask, out_ptr.dtype.element_ty), mask=valid)
     else:
         lr_a = as_acc(lr, ACC)
         mom_a = as_acc(momentum, ACC)
@@ -131,14 +131,14 @@ def _dae_apply_kernel(
                     b = d
                 else:
                     b = tl.load(buf_ptr + offs, mask=valid, other=0.0).to(ACC) * mom_a + damp_a * d
-                b_st = b.to(buf_ptr.dtype.element_ty)
+                b_st = cast_to(b, buf_ptr.dtype.element_ty)
                 tl.store(buf_ptr + offs, b_st, mask=valid)
                 b = b_st.to(ACC)  # the stored (rounded) buffer feeds the update, as in torch
                 if NESTEROV:
                     d = d + mom_a * b
                 else:
                     d = b
-            tl.store(param_ptr + offs, (prm - lr_a * d).to(param_ptr.dtype.element_ty), mask=valid)
+            tl.store(param_ptr + offs, cast_to(prm - lr_a * d, param_ptr.dtype.element_ty), mask=valid)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -1,0 +1,295 @@
+"""Tables (rich if installed, else plain text), JSON and the IPC-sweep plot."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any, Iterable, Optional
+
+from .ceilings import Ceilings
+
+__all__ = ["add_derived", "print_tables", "print_lines", "targets", "write_json", "plot_sweep", "fmt_time",
+           "fmt_bytes"]
+
+PROVIDER_ORDER = ("baseline", "reference", "triton", "native")
+MODE_ORDER = ("fwd", "bwd", "full")
+
+
+def _porder(p: str) -> int:
+    return PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER else len(PROVIDER_ORDER)
+
+
+def _key(r: dict) -> tuple:
+    return (r["op"], r["mode"], r["config"], r.get("ipc"), r.get("effective_scale"))
+
+
+def fmt_time(s: Optional[float]) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.3f} s"
+
+
+def fmt_bytes(b: Optional[int]) -> str:
+    if b is None:
+        return "-"
+    mb = b / 2 ** 20
+    return f"{mb:.1f} MB" if mb < 10_000 else f"{mb / 1024:.2f} GB"
+
+
+# ----------------------------------------------------------------------------- derived figures
+
+
+def add_derived(results: list[dict], ceilings: Optional[Ceilings]) -> None:
+    """Add speedup over the baseline and the achieved rate against the ceiling to every ok result."""
+    base = {_key(r): r["median"] for r in results if r["provider"] == "baseline" and r["status"] == "ok"}
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        b = base.get(_key(r))
+        r["speedup"] = b / r["median"] if b else None
+        if ceilings is not None and r.get("bytes_moved") is not None:
+            bound = ceilings.bound(r["bytes_moved"], r["flops"])
+            r["bound"] = bound
+            r["achieved_Bps"] = r["bytes_moved"] / r["median"]
+            r["achieved_flops"] = r["flops"] / r["median"]
+            r["roofline"] = ceilings.floor_s(r["bytes_moved"], r["flops"]) / r["median"]
+            r["of_ceiling"] = (r["achieved_Bps"] / ceilings.copy_Bps if bound == "memory"
+                               else r["achieved_flops"] / ceilings.matmul_flops)
+
+
+def _achieved(r: dict) -> str:
+    if r.get("bound") is None:
+        return "-"
+    if r["bound"] == "memory":
+        return f"{r['achieved_Bps'] / 1e9:.1f} GB/s"
+    return f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s"
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _console():
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console(file=sys.stdout, width=max(120, _term_width()), soft_wrap=False)
+
+
+def _term_width() -> int:
+    import shutil
+    return shutil.get_terminal_size((140, 40)).columns
+
+
+def print_lines(lines: Iterable[str]) -> None:
+    for line in lines:
+        print(line)
+
+
+def _rows(results: list[dict], default_provider: Optional[str], sweep: bool
+          ) -> tuple[list[str], list[list[str]], list[str]]:
+    """(columns, rows, notes): a skipped or failed case gets a short row and a note with the reason."""
+    cols = (["IPC"] if sweep else []) + ["mode", "provider", "median", "p20", "p80", "speedup", "workspace",
+                                         "footprint", "achieved", "of ceiling"]
+    rows, notes = [], []
+    rs = sorted(results, key=lambda r: (r.get("ipc") or 0, MODE_ORDER.index(r["mode"]) if r["mode"] in MODE_ORDER
+                                        else 9, _porder(r["provider"])))
+    for r in rs:
+        name = r["provider"] + ("*" if r["provider"] == default_provider else "")
+        lead = ([str(r.get("ipc"))] if sweep else []) + [r["mode"], name]
+        if r["status"] != "ok":
+            note = f"{r['provider']} {r['mode']}: {r['status']}: {r.get('reason', '')}"
+            if note not in notes:
+                notes.append(note)
+            rows.append(lead + [r["status"]] + ["-"] * (len(cols) - len(lead) - 1))
+            continue
+        mem = r.get("memory") or {}
+        sp = r.get("speedup")
+        oc = r.get("of_ceiling")
+        rows.append(lead + [
+            fmt_time(r["median"]), fmt_time(r["q20"]), fmt_time(r["q80"]),
+            f"{sp:.2f}x" if sp else "-",
+            fmt_bytes(mem.get("workspace")), fmt_bytes(mem.get("footprint")),
+            _achieved(r), f"{100 * oc:.1f}%" if oc is not None else "-",
+        ])
+    return cols, rows, notes
+
+
+def print_tables(results: list[dict], *, default_provider: Optional[str], sweep: bool = False) -> None:
+    """One table per op (per op and config in a sweep). ``*`` marks the provider ``auto`` picks."""
+    console = _console()
+    ops: dict[str, list[dict]] = {}
+    for r in results:
+        ops.setdefault(r["op"], []).append(r)
+    for op, rs in ops.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        first = ok[0] if ok else rs[0]
+        title = f"{op} @ {first['config']}"
+        if not sweep:
+            title += f" (IPC {first.get('ipc')}, N={first.get('N')}"
+            if first.get("effective_scale", 1.0) != 1.0:
+                title += f", scaled x{first['effective_scale']:g}"
+            title += ")"
+        cols, rows, notes = _rows(rs, default_provider, sweep)
+        sub = [first.get("shapes", "") + (f"; {first['bound']}-bound" if first.get("bound") else "")] + notes
+        if console is not None:
+            from rich.table import Table
+            t = Table(title=title, caption="\n".join(s for s in sub if s), title_justify="left",
+                      caption_justify="left")
+            for c in cols:
+                t.add_column(c, justify="left" if c in ("mode", "provider", "IPC") else "right", no_wrap=True)
+            for row in rows:
+                t.add_row(*row, style="dim" if row[len(cols) - 8] in ("skipped", "error") else None)
+            console.print(t)
+        else:
+            widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+            left = len(cols) - 8
+            print(f"\n{title}")
+            print("  " + "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(cols, widths))))
+            print("  " + "  ".join("-" * w for w in widths))
+            for row in rows:
+                print("  " + "  ".join(x.ljust(w) if i < left else x.rjust(w)
+                                       for i, (x, w) in enumerate(zip(row, widths))))
+            for s in sub:
+                if s:
+                    print(f"  {s}")
+
+
+# ----------------------------------------------------------------------------- SPEC section 8 targets
+
+
+def _find(results, op, mode, provider):
+    for r in results:
+        if r["op"] == op and r["mode"] == mode and r["provider"] == provider and r["status"] == "ok":
+            return r
+    return None
+
+
+def targets(results: list[dict], *, device: str, config: str, full_size: bool, default_provider: Optional[str],
+            ceilings: Optional[Ceilings]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for the SPEC section 8 targets this run can speak to."""
+    out: list[tuple[str, str, str]] = []
+    dp = default_provider
+    if dp is None:
+        return out
+    note = "" if full_size else " (run was scaled down: not the SPEC size)"
+
+    def speed(label, op, mode, need):
+        r = _find(results, op, mode, dp)
+        if r is None or r.get("speedup") is None:
+            return
+        ok = r["speedup"] >= need
+        out.append((label, f"{r['speedup']:.2f}x ({dp} vs baseline){note}", "MET" if ok else "NOT MET"))
+
+    if device == "cpu" and config == "cifar10-ipc1000":
+        speed(">=10x DAE dae_ vs loop", "dae_", "fwd", 10)
+        speed(">=10x DAE dae_sgd_step_ vs loop", "dae_sgd_step_", "fwd", 10)
+        speed(">=10x CC fwd+bwd vs loop", "class_centralization_loss", "full", 10)
+        speed(">=4x CM fwd+bwd vs loop", "covariance_matching_loss", "full", 4)
+        rb = _find(results, "covariance_matching_loss", "full", "baseline")
+        rd = _find(results, "covariance_matching_loss", "full", dp)
+        if rb and rd and rb.get("memory") and rd.get("memory"):
+            mb, md = rb["memory"], rd["memory"]
+            fr = mb["footprint"] / max(md["footprint"], 1)
+            wr = mb["workspace"] / max(md["workspace"], 1)
+            out.append(("CM peak RSS >=2.5x lower than loop (inputs+op)",
+                        f"{fmt_bytes(mb['footprint'])} vs {fmt_bytes(md['footprint'])} = {fr:.2f}x{note}",
+                        "MET" if fr >= 2.5 else "NOT MET"))
+            out.append(("CM peak RSS >=2.5x lower than loop (workspace only)",
+                        f"{fmt_bytes(mb['workspace'])} vs {fmt_bytes(md['workspace'])} = {wr:.2f}x{note}",
+                        "MET" if wr >= 2.5 else "NOT MET"))
+    if device.startswith("cuda") and ceilings is not None:
+        for op in ("dae_", "dae_sgd_step_"):
+            r = _find(results, op, "fwd", dp)
+            if r and r.get("achieved_Bps"):
+                f = r["achieved_Bps"] / ceilings.copy_Bps
+                out.append((f">=85% copy bandwidth {op}", f"{100 * f:.1f}% ({r['achieved_Bps'] / 1e9:.0f} GB/s)",
+                            "MET" if f >= 0.85 else "NOT MET"))
+        if config == "imagenette-ipc50":
+            speed(">=200x dae_sgd_step_ vs loop", "dae_sgd_step_", "fwd", 200)
+        if config in ("imagenette-ipc50", "in1k-ipc50"):
+            speed(">=5x CPD fwd+bwd vs sort", "cpd_trajectory_loss", "full", 5)
+        if config in ("cifar100-ipc50", "cifar10-ipc1000"):
+            speed(">=10x CM fwd+bwd vs loop", "covariance_matching_loss", "full", 10)
+    return out
+
+
+def print_targets(rows: list[tuple[str, str, str]]) -> None:
+    if not rows:
+        return
+    console = _console()
+    if console is not None:
+        from rich.table import Table
+        t = Table(title="SPEC section 8 targets, as measured by this run", title_justify="left")
+        for c in ("target", "measured", "verdict"):
+            t.add_column(c, no_wrap=True)
+        for a, b, c in rows:
+            t.add_row(a, b, c, style="green" if c == "MET" else "red")
+        console.print(t)
+    else:
+        print("\nSPEC section 8 targets, as measured by this run")
+        w = max(len(a) for a, _, _ in rows)
+        for a, b, c in rows:
+            print(f"  {a.ljust(w)}  {c:8s}  {b}")
+
+
+# ----------------------------------------------------------------------------- JSON and plot
+
+
+def write_json(path: str, meta: dict, results: list[dict]) -> None:
+    with open(path, "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1, default=str)
+
+
+def plot_sweep(path: str, results: list[dict], *, title: str) -> None:
+    """Time and workspace against IPC, one row per op, one line per provider (and mode)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or pip install 'edfkern[bench]')") \
+            from None
+    ops = list(dict.fromkeys(r["op"] for r in results))
+    fig, axes = plt.subplots(len(ops), 2, figsize=(11, 3.2 * len(ops) + 0.6), squeeze=False)
+    colors = {"baseline": "tab:red", "reference": "tab:blue", "triton": "tab:green", "native": "tab:purple"}
+    styles = {"fwd": ":", "bwd": "--", "full": "-"}
+    for row, op in zip(axes, ops):
+        rs = [r for r in results if r["op"] == op and r["status"] == "ok"]
+        series: dict[tuple[str, str], list[dict]] = {}
+        for r in rs:
+            series.setdefault((r["provider"], r["mode"]), []).append(r)
+        modes = {m for _, m in series}
+        for (prov, mode), pts in sorted(series.items(), key=lambda kv: (_porder(kv[0][0]), kv[0][1])):
+            pts.sort(key=lambda r: r["ipc"])
+            x = [r["ipc"] for r in pts]
+            label = prov if len(modes) == 1 else f"{prov} {mode}"
+            kw = dict(color=colors.get(prov), linestyle=styles.get(mode, "-"), marker="o", label=label)
+            row[0].plot(x, [r["median"] * 1e3 for r in pts], **kw)
+            row[0].fill_between(x, [r["q20"] * 1e3 for r in pts], [r["q80"] * 1e3 for r in pts],
+                                color=colors.get(prov), alpha=0.15, linewidth=0)
+            ws = [(r.get("memory") or {}).get("workspace") for r in pts]
+            if any(w is not None for w in ws):
+                row[1].plot(x, [(w or 0) / 2 ** 20 for w in ws], **kw)
+        mode_txt = "/".join(sorted(modes, key=MODE_ORDER.index)) if modes else ""
+        row[0].set_title(f"{op} ({mode_txt}): time per call")
+        row[0].set_ylabel("ms (median, 20-80% band)")
+        row[1].set_title(f"{op} ({mode_txt}): workspace")
+        row[1].set_ylabel("MB above inputs/outputs/grads")
+        for ax in row:
+            ax.set_xscale("log")
+            ax.set_xlabel("images per class (IPC)")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+        row[0].set_yscale("log")
+        row[1].set_yscale("symlog", linthresh=1.0)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
