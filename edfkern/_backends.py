@@ -38,3 +38,38 @@ register_backend(
     devices=_native_devices,
     description="compiled extension edfkern._C: C++ CPU kernels (OpenMP) and CUDA kernels; built with ninja on first use",
 )
+
+
+def _triton_probe() -> Optional[str]:
+    """Cheap: looks for the module, imports nothing heavy unless triton is there."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # a broken install must not take edfkern down
+        return f"triton failed to import: {type(e).__name__}: {e}"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run on CPU tensors)"
+    return None
+
+
+def _triton_devices() -> frozenset[str]:
+    import os
+
+    return frozenset({"cuda", "cpu"}) if os.environ.get("TRITON_INTERPRET") == "1" else frozenset({"cuda"})
+
+
+register_backend(
+    "triton",
+    "edfkern.triton",
+    probe=_triton_probe,
+    devices=_triton_devices,
+    description="fused Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1)",
+)

@@ -198,3 +198,15 @@ def row_labels(perm: Optional[Tensor], offsets: Tensor, n: int) -> Tensor:
     labels = torch.empty_like(sorted_labels)
     labels[perm] = sorted_labels
     return labels
+
+
+def check_matching_pair(syn: Tensor, real: Tensor, syn_groups: GroupsArg, real_groups: GroupsArg,
+                        num_groups: Optional[int], weight: float, feature: str) -> tuple[float, Groups, Groups]:
+    """Shared checks of the two-sided matching losses: same per-row shape, dtype, device; groups; weight."""
+    if syn.shape[1:] != real.shape[1:]:
+        raise ValueError(f"real must have the same {feature} as syn {tuple(syn.shape[1:])}, got {tuple(real.shape[1:])}")
+    check_same_dtype(syn=syn, real=real)
+    check_same_device(syn=syn, real=real)
+    weight = check_number("weight", weight)
+    gs, gr = resolve_group_pair(syn_groups, real_groups, syn.shape[0], real.shape[0], syn.device, num_groups)
+    return weight, gs, gr

@@ -31,7 +31,8 @@ def _tag(with_cuda: bool) -> str:
 
     ver = torch.__version__.split("+")[0]
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
-    return f"torch{ver}-{flavour}-py{sys.version_info[0]}{sys.version_info[1]}"
+    arch = "-native" if _build.host_arch_flags() else ""
+    return f"torch{ver}-{flavour}{arch}-py{sys.version_info[0]}{sys.version_info[1]}"
 
 
 def _want_cuda() -> tuple[bool, str]:
@@ -103,7 +104,7 @@ def _jit(verbose: bool) -> ModuleType:
               "this happens once", file=sys.stderr, flush=True)
     os.environ.setdefault("MAX_JOBS", _build.max_jobs())
     kw = {}
-    cflags = list(_build.CXX_FLAGS)
+    cflags = list(_build.CXX_FLAGS) + _build.host_arch_flags()
     if with_cuda:
         cflags.append("-DEDFKERN_WITH_CUDA")
         kw["extra_cuda_cflags"] = _build.NVCC_FLAGS + _build.nvcc_arch_flags() + ["-DEDFKERN_WITH_CUDA"]

@@ -15,8 +15,9 @@ import shutil
 import sys
 from typing import Optional
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG"]
+# torch adds its own -std (c++20 for torch 2.13). No FMA contraction: results stay close to PyTorch's.
+CXX_FLAGS = ["-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG"]
 LD_FLAGS = ["-fopenmp"]
 CUDA_ARCHS = ("80", "90")
 
@@ -40,6 +41,16 @@ def sources(root: str, with_cuda: bool) -> list[str]:
 
 def include_dirs(root: str) -> list[str]:
     return [os.path.abspath(root), os.path.abspath(os.path.join(root, "include"))]
+
+
+def host_arch_flags() -> list[str]:
+    """``-march=native`` for just-in-time builds (they run where they are built) unless
+    ``EDFKERN_MARCH_NATIVE=0``; ahead-of-time builds (wheels) stay portable and never use it."""
+    if os.environ.get("EDFKERN_MARCH_NATIVE", "1") == "0":
+        return []
+    import platform
+
+    return ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
 
 
 def cuda_reason() -> Optional[str]:

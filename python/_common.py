@@ -153,22 +153,33 @@ def progress(iterable, **kw):
 
 
 class Stopwatch:
-    """Accumulates wall time of the timed blocks: ``with sw: ...``."""
+    """Wall time of each timed block: ``with sw: ...``; reports the median (robust to warm-up and
+    to other load on the machine) and the mean."""
 
     def __init__(self) -> None:
-        self.total, self.count = 0.0, 0
+        self.times: list[float] = []
 
     def __enter__(self):
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self.total += time.perf_counter() - self._t0
-        self.count += 1
+        self.times.append(time.perf_counter() - self._t0)
+
+    @property
+    def count(self) -> int:
+        return len(self.times)
+
+    @property
+    def median_ms(self) -> float:
+        if not self.times:
+            return float("nan")
+        t = sorted(self.times)
+        return 1e3 * t[(len(t) - 1) // 2]
 
     @property
     def mean_ms(self) -> float:
-        return 1e3 * self.total / max(self.count, 1)
+        return 1e3 * sum(self.times) / max(len(self.times), 1)
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -120,7 +120,7 @@ def test_feature_losses_bad_inputs():
         edfkern.class_centralization_loss(f, groups=4)
     with pytest.raises(TypeError, match="weight"):
         edfkern.class_centralization_loss(f, groups=2, weight=None)
-    with pytest.raises(ValueError, match="same feature size"):
+    with pytest.raises(ValueError, match="same feature size D"):
         edfkern.mean_matching_loss(f, torch.randn(6, 5), syn_groups=2, real_groups=2)
     with pytest.raises(ValueError, match="group 1 is empty on the syn side"):
         edfkern.mean_matching_loss(f, f, syn_groups=torch.zeros(6, dtype=torch.long), real_groups=2)

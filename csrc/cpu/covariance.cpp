@@ -76,6 +76,20 @@ void centre_block(const scalar_t* x, const HostGroups& g, const acc_t* mean_k, i
   });
 }
 
+// Classes run in parallel, one class per task, each with its own (C, B*L) block(s) and
+// single-threaded GEMMs (BLAS called inside the parallel region does not fork again). With fewer
+// classes than threads, classes run one after another and each GEMM uses every thread instead.
+template <typename F>
+void over_classes(int64_t K, const F& body) {
+  if (K >= at::get_num_threads() && K > 1) {
+    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) body(k);
+    });
+  } else {
+    for (int64_t k = 0; k < K; ++k) body(k);
+  }
+}
+
 template <typename scalar_t>
 void cov_forward_impl(const at::Tensor& x, const HostGroups& g, at::Tensor& sigma, at::Tensor& mean) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -84,20 +98,23 @@ void cov_forward_impl(const at::Tensor& x, const HostGroups& g, at::Tensor& sigm
   acc_t* mp = mean.data_ptr<acc_t>();
   class_means<scalar_t, acc_t>(xp, g, C * L, mp);
   const int64_t B = block_rows(C, L), ld = B * L;
-  auto Y = at::empty({C, ld}, mean.options());
-  acc_t* yp = Y.data_ptr<acc_t>();
-  for (int64_t k = 0; k < K; ++k) {
+  over_classes(K, [&](int64_t k) {
     const int64_t j0 = g.offsets[k], n = g.offsets[k + 1] - j0;
+    if (n == 0) return;  // sigma is zero-initialised
+    const int64_t nb_max = std::min(B, n);
+    auto Y = at::empty({C, nb_max * L}, mean.options());
+    acc_t* yp = Y.data_ptr<acc_t>();
+    const int64_t ldy = nb_max * L;
     auto sk = sigma[k];
-    if (n == 0) continue;  // sigma is zero-initialised
-    for (int64_t jb = 0; jb < n; jb += B) {
-      const int64_t nb = std::min(B, n - jb);
-      centre_block<scalar_t, acc_t>(xp, g, mp + k * C * L, j0 + jb, nb, C, L, ld, yp);
+    for (int64_t jb = 0; jb < n; jb += nb_max) {
+      const int64_t nb = std::min(nb_max, n - jb);
+      centre_block<scalar_t, acc_t>(xp, g, mp + k * C * L, j0 + jb, nb, C, L, ldy, yp);
       auto Yv = Y.narrow(1, 0, nb * L);
       sk.addmm_(Yv, Yv.t());
     }
     sk.div_(static_cast<double>(n));
-  }
+  });
+  (void)ld;
 }
 
 template <typename scalar_t>
@@ -108,17 +125,18 @@ void cov_backward_impl(const at::Tensor& x, const HostGroups& g, const at::Tenso
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const acc_t* mp = mean.data_ptr<acc_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t B = block_rows(C, L), ld = B * L;
-  auto Y = at::empty({C, ld}, mean.options());
-  auto Gb = at::empty({C, ld}, mean.options());
-  acc_t* yp = Y.data_ptr<acc_t>();
-  acc_t* gp = Gb.data_ptr<acc_t>();
-  for (int64_t k = 0; k < K; ++k) {
+  const int64_t B = block_rows(C, L);
+  over_classes(K, [&](int64_t k) {
     const int64_t j0 = g.offsets[k], n = g.offsets[k + 1] - j0;
-    if (n == 0) continue;
+    if (n == 0) return;
+    const int64_t nb_max = std::min(B, n), ld = nb_max * L;
+    auto Y = at::empty({C, ld}, mean.options());
+    auto Gb = at::empty({C, ld}, mean.options());
+    acc_t* yp = Y.data_ptr<acc_t>();
+    const acc_t* gp = Gb.data_ptr<acc_t>();
     auto Mk = M[k];
-    for (int64_t jb = 0; jb < n; jb += B) {
-      const int64_t nb = std::min(B, n - jb);
+    for (int64_t jb = 0; jb < n; jb += nb_max) {
+      const int64_t nb = std::min(nb_max, n - jb);
       centre_block<scalar_t, acc_t>(xp, g, mp + k * C * L, j0 + jb, nb, C, L, ld, yp);
       auto Gv = Gb.narrow(1, 0, nb * L);
       at::mm_out(Gv, Mk, Y.narrow(1, 0, nb * L));
@@ -133,7 +151,7 @@ void cov_backward_impl(const at::Tensor& x, const HostGroups& g, const at::Tenso
         }
       });
     }
-  }
+  });
 }
 
 }  // namespace

@@ -64,15 +64,17 @@ struct MaskMaker {
       m_t* r = rows + a * W;
       for (int64_t x = 0; x < W; ++x) r[x] = ax.l0[x] * c[ax.i0[x]] + ax.l1[x] * c[ax.i1[x]];
     }
-    // vertical pass and threshold
+    // vertical pass and threshold (locals and restrict: a store to the mask must not be
+    // assumed to alias beta or the rows, or the loop stays scalar)
+    const m_t b = beta;
     for (int64_t y = 0; y < H; ++y) {
-      const m_t* r0 = rows + ay.i0[y] * W;
-      const m_t* r1 = rows + ay.i1[y] * W;
+      const m_t* __restrict__ r0 = rows + ay.i0[y] * W;
+      const m_t* __restrict__ r1 = rows + ay.i1[y] * W;
       const m_t w0 = ay.l0[y], w1 = ay.l1[y];
-      m_t* m = mask + y * W;
+      m_t* __restrict__ m = mask + y * W;
       for (int64_t x = 0; x < W; ++x) {
         const m_t u = w0 * r0[x] + w1 * r1[x];
-        m[x] = u >= tau ? u + beta : m_t(1);
+        m[x] = u >= tau ? u + b : m_t(1);
       }
     }
   }

@@ -61,7 +61,7 @@ from edfkern import baselines
 from .configs import Config, get_config
 
 __all__ = ["Case", "Unavailable", "OPS", "MODES", "make_case", "op_modes", "main_mode", "skip_reason",
-           "providers", "default_provider", "input_bytes"]
+           "providers", "default_provider", "input_bytes", "fit_scale", "SCALES"]
 
 MODES = ("fwd", "bwd", "full")
 
@@ -451,3 +451,14 @@ def input_bytes(op: str, config: Config) -> int:
     if op == "class_centralization_loss":
         return c.N * c.cc_dim * 4
     raise ValueError(op)
+
+
+SCALES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+
+
+def fit_scale(op: str, config: Config, limit_bytes: float) -> float:
+    """The largest of :data:`SCALES` at which ``op``'s inputs at ``config`` fit in ``limit_bytes``."""
+    for s in SCALES:
+        if input_bytes(op, config.scaled(s)) <= limit_bytes:
+            return s
+    return SCALES[-1]

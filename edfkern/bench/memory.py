@@ -157,7 +157,7 @@ def _context() -> mp.context.BaseContext:
         if "forkserver" in mp.get_all_start_methods():
             ctx = mp.get_context("forkserver")
             # import torch and edfkern once in the server; children fork from it clean
-            ctx.set_forkserver_preload(["torch", "edfkern", "edfkern.bench.runner"])
+            ctx.set_forkserver_preload(["torch", "edfkern", "edfkern.bench.runner", "edfkern.native"])
         else:
             ctx = mp.get_context("spawn")
         _CTX = ctx

@@ -252,6 +252,7 @@ def plot_sweep(path: str, results: list[dict], *, title: str) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401
     except ImportError:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or pip install 'edfkern[bench]')") \
             from None
@@ -281,14 +282,17 @@ def plot_sweep(path: str, results: list[dict], *, title: str) -> None:
         row[0].set_ylabel("ms (median, 20-80% band)")
         row[1].set_title(f"{op} ({mode_txt}): workspace")
         row[1].set_ylabel("MB above inputs/outputs/grads")
+        ipcs = sorted({r["ipc"] for r in rs})
         for ax in row:
             ax.set_xscale("log")
+            ax.set_xticks(ipcs, [str(i) for i in ipcs])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlabel("images per class (IPC)")
-            ax.grid(True, which="both", alpha=0.3)
+            ax.grid(True, which="major", alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
         row[0].set_yscale("log")
-        row[1].set_yscale("symlog", linthresh=1.0)
+        row[1].set_ylim(bottom=0)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -63,6 +63,8 @@ def run_task(task: dict) -> dict[str, Any]:
     skipped / error)."""
     res: dict[str, Any] = dict(task)
     device = task["device"]
+    if task.get("threads"):
+        torch.set_num_threads(int(task["threads"]))
     cfg = _task_config(task)
     res.update(N=cfg.N, ipc=cfg.ipc, K=cfg.K, effective_scale=cfg.scale)
     try:

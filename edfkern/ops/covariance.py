@@ -133,7 +133,7 @@ def _as_ncl(name: str, x: Tensor) -> Tensor:
 
 
 def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None) -> Tensor:
-    """Per-class local covariance of conv features (IID, Sec. 3.3, the ``Sigma`` of Eq. 6).
+    """Per-class local covariance of conv features: the ``Sigma_k`` of IID's covariance matching constraint.
 
     Args:
         x: ``(N, C, L)`` features (``L = h*w``); ``(N, C, h, w)`` is flattened, ``(N, D)`` read as ``(N, D, 1)``.
@@ -151,7 +151,7 @@ def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int
 
 def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, real_groups: C.GroupsArg,
                              num_groups: Optional[int] = None, weight: float = 0.01) -> Tensor:
-    """IID's covariance matching loss (Eq. 6): ``weight * sum_k ||Sigma_k(real) - Sigma_k(syn)||_F^2``.
+    """IID's covariance matching constraint L_CM: ``weight * sum_k ||Sigma_k(real) - Sigma_k(syn)||_F^2``.
 
     Args:
         syn: ``(N_syn, C, L)`` synthetic conv features (or ``(N, C, h, w)`` / ``(N, D)``).
@@ -167,10 +167,5 @@ def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsA
         ValueError: a group is empty on either side, or shapes disagree.
     """
     syn, real = _as_ncl("syn", syn), _as_ncl("real", real)
-    if syn.shape[1:] != real.shape[1:]:
-        raise ValueError(f"real must have the same (C, L) as syn {tuple(syn.shape[1:])}, got {tuple(real.shape[1:])}")
-    C.check_same_dtype(syn=syn, real=real)
-    C.check_same_device(syn=syn, real=real)
-    weight = C.check_number("weight", weight)
-    gs, gr = C.resolve_group_pair(syn_groups, real_groups, syn.shape[0], real.shape[0], syn.device, num_groups)
+    weight, gs, gr = C.check_matching_pair(syn, real, syn_groups, real_groups, num_groups, weight, "(C, L)")
     return _cm_loss(syn, gs.perm, gs.offsets, real, gr.perm, gr.offsets, weight)[0]

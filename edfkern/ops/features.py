@@ -119,7 +119,9 @@ def _as_rows(name: str, x: Tensor) -> Tensor:
 
 def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None,
                               weight: float = 0.05) -> Tensor:
-    """IID's class centralization loss, in its released linear form (paper Eq. 4 with beta = 0).
+    """IID's class centralization constraint L_CC, in the released code's linear form.
+
+    (The paper's exponential form with beta = 0.)
 
     Args:
         feat: ``(N, D)`` features (IID: 512-d ResNet-18 features); other shapes are flattened per row.
@@ -152,10 +154,5 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, re
         Scalar loss, float32 (float64 for float64 inputs).
     """
     s, r = _as_rows("syn", syn), _as_rows("real", real)
-    if s.shape[1] != r.shape[1]:
-        raise ValueError(f"real must have the same feature size D={s.shape[1]} as syn, got {r.shape[1]}")
-    C.check_same_dtype(syn=s, real=r)
-    C.check_same_device(syn=s, real=r)
-    weight = C.check_number("weight", weight)
-    gs, gr = C.resolve_group_pair(syn_groups, real_groups, s.shape[0], r.shape[0], s.device, num_groups)
+    weight, gs, gr = C.check_matching_pair(s, r, syn_groups, real_groups, num_groups, weight, "feature size D")
     return _mm_loss(s, gs.perm, gs.offsets, r, gr.perm, gr.offsets, weight)[0]

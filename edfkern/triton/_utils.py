@@ -118,3 +118,27 @@ def cast_to(x, DT: tl.constexpr):
     else:
         y = x.to(DT)
     return y
+
+
+# ----------------------------------------------------------------------------- torch.library registration
+
+try:  # torch >= 2.6
+    from torch.library import triton_op as _triton_op
+    from torch.library import wrap_triton
+except ImportError:  # older torch: launch directly, register nothing
+    _triton_op = None
+
+    def wrap_triton(kernel):  # type: ignore[no-redef]
+        return kernel
+
+
+def register(name: str, fn, mutates_args=()):
+    """Register launcher ``fn`` as ``torch.ops.edfkern_triton.<name>`` (a ``triton_op``).
+
+    The launchers launch through ``wrap_triton``, so ``torch.compile`` traces into these ops
+    and sees the Triton kernels. The backend contract functions call the launchers
+    directly, which skips the dispatcher's per-call overhead in eager mode.
+    """
+    if _triton_op is None:
+        return None
+    return _triton_op(f"edfkern_triton::{name}", fn, mutates_args=mutates_args)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_tl, as_acc, bilinear, calculate_settings, cast_to, next_pow2
+from ._utils import acc_tl, as_acc, bilinear, calculate_settings, cast_to, next_pow2, register, wrap_triton
 
 MODE_MASK, MODE_SCALE, MODE_SGD = 0, 1, 2
 
@@ -155,7 +155,7 @@ def _tau(cam: Tensor, H: int, W: int, threshold: Optional[float], acc: torch.dty
     if threshold is not None:
         return torch.empty(1, dtype=acc, device=cam.device)
     tau = torch.empty(n, dtype=acc, device=cam.device)
-    _dae_tau_kernel[(n,)](
+    wrap_triton(_dae_tau_kernel)[(n,)](
         cam, tau, h, w, H, W,
         IDENTITY=(h, w) == (H, W),
         BLOCK_A=min(64, next_pow2(h)), BLOCK_B=min(64, next_pow2(w)), BLOCK_O=min(128, next_pow2(max(H, W))),
@@ -175,7 +175,7 @@ def _launch(mode: int, cam: Tensor, H: int, W: int, C: int, beta: float, thresho
     tau = _tau(cam, H, W, threshold, acc)
     block, warps = calculate_settings(H * W, max_block=1024, lo=16)
     grid = (triton.cdiv(H * W, block), n)
-    _dae_apply_kernel[grid](
+    wrap_triton(_dae_apply_kernel)[grid](
         cam, tau, out, grad, param, buf if buf is not None else param,
         C, h, w, H, W,
         float(beta), float(threshold) if threshold is not None else 0.0,
@@ -204,3 +204,10 @@ def dae_sgd_step_(param: Tensor, grad: Tensor, buf: Optional[Tensor], cam: Tenso
     _, C, H, W = param.shape
     _launch(MODE_SGD, cam, H, W, C, beta, threshold, param, grad, param, buf if momentum != 0 else None,
             lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
+
+
+# ----------------------------------------------------------------------------- registration
+
+register("dae_mask", dae_mask, mutates_args=())
+register("dae_", dae_, mutates_args=('grad',))
+register("dae_sgd_step_", dae_sgd_step_, mutates_args=('param', 'buf'))

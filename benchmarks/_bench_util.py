@@ -1,0 +1,69 @@
+"""Helpers shared by the benchmark files (kept out of conftest.py so ``tests/conftest.py`` cannot shadow them)."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from edfkern.bench.cases import Unavailable, fit_scale, make_case, providers
+from edfkern.bench.configs import CONFIGS, get_config
+
+DEVICE = os.environ.get("EDFKERN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_CPU_REASON = ("triton on CPU runs under the TRITON_INTERPRET=1 interpreter: its times say nothing about "
+                     "the kernels (set EDFKERN_BENCH_TRITON_CPU=1 to time it anyway)")
+
+#: set by conftest.pytest_configure from the options / environment
+SETTINGS = {"scale": os.environ.get("EDFKERN_BENCH_SCALE") or "auto", "configs": list(CONFIGS)}
+
+
+def provider_params():
+    """baseline + every backend; the ones that cannot run here carry a skip mark with the reason."""
+    out = []
+    for name, why in providers(DEVICE).items():
+        if why is None and name == "triton" and DEVICE == "cpu" and os.environ.get("EDFKERN_BENCH_TRITON_CPU") != "1":
+            why = TRITON_CPU_REASON
+        marks = () if why is None else pytest.mark.skip(reason=f"{name}: {why}")
+        out.append(pytest.param(name, id=name, marks=marks))
+    return out
+
+
+def config_params():
+    """Every SPEC section 7 config (conftest deselects the ones EDFKERN_BENCH_CONFIGS leaves out)."""
+    return [pytest.param(c, id=c) for c in CONFIGS]
+
+
+def scale_for(op: str, config: str) -> float:
+    if SETTINGS["scale"] != "auto":
+        return float(SETTINGS["scale"])
+    if DEVICE != "cpu":
+        return 1.0
+    limit = float(os.environ.get("EDFKERN_BENCH_MAX_INPUT_MB", "32")) * 2 ** 20
+    return fit_scale(op, get_config(config), limit)
+
+
+def run_bench(benchmark, op: str, provider: str, mode: str, config: str) -> None:
+    """Build the case from the shared factory and time it with pytest-benchmark."""
+    scale = scale_for(op, config)
+    try:
+        case = make_case(op, provider, mode, config, device=DEVICE, scale=scale)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    benchmark.group = f"{op} {mode} @ {config}"
+    benchmark.extra_info.update(op=op, provider=provider, mode=mode, config=config, scale=scale, N=case.config.N,
+                                shapes=case.shapes, bytes_moved=case.bytes_moved, flops=case.flops)
+    case.reset()
+    t0 = time.perf_counter()
+    case.fn()  # first call: warm-up, and the estimate for the number of rounds
+    dt = time.perf_counter() - t0
+    rounds = int(os.environ.get("EDFKERN_BENCH_ROUNDS", "0")) or max(3, min(50, int(0.3 / max(dt, 1e-9))))
+
+    def setup():  # pedantic() takes setup's return value as arguments: return None
+        case.reset()
+
+    benchmark.pedantic(case.fn, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    med = getattr(stats, "median", None)
+    if med:
+        benchmark.extra_info.update(GBps=case.bytes_moved / med / 1e9, GFLOPs=case.flops / med / 1e9)

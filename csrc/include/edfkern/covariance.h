@@ -1,0 +1,21 @@
+// CUDA launchers for local covariance (SPEC section 5). Plain C++.
+// Groups in CSR form: sorted row j is input row perm[j] (perm may be null = identity); class k owns
+// sorted rows offsets[k] .. offsets[k+1]-1. perm and offsets are device int64 arrays.
+#pragma once
+
+#include <edfkern/common.h>
+
+struct CUstream_st;
+
+namespace edfkern {
+namespace cuda {
+
+// x (N, C, L) in dt; sigma (K, C, C) and mean (K, C, L) in acc.
+int cov_forward(const void* x, DType dt, const int64_t* perm, const int64_t* offsets, int64_t N, int64_t K,
+                int64_t C, int64_t L, void* sigma, void* mean, CUstream_st* stream);
+// grad_i = M_k (x_i - mean_k): mean (K, C, L), M (K, C, C) in acc; out (N, C, L) in dt.
+int cov_backward(const void* x, DType dt, const int64_t* perm, const int64_t* offsets, int64_t N, int64_t K,
+                 int64_t C, int64_t L, const void* mean, const void* M, void* out, CUstream_st* stream);
+
+}  // namespace cuda
+}  // namespace edfkern

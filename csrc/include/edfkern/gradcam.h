@@ -1,0 +1,22 @@
+// CUDA launcher for Grad-CAM (SPEC section 3). Plain C++.
+#pragma once
+
+#include <edfkern/common.h>
+
+struct CUstream_st;
+
+namespace edfkern {
+namespace cuda {
+
+enum class CamMethod : int { GradCAM = 0, GradCAMpp = 1, Smooth = 2 };
+
+// A, G: (S, N, C, h, w) (S = 1 unless Smooth), A_clean: (N, C, h, w) or null; all in dtype dt.
+// out: (N, H, W) in acc (F64 for F64 input, else F32). ws: N*C + N*h*w acc elements.
+int grad_cam(const void* A, const void* G, const void* A_clean, DType dt, CamMethod method, bool normalize,
+             int64_t S, int64_t N, int64_t C, int64_t h, int64_t w, int64_t H, int64_t W, void* out, void* ws,
+             CUstream_st* stream);
+
+inline int64_t grad_cam_ws_elems(int64_t N, int64_t C, int64_t h, int64_t w) { return N * C + N * h * w; }
+
+}  // namespace cuda
+}  // namespace edfkern

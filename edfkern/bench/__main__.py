@@ -1,0 +1,7 @@
+"""Entry point: ``python -m edfkern.bench --help``."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

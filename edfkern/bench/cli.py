@@ -1,0 +1,266 @@
+"""``python -m edfkern.bench``: time, workspace and roofline of every op, per provider.
+
+Default: the SPEC section 8 config (``cifar10-ipc1000``) on the best device, every op it
+has, every mode, every provider that can run (``baseline`` = the loops of
+:mod:`edfkern.baselines`, plus each backend of :func:`edfkern.backends`). On CPU an op
+whose inputs would pass ``--max-input-mb`` is scaled down (fewer images per class) and
+the output says so; ``--scale`` fixes the factor for every op instead.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from typing import Optional
+
+import torch
+
+import edfkern
+
+from . import memory, report
+from .cases import OPS, default_provider, fit_scale, input_bytes, main_mode, op_modes, providers, skip_reason
+from .ceilings import Ceilings, measure_ceilings
+from .configs import CONFIGS, DEFAULT_CONFIG, get_config
+from .runner import run_task
+
+TRITON_CPU_NOTE = ("on CPU, Triton kernels run only under TRITON_INTERPRET=1, a Python interpreter of the "
+                   "kernel: its times say nothing about the compiled kernels, so triton is left out of CPU "
+                   "timing (name it in --providers, with TRITON_INTERPRET=1 set, to time it anyway)")
+
+
+def _csv(s: Optional[str]) -> Optional[list[str]]:
+    return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m edfkern.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(CONFIGS), help="SPEC section 7 config")
+    p.add_argument("--ops", help=f"comma-separated subset of: {', '.join(OPS)}")
+    p.add_argument("--providers", help="comma-separated subset of baseline and the backends (default: all that run)")
+    p.add_argument("--modes", help="comma-separated subset of fwd,bwd,full (default: all; a sweep: full, or fwd "
+                                   "for ops without backward)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--json", metavar="PATH", help="write every result and the run's metadata as JSON")
+    p.add_argument("--repeat", type=int, help="timed calls per case (default: as many as fit --budget, 3..50)")
+    p.add_argument("--budget", type=float, default=0.5, help="seconds of timed calls per case when --repeat "
+                                                             "is not given (default 0.5)")
+    p.add_argument("--scale", type=float, help="multiply IPC, real rows per class and CPD's P by this for every "
+                                               "op (default on CPU: per op, to fit --max-input-mb)")
+    p.add_argument("--max-input-mb", type=float, default=600.0,
+                   help="CPU auto-scaling: largest input set per case at full size (default 600)")
+    p.add_argument("--sweep", metavar="ipc=V1,V2,...", help="run every case at each IPC, e.g. ipc=10,50,100,500,1000")
+    p.add_argument("--plot", metavar="PATH.png", help="with --sweep: plot time and workspace against IPC "
+                                                      "(needs matplotlib)")
+    p.add_argument("--no-memory", action="store_true", help="skip the workspace measurement")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run cases in this process (CPU workspace is then only approximate)")
+    p.add_argument("--quick", action="store_true", help="small ceiling measurement (for smoke tests)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads in each case (default: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per case before it is killed")
+    return p
+
+
+def _device(arg: str) -> str:
+    if arg == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+    if arg not in ("cpu",) and not arg.startswith("cuda"):
+        raise SystemExit(f"error: --device must be auto, cpu or cuda, got {arg!r}")
+    return arg
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{_cpu_model()} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _parse_sweep(s: str) -> list[int]:
+    key, _, vals = s.partition("=")
+    if key.strip() != "ipc" or not vals:
+        raise SystemExit(f"error: --sweep takes ipc=V1,V2,..., got {s!r}")
+    try:
+        out = [int(v) for v in vals.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --sweep values must be integers, got {vals!r}") from None
+    if not out or min(out) < 1:
+        raise SystemExit("error: --sweep needs IPC values >= 1")
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    device = _device(args.device)
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    cfg0 = get_config(args.config)
+    ops = _csv(args.ops) or list(OPS)
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        raise SystemExit(f"error: unknown op(s) {bad}; expected some of {list(OPS)}")
+    sweep = _parse_sweep(args.sweep) if args.sweep else None
+    if args.plot and not sweep:
+        raise SystemExit("error: --plot needs --sweep ipc=...")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: --plot needs matplotlib, which is not installed: pip install matplotlib "
+                             "(or pip install 'edfkern[bench]')") from None
+    modes_req = _csv(args.modes)
+    if modes_req and any(m not in ("fwd", "bwd", "full") for m in modes_req):
+        raise SystemExit(f"error: --modes takes fwd, bwd, full; got {modes_req}")
+
+    # --- providers: baseline + every backend; unavailable ones skipped with the registry's reason
+    avail = providers(dev_type)
+    requested = _csv(args.providers)
+    if requested:
+        unknown = [p for p in requested if p not in avail]
+        if unknown:
+            raise SystemExit(f"error: unknown provider(s) {unknown}; known: {list(avail)}")
+    chosen, skipped = [], {}
+    for name, why in avail.items():
+        if requested and name not in requested:
+            continue
+        if why is not None:
+            skipped[name] = why
+        elif name == "triton" and dev_type == "cpu" and not requested:
+            skipped[name] = TRITON_CPU_NOTE
+        else:
+            chosen.append(name)
+    dflt = default_provider(dev_type)
+
+    notes = [f"device: {dev_type} = {_device_name(device)}",
+             f"torch {torch.__version__}, edfkern {edfkern.__version__}"]
+    if dev_type == "cpu":
+        notes.append("no CUDA device: timings are CPU timings")
+        load = _loadavg()
+        if load is not None:
+            busy = load > 0.5 * (os.cpu_count() or 1)
+            notes.append(f"load average at start {load:.2f} on {os.cpu_count()} CPUs"
+                         + (": other processes are using the CPU, expect noisy times (see p20/p80)" if busy else ""))
+    notes.append("providers: " + ", ".join(p + (" (* = auto's choice on this device)" if p == dflt else "")
+                                           for p in chosen))
+    for name, why in skipped.items():
+        notes.append(f"skipped provider {name}: {why}")
+
+    # --- ceilings, once per run
+    print_fn = report.print_lines
+    print_fn(notes)
+    print(f"measuring device ceilings on {dev_type} ...", file=sys.stderr)
+    ceil = measure_ceilings(device, quick=args.quick)
+    print_fn([f"ceilings: copy {ceil.copy_Bps / 1e9:.1f} GB/s (read+write, {ceil.copy_bytes >> 20} MiB tensor), "
+              f"fp32 matmul {ceil.matmul_flops / 1e9:.1f} GFLOP/s (n={ceil.matmul_n}, TF32 off)"])
+
+    # --- the cases
+    tasks, pre, scale_notes = [], [], []
+    points = sweep or [None]
+    for ipc in points:
+        cfg = cfg0.with_ipc(ipc) if ipc is not None else cfg0
+        for op in ops:
+            why = skip_reason(op, cfg)
+            if why:
+                if ipc == points[0]:
+                    scale_notes.append(f"skipped op {op} at {cfg.name}: {why}")
+                continue
+            if args.scale is not None:
+                scale = args.scale
+            elif dev_type == "cpu" and sweep is None:
+                scale = fit_scale(op, cfg, args.max_input_mb * 2 ** 20)
+                if scale != 1.0:
+                    scaled = cfg.scaled(scale)
+                    scale_notes.append(
+                        f"scaled {op} x{scale:g} on CPU: IPC {cfg.ipc} -> {scaled.ipc} (full-size inputs are "
+                        f"{report.fmt_bytes(input_bytes(op, cfg))} > --max-input-mb {args.max_input_mb:g}; the loop "
+                        f"baseline and input generation would dominate the run). --scale 1 runs the full size.")
+            else:
+                scale = 1.0
+            modes = [m for m in op_modes(op) if (m in modes_req if modes_req else (sweep is None or m == main_mode(op)))]
+            if modes_req and not modes:
+                modes = [main_mode(op)] if main_mode(op) in op_modes(op) else []
+            for mode in modes:
+                for prov in chosen:
+                    tasks.append(dict(op=op, provider=prov, mode=mode, config=cfg0.name, ipc=ipc, scale=scale,
+                                      device=device, seed=args.seed, repeat=args.repeat, budget_s=args.budget,
+                                      memory=not args.no_memory, threads=args.threads))
+    print_fn(scale_notes)
+
+    results: list[dict] = []
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(tasks), desc="edfkern.bench", unit="case", file=sys.stderr, leave=False,
+                   dynamic_ncols=True)
+    except ImportError:
+        bar = None
+    for task in tasks:
+        label = f"{task['op']} {task['provider']} {task['mode']}" + (f" ipc={task['ipc']}" if task["ipc"] else "")
+        if bar is not None:
+            bar.set_postfix_str(label)
+        try:
+            if args.no_isolate:
+                res = run_task(task)
+            else:
+                res = memory.run_isolated(run_task, task, timeout=args.timeout)
+        except Exception as e:
+            res = dict(task, status="error", reason=str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+        results.append(res)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    report.add_derived(results, ceil)
+    report.print_tables(results, default_provider=dflt, sweep=sweep is not None)
+    full_size = all(r.get("effective_scale", 1.0) == 1.0 for r in results if r["status"] == "ok")
+    rows = [] if sweep else report.targets(results, device=dev_type, config=cfg0.name, full_size=full_size,
+                                           default_provider=dflt, ceilings=ceil)
+    report.print_targets(rows)
+    wall = time.perf_counter() - t_start
+    load_end = _loadavg()
+    if dev_type == "cpu" and load_end is not None:
+        print(f"load average at end {load_end:.2f}")
+    print(f"\nwall time {wall:.1f} s; time = median [20%, 80%] of the timed calls; speedup = baseline median / "
+          "median; workspace = peak above inputs, outputs and grads; footprint = peak above the process before "
+          "the inputs existed; achieved = the op's minimum bytes (or FLOPs, when compute-bound) over its median "
+          "time, against the measured ceiling.")
+
+    if args.plot:
+        report.plot_sweep(args.plot, results, title=f"edfkern.bench sweep, {cfg0.name} shapes, "
+                                                    f"{dev_type}: {_device_name(device)}")
+        print(f"plot written to {args.plot}")
+    if args.json:
+        meta = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    command=" ".join(["python -m edfkern.bench", *(argv if argv is not None else sys.argv[1:])]),
+                    device=dev_type, device_name=_device_name(device), torch=torch.__version__,
+                    edfkern=edfkern.__version__, python=platform.python_version(), config=cfg0.name,
+                    sweep_ipc=sweep, backends=edfkern.backends(), providers=chosen, skipped_providers=skipped,
+                    default_provider=dflt, ceilings=ceil.as_dict(), notes=notes + scale_notes,
+                    targets=[dict(target=a, measured=b, verdict=c) for a, b, c in rows], wall_s=wall,
+                    loadavg_end=load_end, threads=args.threads or torch.get_num_threads())
+        report.write_json(args.json, meta, results)
+        print(f"JSON written to {args.json}")
+    return 0 if not any(r["status"] == "error" for r in results) else 1

@@ -1,0 +1,133 @@
+"""Grad-CAM (SPEC section 3) in Triton: one program per image does everything.
+
+Kernel:
+    _grad_cam_kernel  channel weights (gradcam / gradcam++ / smoothgradcam++), the
+                      weighted channel sum, ReLU, min-max normalisation, and, when a size
+                      is given, bilinear upsampling of the normalised (h, w) map, which it
+                      writes to a tiny (N, h, w) scratch and reads back after a barrier.
+Launcher: grad_cam (the backend contract).
+
+Precision: the channel weights, the weighted sum and the normalisation run in fp64 for
+every input dtype (then the map is stored in the contract's acc dtype). gradcam++'s
+alpha divides by 2*G^2 + sum(A*G^3), which can cancel, and the min-max normalisation
+amplifies what is left; fp64 keeps the result within fp32 rounding of the exact map.
+The kernel is memory-bound (C*h*w multiply-adds per image), so this costs little.
+The upsampling runs in the output dtype, exactly as torch's interpolate of the map.
+
+Bytes: reads A and G once ((S+1)*N*C*h*w for smoothgradcam++ plus A_clean), writes N*H*W.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import acc_torch, bilinear, next_pow2, register, wrap_triton
+
+METHODS = {"gradcam": 0, "gradcam++": 1, "smoothgradcam++": 2}
+EPS = 1e-8
+
+
+@triton.jit(do_not_specialize=["S", "N", "C", "hw", "h", "w", "H", "W"])
+def _grad_cam_kernel(
+    a_ptr,       # (N, C, h, w) activations, or (S, N, C, h, w) for smoothgradcam++
+    g_ptr,       # gradients, same shape as a_ptr
+    aclean_ptr,  # (N, C, h, w) clean activations (smoothgradcam++ only; else any tensor)
+    low_ptr,     # (N, h, w) out, fp32 or fp64: the low-res map (the result, or the scratch when UPSAMPLE)
+    out_ptr,     # (N, H, W) out, low_ptr's dtype, when UPSAMPLE
+    S, N, C, hw, h, w, H, W,
+    METHOD: tl.constexpr, NORMALIZE: tl.constexpr, UPSAMPLE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_OUT: tl.constexpr, ACC: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_HW)
+    pvalid = p < hw
+    cam = tl.zeros([BLOCK_HW], ACC)
+    sstride = N.to(tl.int64) * C * hw  # elements per noisy sample
+    last = (S - 1) * sstride  # offset of the last noisy sample (0 when S == 1)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = (c[:, None] < C) & pvalid[None, :]
+        offs = (n * C + c[:, None]) * hw + p[None, :]  # int64
+        A = tl.load(a_ptr + last + offs, mask=m, other=0.0).to(ACC)
+        G = tl.load(g_ptr + last + offs, mask=m, other=0.0).to(ACC)
+        if METHOD == 0:  # gradcam: w = mean_hw G
+            wc = tl.sum(G, axis=1) / hw.to(ACC)
+        elif METHOD == 1:  # gradcam++
+            g2 = G * G
+            g3 = g2 * G
+            s = tl.sum(A * g3, axis=1)
+            alpha = g2 / (2 * g2 + s[:, None] + 1e-8)
+            wc = tl.sum(tl.where(m, alpha * tl.maximum(G, 0.0), 0.0), axis=1)
+        else:  # smoothgradcam++: moments over the S noisy passes, clean activations in the denominator
+            d2 = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+            d3 = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+            for si in range(0, S):
+                Gs = tl.load(g_ptr + si * sstride + offs, mask=m, other=0.0).to(ACC)
+                g2s = Gs * Gs
+                d2 += g2s
+                d3 += g2s * Gs
+            d2 = d2 / S.to(ACC)
+            d3 = d3 / S.to(ACC)
+            Ac = tl.load(aclean_ptr + offs, mask=m, other=0.0).to(ACC)
+            s = tl.sum(Ac * d3, axis=1)
+            alpha = d2 / (2 * d2 + s[:, None] + 1e-8)
+            wc = tl.sum(tl.where(m, alpha * tl.maximum(G, 0.0), 0.0), axis=1)
+        cam += tl.sum(wc[:, None] * A, axis=0)
+    cam = tl.maximum(cam, 0.0)
+    if NORMALIZE:
+        cam = cam - tl.min(tl.where(pvalid, cam, float("inf")), axis=0)
+        cam = cam / (tl.max(tl.where(pvalid, cam, float("-inf")), axis=0) + 1e-8)
+    tl.store(low_ptr + n * hw + p, cam.to(low_ptr.dtype.element_ty), mask=pvalid)
+    if UPSAMPLE:
+        tl.debug_barrier()  # the whole map must be visible before the gathers below
+        HW = H * W
+        for o0 in range(0, HW, BLOCK_OUT):
+            q = o0 + tl.arange(0, BLOCK_OUT)
+            qvalid = q < HW
+            u = bilinear(low_ptr + n * hw, q // W, q % W, h, w, H, W, low_ptr.dtype.element_ty)
+            tl.store(out_ptr + n * HW + q, u, mask=qvalid)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def grad_cam(A: Tensor, G: Tensor, A_clean: Optional[Tensor], method: str, normalize: bool,
+             size: Optional[list[int]]) -> Tensor:
+    smooth = method == "smoothgradcam++"
+    if smooth:
+        S, N, C, h, w = A.shape
+    else:
+        S = 1
+        N, C, h, w = A.shape
+    acc = acc_torch(A.dtype)
+    hw = h * w
+    upsample = size is not None and tuple(size) != (h, w)
+    H, W = (h, w) if size is None else (int(size[0]), int(size[1]))
+    low = torch.empty((N, h, w), dtype=acc, device=A.device)
+    out = torch.empty((N, H, W), dtype=acc, device=A.device) if upsample else low
+    if N == 0 or hw == 0:
+        return out
+    if C == 0:  # no channels: the weighted sum is 0 everywhere
+        low.zero_()
+        return low if not upsample else out.zero_()
+    block_hw = next_pow2(hw)
+    if block_hw > 16384:
+        raise RuntimeError(f"edfkern.triton.grad_cam: maps of {hw} > 16384 positions exceed the fused-size limit")
+    block_c = max(1, min(next_pow2(C), 2048 // block_hw))  # fp64 tiles: keep ~2K elements per array
+    wrap_triton(_grad_cam_kernel)[(N,)](
+        A, G, A_clean if smooth else A, low, out,
+        S, N, C, hw, h, w, H, W,
+        METHOD=METHODS[method], NORMALIZE=bool(normalize), UPSAMPLE=upsample,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_OUT=min(1024, next_pow2(H * W)), ACC=tl.float64,
+        num_warps=4,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- registration
+
+register("grad_cam", grad_cam, mutates_args=())

@@ -1,0 +1,325 @@
+"""Trajectory matching (MTT) + EDF on the real digits data set, once with the loop ops and once with edfkern.
+
+1. Train a few expert ConvNets on the real training split, saving their parameters after every
+   epoch (the expert trajectories).
+2. Distill, as MTT / DATM / EDF do: start a student at an expert's epoch ``t``, train it
+   ``syn_steps`` unrolled SGD steps on the synthetic images (with a learnable step size), and
+   match the expert's epoch ``t + M`` with EDF's Common Pattern Dropout loss
+   (``cpd_trajectory_loss``, ``drop_ratio``). EDF's Discriminative Area Enhancement scales the
+   image gradient by a mask built from Smooth Grad-CAM++ maps, refreshed every ``interval``
+   iterations, of a ConvNet trained on the real data (here: the first expert's final weights;
+   EDF uses an ImageNet ResNet-18).
+
+   * baseline run: per-class CAM loop (torchcam-0.4 style: clean forward, ``num_samples`` noisy
+     forward + ``backward()`` passes per class, ``edfkern.baselines.grad_cam``), ``image_syn.grad *=
+     baselines.create_soft_mask(...)``, ``torch.optim.SGD``, and ``baselines.cpd_trajectory_loss`` (full sort);
+   * edfkern run: ``CAMExtractor`` (all images in one batched pass), ``DAESGD`` (mask fused into the
+     SGD step) and ``edfkern.cpd_trajectory_loss``.
+
+Both runs use the same seed and the same noise draws, and the script reports the largest
+difference between the two final synthetic sets, time per iteration, and held-out test accuracy
+of ConvNets trained on the distilled set vs on the random real images it started from.
+
+    python python/demo_mtt_edf.py           # full run (a few minutes on 2 CPU cores)
+    python python/demo_mtt_edf.py --quick   # < 60 s smoke run (used as a test)
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import _common as U  # noqa: E402  (sets sys.path for a checkout)
+
+import edfkern  # noqa: E402
+import edfkern.baselines as baselines  # noqa: E402
+from edfkern.cam import CAMExtractor  # noqa: E402
+from edfkern.optim import DAESGD  # noqa: E402
+
+CAM_LAYER = "features.1"  # last conv block: (N, 32, 4, 4) maps for 16x16 digits
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def flat_params(net: torch.nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
+
+
+def train_expert(data: U.Digits, epochs: int, seed: int, lr: float) -> list[Tensor]:
+    """MTT's buffer.py, small: plain SGD on the real train split, parameters saved every epoch."""
+    net = U.seeded_net(seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.0)
+    traj = [flat_params(net)]
+    for _ in range(epochs):
+        perm = torch.randperm(len(data.x_train), generator=g)
+        for i in range(0, len(perm), 64):
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(net(U.augment(data.x_train[idx], g)), data.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        traj.append(flat_params(net))
+    return traj
+
+
+class Student:
+    """A ConvNet evaluated from a flat parameter vector (MTT's ReparamModule), via torch.func."""
+
+    def __init__(self) -> None:
+        self.net = U.seeded_net(0)
+        self.specs = [(n, p.shape, p.numel()) for n, p in self.net.named_parameters()]
+
+    def __call__(self, flat: Tensor, x: Tensor) -> Tensor:
+        params, off = {}, 0
+        for name, shape, n in self.specs:
+            params[name] = flat[off:off + n].view(shape)
+            off += n
+        return torch.func.functional_call(self.net, params, (x,))
+
+
+def cam_model(flat: Tensor) -> torch.nn.Module:
+    net = U.seeded_net(0)
+    torch.nn.utils.vector_to_parameters(flat.clone(), net.parameters())
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------- CAMs
+
+
+def noise_draws(shape, num_samples: int, std: float, generator: torch.Generator) -> list[Tensor]:
+    """CAMExtractor's documented noise convention: one randn(images.shape) * std per noisy pass."""
+    return [torch.randn(shape, generator=generator) * std for _ in range(num_samples)]
+
+
+def cams_per_class_loop(model, images: Tensor, ipc: int, num_samples: int, std: float,
+                        generator: torch.Generator) -> Tensor:
+    """EDF's get_activation_maps: one torchcam-style SmoothGradCAMpp pass per class.
+
+    Per class: a clean forward, then ``num_samples`` noisy forward + ``backward()`` passes
+    (gradients from a tensor hook, ``model.zero_grad()`` before each), then the per-image map loop.
+    """
+    layer = model.get_submodule(CAM_LAYER)
+    noises = noise_draws(images.shape, num_samples, std, generator)
+    store = {}
+
+    def hook(m, i, o):
+        store["a"] = o.detach()
+        if o.requires_grad:
+            o.register_hook(lambda gr: store.__setitem__("g", gr.detach()))
+
+    handle = layer.register_forward_hook(hook)
+    maps = []
+    try:
+        for c in range(images.shape[0] // ipc):
+            sl = slice(c * ipc, (c + 1) * ipc)
+            x = images[sl].detach()
+            model(x)
+            a_clean = store["a"]
+            acts, grads = [], []
+            for s in range(num_samples):
+                out = model(x + noises[s][sl])
+                model.zero_grad()
+                out[:, c].sum().backward()
+                acts.append(store["a"])
+                grads.append(store["g"])
+            maps.append(baselines.grad_cam(torch.stack(acts), torch.stack(grads), method="smoothgradcam++",
+                                           clean_activations=a_clean))
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    return torch.cat(maps)
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+class Distiller:
+    """One MTT+EDF run; ``step(it)`` does one iteration. The baseline and the edfkern run are
+    stepped in lockstep, so a load change on the machine hits both timings alike."""
+
+    def __init__(self, fused: bool, data: U.Digits, experts: list[list[Tensor]], args) -> None:
+        self.fused, self.experts, self.args = fused, experts, args
+        self.image_syn, self.label_syn = U.random_real_init(data, args.ipc, args.seed)
+        self.image_syn.requires_grad_(True)
+        self.syn_lr = torch.tensor(args.lr_teacher, requires_grad=True)  # MTT learns the student's lr
+        if fused:
+            self.opt_img = DAESGD([self.image_syn], lr=args.lr_img, momentum=0.5, beta=args.beta,
+                                  threshold=args.threshold)
+        else:
+            self.opt_img = torch.optim.SGD([self.image_syn], lr=args.lr_img, momentum=0.5)
+        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=args.lr_lr, momentum=0.5)
+        self.student = Student()
+        self.cam_net = cam_model(experts[0][-1])
+        self.extractor = (CAMExtractor(self.cam_net, CAM_LAYER, num_samples=args.cam_samples, std=args.cam_std)
+                          if fused else None)
+        self.g = torch.Generator().manual_seed(args.seed + 7)
+        self.g_cam = torch.Generator().manual_seed(args.seed + 8)
+        self.t_iter, self.t_cam, self.t_cpd, self.t_dae = (U.Stopwatch() for _ in range(4))
+        self.cams = None
+        self.last = float("nan")
+
+    def step(self, it: int) -> None:
+        args, image_syn, label_syn = self.args, self.image_syn, self.label_syn
+        K, ipc = U.NUM_CLASSES, args.ipc
+        traj = self.experts[int(torch.randint(len(self.experts), (1,), generator=self.g))]
+        t0 = int(torch.randint(args.max_start_epoch + 1, (1,), generator=self.g))
+        start, target = traj[t0], traj[t0 + args.expert_epochs]
+        order = [torch.randperm(K * ipc, generator=self.g)[:args.batch_syn] for _ in range(args.syn_steps)]
+        with self.t_iter:
+            if it % args.interval == 0:  # DAE: refresh the CAMs
+                with self.t_cam:
+                    if self.fused:
+                        self.cams = self.extractor(image_syn, label_syn, generator=self.g_cam)
+                        self.opt_img.set_cam(image_syn, self.cams)
+                    else:
+                        self.cams = cams_per_class_loop(self.cam_net, image_syn, ipc, args.cam_samples, args.cam_std,
+                                                        self.g_cam)
+            w = start.clone().requires_grad_(True)
+            for idx in order:  # unrolled student training on the synthetic set
+                ce = F.cross_entropy(self.student(w, image_syn[idx]), label_syn[idx])
+                (gw,) = torch.autograd.grad(ce, w, create_graph=True)
+                w = w - self.syn_lr * gw
+            with self.t_cpd:  # CPD loss alone, forward + backward to the student's parameters
+                leaf = w.detach().requires_grad_(True)
+                cpd = edfkern.cpd_trajectory_loss if self.fused else baselines.cpd_trajectory_loss
+                loss = cpd(leaf, target, start, drop_ratio=args.drop_ratio)
+                loss.backward()
+            self.opt_img.zero_grad(set_to_none=True)
+            self.opt_lr.zero_grad(set_to_none=True)
+            w.backward(leaf.grad)
+            with self.t_dae:  # DAE + the image step
+                if self.fused:
+                    self.opt_img.step()
+                else:
+                    image_syn.grad *= baselines.create_soft_mask(self.cams, tuple(image_syn.shape[-2:]), args.beta,
+                                                                 args.threshold)
+                    self.opt_img.step()
+            self.opt_lr.step()
+        self.last = float(loss.detach())
+
+    def warm_up(self) -> None:
+        """One untimed call of every op this run uses (a compiled backend loads on first use), on
+        copies and throw-away RNGs, so the run's state and random streams are untouched."""
+        args, g = self.args, torch.Generator().manual_seed(12345)
+        x = self.image_syn.detach().clone()
+        if self.fused:
+            cams = self.extractor(x, self.label_syn, generator=g)
+            edfkern.dae_sgd_step_(x, torch.zeros_like(x), torch.empty_like(x), cams, lr=0.0, beta=args.beta,
+                                  momentum=0.5, first_step=True)
+            cpd = edfkern.cpd_trajectory_loss
+        else:
+            cams = cams_per_class_loop(self.cam_net, x, args.ipc, args.cam_samples, args.cam_std, g)
+            baselines.create_soft_mask(cams, tuple(x.shape[-2:]), args.beta, args.threshold)
+            cpd = baselines.cpd_trajectory_loss
+        s = self.experts[0][1].clone().requires_grad_(True)
+        cpd(s, self.experts[0][2], self.experts[0][0], drop_ratio=args.drop_ratio).backward()
+
+    def close(self) -> None:
+        if self.extractor is not None:
+            self.extractor.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a < 60 s smoke run")
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--experts", type=int, default=None, help="default 4; quick 2")
+    p.add_argument("--expert-train-epochs", type=int, default=None, help="default 10; quick 3")
+    p.add_argument("--expert-epochs", type=int, default=2, help="M: target is the expert at epoch t+M")
+    p.add_argument("--max-start-epoch", type=int, default=None, help="default 6; quick 1")
+    p.add_argument("--iters", type=int, default=None, help="default 300; quick 20")
+    p.add_argument("--syn-steps", type=int, default=None, help="default 10; quick 5")
+    p.add_argument("--batch-syn", type=int, default=None, help="default: all K*IPC images")
+    p.add_argument("--lr-img", type=float, default=100.0)
+    p.add_argument("--lr-lr", type=float, default=1e-5)
+    p.add_argument("--lr-teacher", type=float, default=0.01)
+    p.add_argument("--drop-ratio", type=float, default=0.25, help="CPD (EDF: 0.25-0.5)")
+    p.add_argument("--beta", type=float, default=1.0, help="DAE (EDF: 1 or 2)")
+    p.add_argument("--threshold", type=float, default=None, help="DAE; None = per-image mean")
+    p.add_argument("--interval", type=int, default=None, help="CAM refresh interval; default 50, quick 10")
+    p.add_argument("--cam-samples", type=int, default=4)
+    p.add_argument("--cam-std", type=float, default=0.3)
+    p.add_argument("--eval-epochs", type=int, default=None, help="default 300; quick 100")
+    p.add_argument("--eval-runs", type=int, default=None, help="default 5; quick 2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: robust timings on a small, shared machine)")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.experts = args.experts or (2 if q else 4)
+    args.expert_train_epochs = args.expert_train_epochs or (3 if q else 10)
+    args.max_start_epoch = args.max_start_epoch if args.max_start_epoch is not None else (1 if q else 6)
+    args.iters = args.iters or (20 if q else 300)
+    args.syn_steps = args.syn_steps or (5 if q else 10)
+    args.batch_syn = args.batch_syn or U.NUM_CLASSES * args.ipc
+    args.interval = args.interval or (10 if q else 50)
+    args.eval_epochs = args.eval_epochs or (100 if q else 300)
+    args.eval_runs = args.eval_runs or (2 if q else 5)
+    if args.max_start_epoch + args.expert_epochs > args.expert_train_epochs:
+        p.error("max_start_epoch + expert_epochs must be <= expert_train_epochs")
+    U.set_threads(args.threads)
+
+    data = U.load_digits_split()
+    print(f"digits: {len(data.x_train)} train / {len(data.x_test)} test images, 1x16x16, 10 classes; "
+          f"IPC {args.ipc}; torch threads {torch.get_num_threads()}")
+    t = time.perf_counter()
+    experts = [train_expert(data, args.expert_train_epochs, 100 + e, args.lr_teacher)
+               for e in U.progress(range(args.experts), desc="experts")]
+    expert_acc = U.accuracy(cam_model(experts[0][-1]), data.x_test, data.y_test)
+    print(f"{args.experts} experts x {args.expert_train_epochs} epochs in {time.perf_counter() - t:.1f} s; "
+          f"P = {experts[0][0].numel()} parameters; expert 0 (also the CAM model) test acc {expert_acc:.2f}%")
+
+    init_x, init_y = U.random_real_init(data, args.ipc, args.seed)
+    base, fused = Distiller(False, data, experts, args), Distiller(True, data, experts, args)
+    base.warm_up()
+    fused.warm_up()
+    diff_early = float("nan")
+    for it in U.progress(range(args.iters), desc="MTT+EDF (baseline and edfkern in lockstep)"):
+        base.step(it)
+        fused.step(it)
+        if it == min(4, args.iters - 1):
+            diff_early = float((base.image_syn - fused.image_syn).abs().max())
+    base.close()
+    fused.close()
+    syn_b, syn_f = base.image_syn.detach(), fused.image_syn.detach()
+    tb = (base.t_iter, base.t_cam, base.t_cpd, base.t_dae)
+    tf = (fused.t_iter, fused.t_cam, fused.t_cpd, fused.t_dae)
+    max_diff = float((syn_b - syn_f).abs().max())
+    cam_diff = float((base.cams - fused.cams).abs().max())
+    print(f"final CPD loss: baseline {base.last:.6g}, edfkern {fused.last:.6g}; learned lr: "
+          f"{float(base.syn_lr):.5g} / {float(fused.syn_lr):.5g}; max |CAM difference| at the last refresh "
+          f"{cam_diff:.3e}")
+
+    kw = dict(epochs=args.eval_epochs, lr=0.01, runs=args.eval_runs)
+    acc_init = U.mean_acc(init_x, init_y, data, **kw)
+    acc_b = U.mean_acc(syn_b, init_y, data, **kw)
+    acc_f = U.mean_acc(syn_f, init_y, data, **kw)
+
+    def times(ts):
+        it, cam, cpd, dae = ts
+        return [f"{it.median_ms:.2f}", f"{cam.median_ms:.2f}", f"{cpd.median_ms:.3f}", f"{dae.median_ms:.3f}"]
+
+    U.print_table(
+        f"MTT + EDF (CPD drop {args.drop_ratio}, DAE beta {args.beta}) on digits, IPC {args.ipc}: held-out test "
+        f"accuracy (%), mean +- std over {args.eval_runs} ConvNets trained {args.eval_epochs} epochs",
+        ["synthetic set", "test acc %", "ms / iteration", "CAM refresh ms", "CPD fwd+bwd ms", "DAE+step ms"],
+        [["random real init (no distillation)", U.fmt_acc(*acc_init), "-", "-", "-", "-"],
+         ["MTT+EDF, baseline loops", U.fmt_acc(*acc_b), *times(tb)],
+         ["MTT+EDF, " + U.describe_backend(), U.fmt_acc(*acc_f), *times(tf)]])
+    print(f"max |image_syn(baseline) - image_syn(edfkern)| = {max_diff:.3e} after {args.iters} iterations "
+          f"({diff_early:.3e} after {min(5, args.iters)}); images are standardised (std 1)")
+    print(f"speed-up of edfkern over the loops: {tb[0].median_ms / tf[0].median_ms:.2f}x per iteration, "
+          f"{tb[1].median_ms / tf[1].median_ms:.2f}x CAM refresh, {tb[2].median_ms / tf[2].median_ms:.2f}x CPD, "
+          f"{tb[3].median_ms / tf[3].median_ms:.2f}x DAE+step")
+    ok = diff_early < 1e-4 and base.last == base.last and fused.last == fused.last
+    print("RESULT:", "OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""Smoke test of the benchmark CLI (python -m edfkern.bench) on a tiny config.
+
+Checks that the table and the JSON come out with every column, that speedups and
+workspace are filled in, and that an IPC sweep writes a plot (skipped only without
+matplotlib). Kept small: a few seconds on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path, timeout=120):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               COLUMNS="200")
+    env.pop("TRITON_INTERPRET", None)  # the CLI leaves triton out of CPU timing either way
+    proc = subprocess.run([sys.executable, "-m", "edfkern.bench", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_cli_table_and_json(tmp_path):
+    out_json = tmp_path / "bench.json"
+    out = _run(["--config", "cifar10-ipc1000", "--scale", "0.005", "--device", "cpu", "--quick", "--repeat", "3",
+                "--ops", "class_centralization_loss,dae_", "--providers", "baseline,reference",
+                "--json", str(out_json)], tmp_path)
+    for col in ("provider", "median", "p20", "p80", "speedup", "workspace", "achieved", "of ceiling"):
+        assert col in out, f"column {col!r} missing from the table:\n{out}"
+    assert "class_centralization_loss @ cifar10-ipc1000" in out and "dae_ @ cifar10-ipc1000" in out
+    assert "ceilings: copy" in out and "GFLOP/s" in out
+
+    data = json.loads(out_json.read_text())
+    meta, results = data["meta"], data["results"]
+    assert meta["ceilings"]["copy_Bps"] > 0 and meta["ceilings"]["matmul_flops"] > 0
+    assert meta["device"] == "cpu" and "baseline" in meta["providers"]
+    ok = [r for r in results if r["status"] == "ok"]
+    # CC: 3 modes x 2 providers; dae_: 1 mode x 2 providers
+    assert len(ok) == 8, [(r["op"], r["provider"], r["mode"], r["status"], r.get("reason")) for r in results]
+    for r in ok:
+        assert r["n"] == 3 and r["q20"] <= r["median"] <= r["q80"]
+        assert r["speedup"] is not None and r["speedup"] > 0
+        assert r["memory"]["method"] in ("vmhwm", "vmrss-sampling", "cuda-max-allocated")
+        assert r["memory"]["workspace"] >= 0 and r["of_ceiling"] > 0
+        assert r["ipc"] == 5 and r["N"] == 50  # 1000 * 0.005 images per class, 10 classes
+    base = [r for r in ok if r["provider"] == "baseline"]
+    assert all(abs(r["speedup"] - 1.0) < 1e-12 for r in base)
+
+
+def test_cli_skips_op_missing_from_config(tmp_path):
+    out = _run(["--config", "cifar100-ipc50", "--scale", "0.04", "--device", "cpu", "--quick", "--repeat", "3",
+                "--ops", "cpd_trajectory_loss,mean_matching_loss", "--providers", "baseline", "--modes", "fwd",
+                "--no-isolate"], tmp_path)
+    assert "skipped op cpd_trajectory_loss" in out
+    assert "mean_matching_loss @ cifar100-ipc50" in out
+
+
+def test_cli_sweep_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    out = _run(["--config", "cifar10-ipc1000", "--sweep", "ipc=2,4,8", "--device", "cpu", "--quick", "--repeat",
+                "3", "--ops", "class_centralization_loss", "--providers", "baseline,reference", "--plot", str(png),
+                "--no-isolate"], tmp_path)
+    assert "IPC" in out
+    assert png.exists() and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
