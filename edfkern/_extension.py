@@ -107,7 +107,7 @@ def _jit(verbose: bool) -> ModuleType:
     cflags = list(_build.CXX_FLAGS) + _build.host_arch_flags()
     if with_cuda:
         cflags.append("-DEDFKERN_WITH_CUDA")
-        kw["extra_cuda_cflags"] = _build.NVCC_FLAGS + _build.nvcc_arch_flags() + ["-DEDFKERN_WITH_CUDA"]
+        kw["extra_cuda_cflags"] = _build.NVCC_FLAGS + _build.nvcc_arch_flags(jit=True) + ["-DEDFKERN_WITH_CUDA"]
     mod = _load(name="edfkern_C", sources=_build.sources(root, with_cuda), extra_cflags=cflags,
                 extra_ldflags=list(_build.LD_FLAGS), extra_include_paths=_build.include_dirs(root),
                 build_directory=bdir, verbose=verbose, with_cuda=with_cuda, is_python_module=True, **kw)

@@ -68,9 +68,15 @@ def cuda_reason() -> Optional[str]:
     return None
 
 
-def nvcc_arch_flags() -> list[str]:
-    archs = os.environ.get("EDFKERN_CUDA_ARCHS", ",".join(CUDA_ARCHS)).split(",")
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a.strip()]
+def nvcc_arch_flags(jit: bool = False) -> list[str]:
+    """``-gencode`` flags from ``EDFKERN_CUDA_ARCHS`` (e.g. ``80,90``). Without it, a just-in-time
+    build leaves the choice to torch (the local GPU, or ``TORCH_CUDA_ARCH_LIST``) and an
+    ahead-of-time build targets sm_80 and sm_90 unless ``TORCH_CUDA_ARCH_LIST`` is set."""
+    env = os.environ.get("EDFKERN_CUDA_ARCHS")
+    if env is None and (jit or os.environ.get("TORCH_CUDA_ARCH_LIST")):
+        return []
+    archs = (env or ",".join(CUDA_ARCHS)).split(",")
+    return [f"-gencode=arch=compute_{a.strip()},code=sm_{a.strip()}" for a in archs if a.strip()]
 
 
 def max_jobs() -> str:

@@ -66,17 +66,15 @@ def noncontig(x: torch.Tensor) -> torch.Tensor:
 
 def assert_within_torch_error(actual: torch.Tensor, torch_result: torch.Tensor, oracle: torch.Tensor, rtol: float,
                               atol: float, name: str = "") -> None:
-    """FlashAttention's rule: at most 2x as far from the fp64 oracle as plain PyTorch in the same dtype, plus slack.
+    """FlashAttention's rule: max error vs the fp64 oracle at most 2x plain PyTorch's in the same dtype, plus slack.
 
-    Used where the math itself is ill-conditioned (e.g. gradcam++'s alpha), so a fixed
+    Used where the math itself is ill-conditioned (e.g. gradcam++'s alpha), so a fixed element-wise
     tolerance would be either flaky or meaningless.
     """
     a, t, e = (v.detach().double().cpu() for v in (actual, torch_result, oracle))
-    allowed = 2 * (t - e).abs() + atol + rtol * e.abs()
-    bad = ~((a - e).abs() <= allowed)
-    if bad.any():
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements further from fp64 than 2x torch's error; first at {idx}: "
-            f"got {a[idx].item()!r}, torch {t[idx].item()!r}, fp64 {e[idx].item()!r}"
-        )
+    err, torch_err = (a - e).abs().max().item(), (t - e).abs().max().item()
+    allowed = 2 * torch_err + atol + rtol * e.abs().max().item()
+    if not err <= allowed:
+        idx = tuple(int(i) for i in torch.unravel_index((a - e).abs().flatten().argmax(), a.shape)) if a.dim() else ()
+        raise AssertionError(f"{name}: max error vs fp64 {err:.3e} > 2 x torch's {torch_err:.3e} + slack "
+                             f"(worst at {idx}: got {a[idx].item()!r}, fp64 {e[idx].item()!r})")

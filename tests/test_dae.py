@@ -223,3 +223,13 @@ def test_dae_mask_threshold_is_inclusive(backend, device):
     cam = torch.full((2, 3, 3), 0.25)
     m = edfkern.dae_mask(cam.to(device), beta=1.0, threshold=0.25)
     assert torch.equal(m.cpu(), torch.full((2, 1, 3, 3), 1.25))
+
+
+def test_dae_fp64_grad_with_fp32_cam_computes_in_fp64(backend, device):
+    grad, _ = _inputs((2, 3, 9, 7, 3, 3), torch.float64, seed=21)
+    cam = torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(22))  # float32 CAM
+    g = grad.to(device, copy=True)
+    edfkern.dae_(g, cam.to(device), beta=1.0)
+    mask, amb = oracle_mask(cam, (9, 7), 1.0, None)
+    keep = ~amb.expand_as(grad)
+    assert_close(g.cpu()[keep], (grad * mask)[keep], 1e-12, 1e-14, "fp64 grad, fp32 cam")

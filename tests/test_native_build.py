@@ -101,31 +101,45 @@ def _parse(out: str) -> dict:
     return dict(line.split(" ", 1) for line in out.strip().splitlines() if " " in line)
 
 
-def test_import_with_no_native():
-    r = _run(FALLBACK_CHECK, EDFKERN_NO_NATIVE="1")
+@pytest.fixture(scope="module")
+def fallback_runs(tmp_path_factory):
+    """The three fallback scenarios, each in its own fresh interpreter, run concurrently."""
+    tmp = tmp_path_factory.mktemp("fallback")
+    fake = tmp / "c++"
+    fake.write_text("#!/bin/sh\necho 'fake compiler: error: refusing to compile' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    envs = {
+        "no_native": dict(EDFKERN_NO_NATIVE="1"),
+        "no_compiler": dict(CXX=str(tmp / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp / "ext1")),
+        "failing_compiler": dict(CXX=str(fake), TORCH_EXTENSIONS_DIR=str(tmp / "ext2")),
+    }
+    with cf.ThreadPoolExecutor(max_workers=len(envs)) as ex:
+        futs = {name: ex.submit(_run, FALLBACK_CHECK, **env) for name, env in envs.items()}
+        return {name: f.result() for name, f in futs.items()}
+
+
+def _result(runs, name) -> dict:
+    r = runs[name]
     assert r.returncode == 0, r.stderr[-3000:]
-    d = _parse(r.stdout)
+    return _parse(r.stdout)
+
+
+def test_import_with_no_native(fallback_runs):
+    d = _result(fallback_runs, "no_native")
     assert d["AVAILABLE"] == "False"
     assert d["REASON"] == "EDFKERN_NO_NATIVE=1 set"
     assert int(d["WARNINGS"]) == 0  # an explicit opt-out is not worth a warning
 
 
-def test_import_without_compiler(tmp_path):
-    r = _run(FALLBACK_CHECK, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    d = _parse(r.stdout)
+def test_import_without_compiler(fallback_runs):
+    d = _result(fallback_runs, "no_compiler")
     assert d["AVAILABLE"] == "False"
     assert d["REASON"].startswith("no C++ compiler"), d["REASON"]
     assert int(d["WARNINGS"]) == 1
 
 
-def test_import_with_failing_compiler(tmp_path):
-    fake = tmp_path / "c++"
-    fake.write_text("#!/bin/sh\necho 'fake compiler: error: refusing to compile' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    r = _run(FALLBACK_CHECK, CXX=str(fake), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    d = _parse(r.stdout)
+def test_import_with_failing_compiler(fallback_runs):
+    d = _result(fallback_runs, "failing_compiler")
     assert d["AVAILABLE"] == "False"
     assert d["REASON"].startswith("build failed"), d["REASON"]
     assert int(d["WARNINGS"]) == 1

@@ -290,3 +290,31 @@ def test_public_ops_use_native():
     with edfkern.use_backend("reference"):
         b = edfkern.class_centralization_loss(x, groups=3)
     assert torch.allclose(a, b, rtol=1e-5)
+
+
+def test_opcheck():
+    """Schemas (incl. mutation annotations), fake kernels and AOT tracing of every native op."""
+    ops = torch.ops.edfkern_native
+    perm, offsets = groups_labels(7, 4, seed=3, empty=2)
+    x = torch.randn(7, 5, 3)
+    s, t, s0 = torch.randn(100), torch.randn(100), torch.randn(100)
+    fwd = ops.cpd_forward(s, t, s0, 30)
+    cases = [
+        (ops.cov_forward, (x, perm, offsets)),
+        (ops.cov_backward, (x, perm, offsets, torch.randn(4, 5, 3), torch.randn(4, 5, 5))),
+        (ops.seg_mean, (x.flatten(1), perm, offsets)),
+        (ops.cc_forward, (x.flatten(1), None, torch.tensor([0, 3, 7]))),
+        (ops.cc_backward, (torch.tensor(1.0), x.flatten(1), perm, offsets, torch.randn(4, 15), 0.1)),
+        (ops.cpd_forward, (s, t, s0, 30)),
+        (ops.cpd_backward, (torch.tensor(1.0), s, t, s0, fwd[2], fwd[3], fwd[1])),
+        (ops.cpd_keep_mask, (torch.randn(100), 30)),
+        (ops.dae_mask, (torch.rand(2, 3, 3), 1.0, None, 8, 8)),
+        (ops.dae_, (torch.randn(2, 3, 8, 8), torch.rand(2, 3, 3), 1.0, None)),
+        (ops.dae_sgd_step_, (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8),
+                             torch.rand(2, 3, 3), 0.1, 1.0, None, 0.5, 0.0, 0.0, False, False, False)),
+        (ops.grad_cam, (torch.rand(2, 4, 3, 3), torch.randn(2, 4, 3, 3), None, "gradcam++", True, [7, 7])),
+    ]
+    for op, args in cases:
+        res = torch.library.opcheck(op, args)
+        bad = {k: v for k, v in res.items() if v != "SUCCESS"}
+        assert not bad, f"{op}: {bad}"

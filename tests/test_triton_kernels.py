@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 import edfkern  # noqa: E402
 import edfkern.reference as R  # noqa: E402
 from edfkern.reference._common import upsample  # noqa: E402
-from tests._utils import DTYPES, assert_close  # noqa: E402
+from tests._utils import DTYPES, assert_close, assert_within_torch_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if not edfkern.backends()["triton"]["available"] or DEVICE not in edfkern.backends()["triton"]["devices"]:
@@ -60,7 +60,10 @@ def _csr(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _groups(kind: str, n: int, k: int, seed: int):
-    """(n_rows, perm, offsets): 'equal' = K contiguous blocks, perm None; 'labels' = shuffled labels, group 1 empty (K >= 3)."""
+    """(n_rows, perm, offsets).
+
+    'equal': K contiguous blocks, perm None; 'labels': shuffled labels, group 1 empty (K >= 3).
+    """
     if kind == "equal":
         ipc = max(1, n // k)
         return ipc * k, None, (torch.arange(k + 1, dtype=torch.int64) * ipc).to(DEVICE)
@@ -167,8 +170,11 @@ def test_grad_cam(dtype, method, size):
         # oracle: the reference in fp64 on the same (rounded) inputs
         exp = R.grad_cam(A.double(), G.double(), None if Ac is None else Ac.double(), method, normalize, size)
         scale = exp.abs().max().item()
-        rtol, atol = (1e-10, 1e-12 * scale) if dtype == torch.float64 else (1e-5, 1e-6 * scale)
-        assert_close(got, exp, rtol, atol, name=f"{method} normalize={normalize}")
+        if dtype == torch.float64:
+            assert_close(got, exp, 1e-10, 1e-12 * scale, name=f"{method} normalize={normalize}")
+        else:  # fp32 accumulation of an ill-conditioned alpha: at most 2x torch's own fp32 error
+            torch32 = R.grad_cam(A.float(), G.float(), None if Ac is None else Ac.float(), method, normalize, size)
+            assert_within_torch_error(got, torch32, exp, 1e-5, 1e-6 * scale, name=f"{method} normalize={normalize}")
 
 
 # ----------------------------------------------------------------------------- CPD

@@ -1,9 +1,9 @@
 """The device's measured ceilings, taken once per run; every figure is reported against them.
 
 * **Copy bandwidth**: ``dst.copy_(src)`` of a large fp32 tensor (256 MiB on CPU, 1 GiB on
-  CUDA: far past every cache), counted as bytes read + bytes written over the median time.
+  CUDA: far past every cache), counted as bytes read + bytes written over the best time.
 * **fp32 matmul rate**: ``a @ b`` for square fp32 matrices (2048 on CPU, 8192 on CUDA),
-  ``2 n^3`` FLOPs over the median time, in full IEEE fp32 (TF32 off, as the ops run
+  ``2 n^3`` FLOPs over the best time, in full IEEE fp32 (TF32 off, as the ops run
   unless ``edfkern.config.allow_tf32`` is set).
 
 An op's floor is ``max(bytes / copy, FLOPs / matmul)``; its roofline fraction is that
@@ -11,7 +11,6 @@ floor over its measured time (see :mod:`edfkern.bench.cases` for each op's bytes
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -38,7 +37,8 @@ class Ceilings:
         return asdict(self)
 
 
-def _median_time(fn, sync, reps: int) -> float:
+def _best_time(fn, sync, reps: int) -> float:
+    """Fastest of ``reps`` calls: a ceiling is the best the device can do (other load only slows it)."""
     fn()
     sync()
     ts = []
@@ -47,7 +47,7 @@ def _median_time(fn, sync, reps: int) -> float:
         fn()
         sync()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return min(ts)
 
 
 def measure_ceilings(device: str, *, quick: bool = False) -> Ceilings:
@@ -57,7 +57,7 @@ def measure_ceilings(device: str, *, quick: bool = False) -> Ceilings:
     n_copy = (1 << 28 if cuda else 1 << 26) >> (4 if quick else 0)  # fp32 elements: 1 GiB / 256 MiB
     src = torch.rand(n_copy, device=device)
     dst = torch.empty_like(src)
-    t_copy = _median_time(lambda: dst.copy_(src), sync, 3 if quick else 7)
+    t_copy = _best_time(lambda: dst.copy_(src), sync, 3 if quick else 7)
     copy_bytes = src.numel() * src.element_size()
     del src, dst
 
@@ -68,7 +68,7 @@ def measure_ceilings(device: str, *, quick: bool = False) -> Ceilings:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        t_mm = _median_time(lambda: a @ b, sync, 3 if quick else 5)
+        t_mm = _best_time(lambda: a @ b, sync, 3 if quick else 5)
     finally:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = old_tf32

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(CONFIGS), help="SPEC section 7 config")
     p.add_argument("--ops", help=f"comma-separated subset of: {', '.join(OPS)}")
     p.add_argument("--providers", help="comma-separated subset of baseline and the backends (default: all that run)")
-    p.add_argument("--modes", help="comma-separated subset of fwd,bwd,full (default: all; a sweep: full, or fwd "
-                                   "for ops without backward)")
+    p.add_argument("--modes", help="comma-separated subset of fwd,bwd,full (default fwd,full, which keeps the "
+                                   "CPU run short; a sweep: full, or fwd for ops without backward)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--json", metavar="PATH", help="write every result and the run's metadata as JSON")
     p.add_argument("--repeat", type=int, help="timed calls per case (default: as many as fit --budget, 3..50)")
@@ -167,6 +167,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                            for p in chosen))
     for name, why in skipped.items():
         notes.append(f"skipped provider {name}: {why}")
+    if not modes_req and not sweep:
+        notes.append("modes: fwd and full (forward+backward); --modes fwd,bwd,full adds backward alone")
 
     # --- ceilings, once per run
     print_fn = report.print_lines
@@ -199,8 +201,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         f"baseline and input generation would dominate the run). --scale 1 runs the full size.")
             else:
                 scale = 1.0
-            modes = [m for m in op_modes(op) if (m in modes_req if modes_req else (sweep is None or m == main_mode(op)))]
-            if modes_req and not modes:
+            wanted = modes_req or (["fwd", "full"] if sweep is None else [main_mode(op)])
+            modes = [m for m in op_modes(op) if m in wanted]
+            if not modes:
                 modes = [main_mode(op)] if main_mode(op) in op_modes(op) else []
             for mode in modes:
                 for prov in chosen:
@@ -235,9 +238,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     report.add_derived(results, ceil)
     report.print_tables(results, default_provider=dflt, sweep=sweep is not None)
-    full_size = all(r.get("effective_scale", 1.0) == 1.0 for r in results if r["status"] == "ok")
-    rows = [] if sweep else report.targets(results, device=dev_type, config=cfg0.name, full_size=full_size,
-                                           default_provider=dflt, ceilings=ceil)
+    rows = [] if sweep else report.targets(results, device=dev_type, config=cfg0.name, default_provider=dflt,
+                                           ceilings=ceil)
     report.print_targets(rows)
     wall = time.perf_counter() - t_start
     load_end = _loadavg()

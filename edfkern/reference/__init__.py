@@ -11,7 +11,8 @@ Groups arrive in CSR form: ``perm`` (int64 ``(N,)`` or ``None`` = identity) and
 ``offsets`` (int64 ``(K+1,)``); sorted row ``j`` is input row ``perm[j]`` and
 class ``k`` owns sorted rows ``offsets[k]:offsets[k+1]`` (possibly empty).
 
-DAE (``dae.py``; ``threshold=None`` means "per-image mean of the upsampled map")
+DAE (``dae.py``; ``threshold=None`` means "per-image mean of the upsampled map"; math in
+float64 when grad/param or cam is float64, else float32)
     dae_mask(cam (N,h,w), beta, threshold, H, W) -> (N,1,H,W) in cam.dtype
     dae_(grad (N,C,H,W), cam (N,h,w), beta, threshold) -> None   # grad *= mask
     dae_sgd_step_(param, grad, buf | None, cam, lr, beta, threshold, momentum,

@@ -14,9 +14,14 @@ from .._checks import acc_dtype
 from ._common import upsample
 
 
-def _mask(cam: Tensor, beta: float, threshold: Optional[float], size: tuple[int, int]) -> Tensor:
-    """(N,H,W) mask in acc: U(cam)+beta where U(cam) >= tau, else 1."""
-    u = upsample(cam.to(acc_dtype(cam.dtype)), size)
+def _mask(cam: Tensor, beta: float, threshold: Optional[float], size: tuple[int, int],
+          like: Optional[Tensor] = None) -> Tensor:
+    """(N,H,W) mask in acc: U(cam)+beta where U(cam) >= tau, else 1.
+
+    acc is float64 when the CAM or the tensor it scales (``like``) is float64, else float32.
+    """
+    acc = torch.promote_types(acc_dtype(cam.dtype), acc_dtype(like.dtype if like is not None else cam.dtype))
+    u = upsample(cam.to(acc), size)
     tau = u.mean(dim=(1, 2), keepdim=True) if threshold is None else threshold
     return torch.where(u >= tau, u + beta, torch.ones_like(u))
 
@@ -26,14 +31,14 @@ def dae_mask(cam: Tensor, beta: float, threshold: Optional[float], H: int, W: in
 
 
 def dae_(grad: Tensor, cam: Tensor, beta: float, threshold: Optional[float]) -> None:
-    m = _mask(cam, beta, threshold, tuple(grad.shape[-2:]))[:, None]
+    m = _mask(cam, beta, threshold, tuple(grad.shape[-2:]), grad)[:, None]
     grad.copy_(grad.to(m.dtype) * m)
 
 
 def dae_sgd_step_(param: Tensor, grad: Tensor, buf: Optional[Tensor], cam: Tensor, lr: float, beta: float,
                   threshold: Optional[float], momentum: float, dampening: float, weight_decay: float,
                   nesterov: bool, maximize: bool, first_step: bool) -> None:
-    m = _mask(cam, beta, threshold, tuple(grad.shape[-2:]))[:, None]
+    m = _mask(cam, beta, threshold, tuple(grad.shape[-2:]), grad)[:, None]
     d = grad.to(m.dtype) * m
     if maximize:
         d = -d

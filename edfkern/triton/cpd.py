@@ -289,8 +289,8 @@ def _select(a: Tensor, b: Tensor, c: Tensor, P: int, k: int, from_l: bool, has_s
         for j in range(npass):
             shift = keybits - DIGIT_BITS * (j + 1)
             hist = ws[j * NBINS:(j + 1) * NBINS]
-            wrap_triton(_cpd_hist_kernel)[(nblocks,)](a, b, state, hist, P, FROM_L=from_l, KEYBITS=keybits, SHIFT=shift,
-                                         DB=DIGIT_BITS, BLOCK=BLOCK, ACC=ACC, num_warps=8)
+            wrap_triton(_cpd_hist_kernel)[(nblocks,)](a, b, state, hist, P, FROM_L=from_l, KEYBITS=keybits,
+                                                      SHIFT=shift, DB=DIGIT_BITS, BLOCK=BLOCK, ACC=ACC, num_warps=8)
             wrap_triton(_cpd_select_kernel)[(1,)](hist, state, SHIFT=shift, DB=DIGIT_BITS, num_warps=4)
     cnt = torch.empty(nblocks, dtype=torch.int64, device=dev)
     part = torch.empty((nblocks, 4) if has_sums else (1,), dtype=acc, device=dev)
@@ -298,8 +298,8 @@ def _select(a: Tensor, b: Tensor, c: Tensor, P: int, k: int, from_l: bool, has_s
     tie = torch.empty((), dtype=torch.int64, device=dev)
     flags = dict(FROM_L=from_l, HAS_SUMS=has_sums, ALL_KEPT=all_kept, KEYBITS=keybits, BLOCK=BLOCK, ACC=ACC)
     wrap_triton(_cpd_partials_kernel)[(nblocks,)](a, b, c, state, cnt, part, P, num_warps=8, **flags)
-    wrap_triton(_cpd_finalize_kernel)[(1,)](a, b, c, state, cnt, part, sum_l, sum_d, thr, tie, P, nblocks, FBLOCK=FBLOCK, num_warps=8,
-                               **flags)
+    wrap_triton(_cpd_finalize_kernel)[(1,)](a, b, c, state, cnt, part, sum_l, sum_d, thr, tie, P, nblocks,
+                                            FBLOCK=FBLOCK, num_warps=8, **flags)
     return state, tie, sum_l, sum_d, thr
 
 
@@ -328,7 +328,8 @@ def cpd_keep_mask(l: Tensor, k: int) -> Tensor:
         return out.view(torch.bool)
     keybits = _keybits(l.dtype)
     state, tie, *_ = _select(l, l, l, P, k, True, False, keybits, acc_torch(l.dtype))
-    wrap_triton(_cpd_mask_kernel)[(triton.cdiv(P, BLOCK),)](l, state, tie, out, P, KEYBITS=keybits, BLOCK=BLOCK, num_warps=8)
+    wrap_triton(_cpd_mask_kernel)[(triton.cdiv(P, BLOCK),)](l, state, tie, out, P, KEYBITS=keybits, BLOCK=BLOCK,
+                                                            num_warps=8)
     return out.view(torch.bool)
 
 

@@ -7,11 +7,10 @@ Kernel:
                       writes to a tiny (N, h, w) scratch and reads back after a barrier.
 Launcher: grad_cam (the backend contract).
 
-Precision: the channel weights, the weighted sum and the normalisation run in fp64 for
-every input dtype (then the map is stored in the contract's acc dtype). gradcam++'s
-alpha divides by 2*G^2 + sum(A*G^3), which can cancel, and the min-max normalisation
-amplifies what is left; fp64 keeps the result within fp32 rounding of the exact map.
-The kernel is memory-bound (C*h*w multiply-adds per image), so this costs little.
+Precision: the channel weights, the weighted sum and the normalisation accumulate in the
+contract's acc dtype (fp32; fp64 for fp64 inputs), as SPEC section 1 requires. gradcam++'s
+alpha divides by 2*G^2 + sum(A*G^3), which can cancel, so results are compared with the
+fp64 oracle by the "at most 2x torch's own fp32 error" rule.
 The upsampling runs in the output dtype, exactly as torch's interpolate of the map.
 
 Bytes: reads A and G once ((S+1)*N*C*h*w for smoothgradcam++ plus A_clean), writes N*H*W.
@@ -117,12 +116,12 @@ def grad_cam(A: Tensor, G: Tensor, A_clean: Optional[Tensor], method: str, norma
     block_hw = next_pow2(hw)
     if block_hw > 16384:
         raise RuntimeError(f"edfkern.triton.grad_cam: maps of {hw} > 16384 positions exceed the fused-size limit")
-    block_c = max(1, min(next_pow2(C), 2048 // block_hw))  # fp64 tiles: keep ~2K elements per array
+    block_c = max(1, min(next_pow2(C), 2048 // block_hw))  # keep ~2K elements per array
     wrap_triton(_grad_cam_kernel)[(N,)](
         A, G, A_clean if smooth else A, low, out,
         S, N, C, hw, h, w, H, W,
         METHOD=METHODS[method], NORMALIZE=bool(normalize), UPSAMPLE=upsample,
-        BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_OUT=min(1024, next_pow2(H * W)), ACC=tl.float64,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_OUT=min(1024, next_pow2(H * W)), ACC=tl.float64 if acc == torch.float64 else tl.float32,
         num_warps=4,
     )
     return out
