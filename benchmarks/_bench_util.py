@@ -39,7 +39,7 @@ def scale_for(op: str, config: str) -> float:
         return float(SETTINGS["scale"])
     if DEVICE != "cpu":
         return 1.0
-    limit = float(os.environ.get("EDFKERN_BENCH_MAX_INPUT_MB", "32")) * 2 ** 20
+    limit = float(os.environ.get("EDFKERN_BENCH_MAX_INPUT_MB", "16")) * 2 ** 20
     return fit_scale(op, get_config(config), limit)
 
 
@@ -57,7 +57,7 @@ def run_bench(benchmark, op: str, provider: str, mode: str, config: str) -> None
     t0 = time.perf_counter()
     case.fn()  # first call: warm-up, and the estimate for the number of rounds
     dt = time.perf_counter() - t0
-    rounds = int(os.environ.get("EDFKERN_BENCH_ROUNDS", "0")) or max(3, min(50, int(0.3 / max(dt, 1e-9))))
+    rounds = int(os.environ.get("EDFKERN_BENCH_ROUNDS", "0")) or max(3, min(30, int(0.2 / max(dt, 1e-9))))
 
     def setup():  # pedantic() takes setup's return value as arguments: return None
         case.reset()

@@ -14,9 +14,9 @@ nothing for the kernels, so it is skipped unless EDFKERN_BENCH_TRITON_CPU=1.
 Size (environment variable or option):
     EDFKERN_BENCH_SCALE / --edfkern-scale: ``auto`` (default) shrinks IPC, real rows per
         class and CPD's P, per op and config, until the inputs fit EDFKERN_BENCH_MAX_INPUT_MB
-        (default 32 on CPU, unlimited on CUDA); a number fixes the factor (1 = SPEC size).
+        (default 16 on CPU, unlimited on CUDA); a number fixes the factor (1 = SPEC size).
     EDFKERN_BENCH_CONFIGS / --edfkern-configs: comma-separated config names (default: all).
-    EDFKERN_BENCH_ROUNDS: timed rounds per case (default: as many as fit 0.3 s, 3..50).
+    EDFKERN_BENCH_ROUNDS: timed rounds per case (default: as many as fit 0.2 s, 3..30).
     EDFKERN_BENCH_DEVICE: cpu or cuda (default: cuda when available).
 
 Files: ``bench_*.py`` (collected by the hook below; pyproject's default pattern is test_*.py).
@@ -38,7 +38,8 @@ def pytest_addoption(parser):
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # files named on the command line are collected by pytest itself; only add the ones found in a directory
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

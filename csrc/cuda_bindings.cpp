@@ -129,14 +129,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpd_forward_cuda(cons
                                                                             const at::Tensor& start, int64_t k) {
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t P = student.numel();
-  auto sc = at::empty({3}, student.options().dtype(acc_of(student)));
+  const auto opts = student.options().dtype(acc_of(student));
+  auto sum_l = at::empty({}, opts), sum_d = at::empty({}, opts), thr = at::empty({}, opts);  // no aliasing outputs
   auto tie = at::empty({}, student.options().dtype(at::kLong));
   auto ws = at::empty({static_cast<int64_t>(kc::cpd_workspace_bytes(P))}, student.options().dtype(at::kByte));
   check(kc::cpd_forward(student.data_ptr(), target.data_ptr(), start.data_ptr(), dtype_of(student), P, k,
-                        sc[0].data_ptr(), sc[1].data_ptr(), sc[2].data_ptr(), tie.data_ptr<int64_t>(), ws.data_ptr(),
+                        sum_l.data_ptr(), sum_d.data_ptr(), thr.data_ptr(), tie.data_ptr<int64_t>(), ws.data_ptr(),
                         stream()),
         "cpd_forward");
-  return {sc[0], sc[1], sc[2], tie};
+  return {sum_l, sum_d, thr, tie};
 }
 
 at::Tensor cpd_backward_cuda(const at::Tensor& grad_out, const at::Tensor& student, const at::Tensor& target,

@@ -108,12 +108,13 @@ def main(argv=None) -> int:
     base, fused = Distiller(loss_ops(baselines), data, args), Distiller(loss_ops(edfkern), data, args)
     base.warm_up()
     fused.warm_up()
-    diff_early = None
+    rel_first = float("nan")
     for it in U.progress(range(args.iters), desc="DM+IID (baseline and edfkern in lockstep)"):
         base.step(it)
         fused.step(it)
-        if it == min(4, args.iters - 1):
-            diff_early = float((base.image_syn - fused.image_syn).abs().max())
+        if it == 0:  # one step: the two runs must agree up to rounding (relative to the step itself)
+            step_norm = float((base.image_syn.detach() - init_x).norm())
+            rel_first = float((base.image_syn.detach() - fused.image_syn.detach()).norm()) / max(step_norm, 1e-30)
     syn_base, syn_fused = base.image_syn.detach(), fused.image_syn.detach()
     t_base, l_base, t_fused, l_fused = base.it_time, base.loss_time, fused.it_time, fused.loss_time
     max_diff = float((syn_base - syn_fused).abs().max())
@@ -133,10 +134,11 @@ def main(argv=None) -> int:
          ["DM+IID, " + U.describe_backend(), U.fmt_acc(*acc_fused), f"{t_fused.median_ms:.2f}",
           f"{l_fused.median_ms:.2f}"]])
     print(f"max |image_syn(baseline) - image_syn(edfkern)| = {max_diff:.3e} after {args.iters} iterations "
-          f"({diff_early:.3e} after {min(5, args.iters)}); images are standardised (std 1)")
+          f"(images are standardised, std 1); after the first iteration ||difference|| / ||update|| = "
+          f"{rel_first:.2e}")
     print(f"speed-up of edfkern over the loops: {t_base.median_ms / t_fused.median_ms:.2f}x per iteration, "
           f"{l_base.median_ms / l_fused.median_ms:.2f}x for the loss forward+backward")
-    ok = diff_early < 1e-4 and base.last == base.last and fused.last == fused.last
+    ok = rel_first < 1e-2 and base.last == base.last and fused.last == fused.last
     print("RESULT:", "OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <edfkern/common.h>
 
@@ -140,8 +141,27 @@ struct SGDArgs {
 };
 
 // torch.optim.SGD's single-tensor update on d = grad * mask, in m_t; the buffer is stored in
-// scalar_t and the stored value feeds nesterov / the parameter update.
-template <typename scalar_t, typename m_t, bool kMomentum>
+// scalar_t and the stored value feeds nesterov / the parameter update. The mode switches are
+// template parameters so that every inner loop is branch-free and vectorises.
+template <typename scalar_t, typename m_t, bool kMomentum, bool kNesterov, bool kWD>
+void sgd_loop(scalar_t* __restrict__ pc, const scalar_t* __restrict__ gc, scalar_t* __restrict__ bc,
+              const m_t* __restrict__ mask, int64_t HW, m_t sign, m_t lr, m_t mom, m_t damp1, m_t wd, bool first) {
+  for (int64_t i = 0; i < HW; ++i) {
+    m_t d = sign * (static_cast<m_t>(gc[i]) * mask[i]);  // sign = -1 for maximize (exact)
+    const m_t pv = static_cast<m_t>(pc[i]);
+    if (kWD) d = d + wd * pv;
+    if (kMomentum) {
+      const m_t b = first ? d : static_cast<m_t>(bc[i]) * mom + damp1 * d;
+      const scalar_t bq = static_cast<scalar_t>(b);
+      bc[i] = bq;
+      const m_t bs = static_cast<m_t>(bq);
+      d = kNesterov ? d + mom * bs : bs;
+    }
+    pc[i] = static_cast<scalar_t>(pv - lr * d);
+  }
+}
+
+template <typename scalar_t, typename m_t, bool kMomentum, bool kNesterov, bool kWD>
 void sgd_impl(const at::Tensor& param, const at::Tensor& grad, scalar_t* buf, const at::Tensor& cam, double beta,
               std::optional<double> threshold, const SGDArgs& a) {
   const int64_t N = grad.size(0), C = grad.size(1), H = grad.size(2), W = grad.size(3), HW = H * W;
@@ -150,28 +170,31 @@ void sgd_impl(const at::Tensor& param, const at::Tensor& grad, scalar_t* buf, co
   const scalar_t* g = grad.data_ptr<scalar_t>();
   const m_t lr = static_cast<m_t>(a.lr), mom = static_cast<m_t>(a.momentum);
   const m_t damp1 = static_cast<m_t>(1.0 - a.dampening), wd = static_cast<m_t>(a.weight_decay);
-  const bool use_wd = a.weight_decay != 0.0, nesterov = a.nesterov, maximize = a.maximize, first = a.first_step;
+  const m_t sign = a.maximize ? m_t(-1) : m_t(1);
+  const bool first = a.first_step;
   for_each_image<m_t>(cam_m, N, H, W, threshold, beta, 3 * C * HW, [&](int64_t n, const m_t* mask) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t base = (n * C + c) * HW;
-      scalar_t* pc = p + base;
-      const scalar_t* gc = g + base;
-      scalar_t* bc = kMomentum ? buf + base : nullptr;
-      for (int64_t i = 0; i < HW; ++i) {
-        m_t d = static_cast<m_t>(gc[i]) * mask[i];
-        if (maximize) d = -d;
-        const m_t pv = static_cast<m_t>(pc[i]);
-        if (use_wd) d = d + wd * pv;
-        if (kMomentum) {
-          const m_t b = first ? d : static_cast<m_t>(bc[i]) * mom + damp1 * d;
-          bc[i] = static_cast<scalar_t>(b);
-          const m_t bs = static_cast<m_t>(bc[i]);
-          d = nesterov ? d + mom * bs : bs;
-        }
-        pc[i] = static_cast<scalar_t>(pv - lr * d);
-      }
+      sgd_loop<scalar_t, m_t, kMomentum, kNesterov, kWD>(p + base, g + base, kMomentum ? buf + base : nullptr, mask,
+                                                         HW, sign, lr, mom, damp1, wd, first);
     }
   });
+}
+
+template <typename scalar_t, typename m_t>
+void sgd_dispatch(const at::Tensor& param, const at::Tensor& grad, scalar_t* buf, const at::Tensor& cam,
+                  double beta, std::optional<double> threshold, const SGDArgs& a) {
+  const bool wd = a.weight_decay != 0.0;
+  if (buf == nullptr) {
+    if (wd) sgd_impl<scalar_t, m_t, false, false, true>(param, grad, buf, cam, beta, threshold, a);
+    else sgd_impl<scalar_t, m_t, false, false, false>(param, grad, buf, cam, beta, threshold, a);
+  } else if (a.nesterov) {
+    if (wd) sgd_impl<scalar_t, m_t, true, true, true>(param, grad, buf, cam, beta, threshold, a);
+    else sgd_impl<scalar_t, m_t, true, true, false>(param, grad, buf, cam, beta, threshold, a);
+  } else {
+    if (wd) sgd_impl<scalar_t, m_t, true, false, true>(param, grad, buf, cam, beta, threshold, a);
+    else sgd_impl<scalar_t, m_t, true, false, false>(param, grad, buf, cam, beta, threshold, a);
+  }
 }
 }  // namespace
 
@@ -194,13 +217,8 @@ void dae_sgd_step_(const at::Tensor& param, const at::Tensor& grad, const std::o
   TORCH_CHECK(momentum == 0.0 || has_buf, "edfkern_native.dae_sgd_step_: momentum != 0 needs a momentum buffer");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "edfkern_dae_sgd_step_", [&] {
     scalar_t* b = has_buf ? buf->data_ptr<scalar_t>() : nullptr;
-    if (dbl) {
-      if (has_buf) sgd_impl<scalar_t, double, true>(param, grad, b, cam, beta, threshold, a);
-      else sgd_impl<scalar_t, double, false>(param, grad, b, cam, beta, threshold, a);
-    } else {
-      if (has_buf) sgd_impl<scalar_t, float, true>(param, grad, b, cam, beta, threshold, a);
-      else sgd_impl<scalar_t, float, false>(param, grad, b, cam, beta, threshold, a);
-    }
+    if (dbl) sgd_dispatch<scalar_t, double>(param, grad, b, cam, beta, threshold, a);
+    else sgd_dispatch<scalar_t, float>(param, grad, b, cam, beta, threshold, a);
   });
 }
 

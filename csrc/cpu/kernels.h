@@ -2,11 +2,12 @@
 // Callers (edfkern/ops) have checked every argument; tensors arrive contiguous.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace edfkern {
 namespace cpu {
