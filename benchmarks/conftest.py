@@ -15,7 +15,9 @@ Size (environment variable or option):
     EDFKERN_BENCH_SCALE / --edfkern-scale: ``auto`` (default) shrinks IPC, real rows per
         class and CPD's P, per op and config, until the inputs fit EDFKERN_BENCH_MAX_INPUT_MB
         (default 16 on CPU, unlimited on CUDA); a number fixes the factor (1 = SPEC size).
-    EDFKERN_BENCH_CONFIGS / --edfkern-configs: comma-separated config names (default: all).
+    EDFKERN_BENCH_CONFIGS / --edfkern-configs: comma-separated config names, or ``all``
+        (default: all on CUDA; on CPU all but in1k-ipc50, whose 1000-class loop baselines
+        take ~10 s a call on 2 cores at any scale).
     EDFKERN_BENCH_ROUNDS: timed rounds per case (default: as many as fit 0.2 s, 3..30).
     EDFKERN_BENCH_DEVICE: cpu or cuda (default: cuda when available).
 
@@ -28,7 +30,7 @@ import os
 import pytest
 
 from _bench_util import SETTINGS
-from edfkern.bench.configs import get_config
+from edfkern.bench.configs import CONFIGS, get_config
 
 
 def pytest_addoption(parser):
@@ -50,6 +52,8 @@ def pytest_configure(config):
         float(scale)  # a bad value fails at once
     names = config.getoption("--edfkern-configs", default=None) or os.environ.get("EDFKERN_BENCH_CONFIGS")
     configs = [c.strip() for c in names.split(",") if c.strip()] if names else None
+    if configs == ["all"]:
+        configs = list(CONFIGS)
     for c in configs or ():
         get_config(c)  # unknown names fail at once
     SETTINGS["scale"] = scale

@@ -96,7 +96,7 @@ class CAMExtractor:
         raise TypeError(f"target_layer must be an nn.Module or a dotted name, got {type(target_layer).__name__}")
 
     def close(self) -> None:
-        """Remove any hook and release the model; later calls raise ``RuntimeError``."""
+        """Remove any hook; later calls raise ``RuntimeError``."""
         self._remove_hook()
         self._closed = True
 
@@ -216,9 +216,10 @@ class CAMExtractor:
         self._handle = self.target_layer.register_forward_hook(self._hook)
         try:
             self.model.eval()
-            if self.method == "smoothgradcam++":
-                return self._smooth(x, cls, size, generator)
-            return self._plain(x, cls, size)
+            with torch.inference_mode(False):  # the passes need autograd even if the caller is in inference mode
+                if self.method == "smoothgradcam++":
+                    return self._smooth(x, cls, size, generator)
+                return self._plain(x, cls, size)
         finally:
             self._remove_hook()
             for m, t in modes:

@@ -4,8 +4,13 @@ Per iteration, as DM does: a freshly initialised ConvNet (weights re-sampled eve
 a random real batch per class, and a gradient step on the synthetic images for
 
     loss = DM mean matching                                   (DM's loss_ori)
-         + IID class centralization  on the flat embedding    (loss_insdis, weight 0.05)
-         + IID covariance matching   on the local features    (loss_cov, weight 0.01)
+         + IID class centralization  on the flat embedding    (loss_insdis, weight 0.001 here)
+         + IID covariance matching   on the local features    (loss_cov, weight 0.01, IID's)
+
+IID computes CC on a pretrained ResNet-18's 512-d features with weight 0.05. Here CC runs on the
+random ConvNet's 512-d embedding, whose squared distances are far larger, and weight 0.05 made the
+synthetic images collapse toward their class means (measured, 300 iterations, 3 evaluation runs:
+92.5% test accuracy vs 97.5% without CC, 96.4% at 0.005, 97.5% at 0.001), so the demo uses 0.001.
 
 The same seed runs twice: with ``edfkern.baselines`` (the per-class / per-sample loops of the
 authors' code) and with edfkern's fused ops on the default backend. The script prints the largest
@@ -84,18 +89,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a < 60 s smoke run")
     p.add_argument("--ipc", type=int, default=10)
-    p.add_argument("--iters", type=int, default=None, help="distillation iterations (default 1000; quick 40)")
+    p.add_argument("--iters", type=int, default=None, help="distillation iterations (default 500; quick 25)")
     p.add_argument("--real-per-class", type=int, default=64)
     p.add_argument("--lr-img", type=float, default=1.0)
-    p.add_argument("--w-cc", type=float, default=0.05)
-    p.add_argument("--w-cm", type=float, default=0.01)
+    p.add_argument("--w-cc", type=float, default=0.001,
+                   help="CC weight (IID: 0.05 on pretrained ResNet-18 features; see the module docstring)")
+    p.add_argument("--w-cm", type=float, default=0.01, help="CM weight (IID: 0.01; IDM+IID: 0.03)")
     p.add_argument("--eval-epochs", type=int, default=None, help="default 300; quick 100")
     p.add_argument("--eval-runs", type=int, default=None, help="default 5; quick 2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: robust timings on a small, shared machine)")
     args = p.parse_args(argv)
-    args.iters = args.iters or (40 if args.quick else 1000)
+    args.iters = args.iters or (25 if args.quick else 500)
     args.eval_epochs = args.eval_epochs or (100 if args.quick else 300)
     args.eval_runs = args.eval_runs or (2 if args.quick else 5)
     U.set_threads(args.threads)

@@ -230,6 +230,15 @@ def test_model_left_as_found_when_frozen_and_under_no_grad():
     _assert_same(before, _snapshot(model))
 
 
+def test_works_under_inference_mode(setup):
+    model, images, classes = setup
+    with CAMExtractor(model, "features.1", num_samples=2) as ex:
+        expected = ex(images, classes, generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            got = ex(images, classes, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(got, expected)
+
+
 def test_hooks_removed_and_state_restored_on_error():
     model = small_convnet()
     model.train()
