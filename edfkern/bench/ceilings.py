@@ -57,7 +57,7 @@ def measure_ceilings(device: str, *, quick: bool = False) -> Ceilings:
     n_copy = (1 << 28 if cuda else 1 << 26) >> (4 if quick else 0)  # fp32 elements: 1 GiB / 256 MiB
     src = torch.rand(n_copy, device=device)
     dst = torch.empty_like(src)
-    t_copy = _best_time(lambda: dst.copy_(src), sync, 3 if quick else 7)
+    t_copy = _best_time(lambda: dst.copy_(src), sync, 3 if quick else 10)
     copy_bytes = src.numel() * src.element_size()
     del src, dst
 
@@ -68,7 +68,7 @@ def measure_ceilings(device: str, *, quick: bool = False) -> Ceilings:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        t_mm = _best_time(lambda: a @ b, sync, 3 if quick else 5)
+        t_mm = _best_time(lambda: a @ b, sync, 3 if quick else 10)
     finally:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = old_tf32
