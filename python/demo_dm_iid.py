@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-epochs", type=int, default=None, help="default 300; quick 100")
     p.add_argument("--eval-runs", type=int, default=None, help="default 5; quick 2")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ulp-control", action="store_true",
+                   help="also step a baseline run whose initial images are 1 ulp larger, to show how far "
+                        "rounding alone moves the result (the floor for the baseline-vs-edfkern difference)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: robust timings on a small, shared machine)")
     args = p.parse_args(argv)
@@ -114,10 +117,19 @@ def main(argv=None) -> int:
     base, fused = Distiller(loss_ops(baselines), data, args), Distiller(loss_ops(edfkern), data, args)
     base.warm_up()
     fused.warm_up()
+    ctrl = Distiller(loss_ops(baselines), data, args) if args.ulp_control else None
+    if ctrl is not None:
+        with torch.no_grad():
+            ctrl.image_syn.copy_(torch.nextafter(ctrl.image_syn, torch.full_like(ctrl.image_syn, float("inf"))))
     rel_first = float("nan")
+    trace: list[tuple[int, float]] = []
     for it in U.progress(range(args.iters), desc="DM+IID (baseline and edfkern in lockstep)"):
         base.step(it)
         fused.step(it)
+        if ctrl is not None:
+            ctrl.step(it)
+        if it + 1 in (1, 10, 100) or it + 1 == args.iters:  # how rounding differences grow
+            trace.append((it + 1, float((base.image_syn - fused.image_syn).abs().max())))
         if it == 0:  # one step: the two runs must agree up to rounding (relative to the step itself)
             step_norm = float((base.image_syn.detach() - init_x).norm())
             rel_first = float((base.image_syn.detach() - fused.image_syn.detach()).norm()) / max(step_norm, 1e-30)
@@ -142,6 +154,12 @@ def main(argv=None) -> int:
     print(f"max |image_syn(baseline) - image_syn(edfkern)| = {max_diff:.3e} after {args.iters} iterations "
           f"(images are standardised, std 1); after the first iteration ||difference|| / ||update|| = "
           f"{rel_first:.2e}")
+    rel_final = float((syn_base - syn_fused).norm()) / max(float((syn_base - init_x).norm()), 1e-30)
+    print("max |difference| by iteration: " + ", ".join(f"{i}: {d:.2e}" for i, d in trace)
+          + f"; at the end ||difference|| / ||total change of the images|| = {rel_final:.2e}")
+    if ctrl is not None:
+        print(f"control: max |image_syn(baseline) - image_syn(baseline, initial images +1 ulp)| = "
+              f"{float((base.image_syn - ctrl.image_syn).abs().max()):.3e} after {args.iters} iterations")
     print(f"speed-up of edfkern over the loops: {t_base.median_ms / t_fused.median_ms:.2f}x per iteration, "
           f"{l_base.median_ms / l_fused.median_ms:.2f}x for the loss forward+backward")
     ok = rel_first < 1e-2 and base.last == base.last and fused.last == fused.last

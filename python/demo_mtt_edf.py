@@ -247,6 +247,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-epochs", type=int, default=None, help="default 300; quick 100")
     p.add_argument("--eval-runs", type=int, default=None, help="default 5; quick 2")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ulp-control", action="store_true",
+                   help="also step a baseline run whose initial images are 1 ulp larger, to show how far "
+                        "rounding alone moves the result (the floor for the baseline-vs-edfkern difference)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: robust timings on a small, shared machine)")
     args = p.parse_args(argv)
@@ -278,10 +281,19 @@ def main(argv=None) -> int:
     base, fused = Distiller(False, data, experts, args), Distiller(True, data, experts, args)
     base.warm_up()
     fused.warm_up()
+    ctrl = Distiller(False, data, experts, args) if args.ulp_control else None
+    if ctrl is not None:
+        with torch.no_grad():
+            ctrl.image_syn.copy_(torch.nextafter(ctrl.image_syn, torch.full_like(ctrl.image_syn, float("inf"))))
     rel_first = float("nan")
+    trace: list[tuple[int, float]] = []
     for it in U.progress(range(args.iters), desc="MTT+EDF (baseline and edfkern in lockstep)"):
         base.step(it)
         fused.step(it)
+        if ctrl is not None:
+            ctrl.step(it)
+        if it + 1 in (1, 10, 100) or it + 1 == args.iters:  # how rounding differences grow
+            trace.append((it + 1, float((base.image_syn - fused.image_syn).abs().max())))
         if it == 0:  # same images and noise: the CAM paths agree up to rounding; so must one step
             cam_diff = float((base.cams - fused.cams).abs().max())
             step_norm = float((base.image_syn.detach() - init_x).norm())
@@ -316,6 +328,12 @@ def main(argv=None) -> int:
     print(f"max |image_syn(baseline) - image_syn(edfkern)| = {max_diff:.3e} after {args.iters} iterations "
           f"(images are standardised, std 1); after the first iteration ||difference|| / ||update|| = "
           f"{rel_first:.2e}")
+    rel_final = float((syn_b - syn_f).norm()) / max(float((syn_b - init_x).norm()), 1e-30)
+    print("max |difference| by iteration: " + ", ".join(f"{i}: {d:.2e}" for i, d in trace)
+          + f"; at the end ||difference|| / ||total change of the images|| = {rel_final:.2e}")
+    if ctrl is not None:
+        print(f"control: max |image_syn(baseline) - image_syn(baseline, initial images +1 ulp)| = "
+              f"{float((base.image_syn - ctrl.image_syn).abs().max()):.3e} after {args.iters} iterations")
     print(f"speed-up of edfkern over the loops: {tb[0].median_ms / tf[0].median_ms:.2f}x per iteration, "
           f"{tb[1].median_ms / tf[1].median_ms:.2f}x CAM refresh, {tb[2].median_ms / tf[2].median_ms:.2f}x CPD, "
           f"{tb[3].median_ms / tf[3].median_ms:.2f}x DAE+step")

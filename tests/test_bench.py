@@ -72,3 +72,30 @@ def test_cli_sweep_skips_missing_op_and_plots(tmp_path):
         pytest.skip("matplotlib is not installed: sweep ran, plot not checked")
     assert png.exists() and png.stat().st_size > 10_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
+    """--plot with matplotlib missing stops before any work with a message saying what to install."""
+    from edfkern.bench import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--sweep", "ipc=2,4", "--plot", "x.png", "--device", "cpu"])
+    assert "matplotlib" in str(e.value) and "pip install" in str(e.value)
+
+
+def test_cases_cover_every_op_and_mode():
+    """The setup factory builds every op x mode of a tiny config, with a cost model and a working reset."""
+    from edfkern.bench.cases import OPS, Unavailable, make_case, op_modes
+
+    for op in OPS:
+        for mode in op_modes(op):
+            for config in ("cifar10-ipc1000", "imagenette-ipc50"):
+                try:
+                    case = make_case(op, "reference", mode, config, scale=1e-9)
+                except Unavailable as e:
+                    assert "config has no" in str(e)
+                    continue
+                case.reset()
+                case.fn()
+                assert case.bytes_moved > 0 and case.flops > 0, case.name

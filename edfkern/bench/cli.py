@@ -1,7 +1,7 @@
 """``python -m edfkern.bench``: time, workspace and roofline of every op, per provider.
 
 Default: the SPEC section 8 config (``cifar10-ipc1000``) on the best device, every op it
-has, every mode, every provider that can run (``baseline`` = the loops of
+has, modes fwd and full, every provider that can run (``baseline`` = the loops of
 :mod:`edfkern.baselines`, plus each backend of :func:`edfkern.backends`). On CPU an op
 whose inputs would pass ``--max-input-mb`` is scaled down (fewer images per class) and
 the output says so; ``--scale`` fixes the factor for every op instead.
@@ -22,7 +22,7 @@ import edfkern
 
 from . import memory, report
 from .cases import OPS, default_provider, fit_scale, input_bytes, main_mode, op_modes, providers, skip_reason
-from .ceilings import Ceilings, measure_ceilings
+from .ceilings import measure_ceilings
 from .configs import CONFIGS, DEFAULT_CONFIG, get_config
 from .runner import run_task
 
@@ -167,6 +167,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                            for p in chosen))
     for name, why in skipped.items():
         notes.append(f"skipped provider {name}: {why}")
+    if "triton" in chosen and dev_type == "cpu":
+        notes.append("warning: triton on CPU runs under the TRITON_INTERPRET=1 interpreter: its times are "
+                     "interpreter times, not kernel times")
     if not modes_req and not sweep:
         notes.append("modes: fwd and full (forward+backward); --modes fwd,bwd,full adds backward alone")
 
@@ -179,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"fp32 matmul {ceil.matmul_flops / 1e9:.1f} GFLOP/s (n={ceil.matmul_n}, TF32 off)"])
 
     # --- the cases
-    tasks, pre, scale_notes = [], [], []
+    tasks, scale_notes = [], []
     points = sweep or [None]
     for ipc in points:
         cfg = cfg0.with_ipc(ipc) if ipc is not None else cfg0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 from .ceilings import Ceilings
 
@@ -135,7 +135,10 @@ def print_tables(results: list[dict], *, default_provider: Optional[str], sweep:
                 title += f", scaled x{first['effective_scale']:g}"
             title += ")"
         cols, rows, notes = _rows(rs, default_provider, sweep)
-        sub = [first.get("shapes", "") + (f"; {first['bound']}-bound" if first.get("bound") else "")] + notes
+        shapes = first.get("shapes", "")
+        if sweep and shapes:
+            shapes = f"at IPC {first.get('ipc')}: {shapes}"
+        sub = [shapes + (f"; {first['bound']}-bound" if first.get("bound") else "")] + notes
         if console is not None:
             from rich.table import Table
             t = Table(title=title, caption="\n".join(s for s in sub if s), title_justify="left",
