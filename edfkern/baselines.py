@@ -33,8 +33,10 @@ def _members(groups: Groups, n: int, num_groups: Optional[int] = None) -> list[T
 def create_soft_mask(cam: Tensor, size: tuple[int, int], beta: float, threshold: Optional[float] = None) -> Tensor:
     """EDF's per-image mask loop: upsample each CAM, threshold at its mean, ``cam + beta`` above, 1 below.
 
-    cam (N, h, w) -> (N, 1, H, W).
+    cam (N, h, w) or (N, 1, h, w) -> (N, 1, H, W).
     """
+    if cam.dim() == 4:
+        cam = cam[:, 0]
     masks = []
     for i in range(cam.shape[0]):
         up = F.interpolate(cam[i][None, None].float(), size=size, mode="bilinear", align_corners=False)
