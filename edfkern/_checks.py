@@ -210,3 +210,15 @@ def check_matching_pair(syn: Tensor, real: Tensor, syn_groups: GroupsArg, real_g
     weight = check_number("weight", weight)
     gs, gr = resolve_group_pair(syn_groups, real_groups, syn.shape[0], real.shape[0], syn.device, num_groups)
     return weight, gs, gr
+
+
+def check_sgd_args(lr: float, momentum: float, dampening: float, weight_decay: float,
+                   nesterov: bool) -> tuple[float, float, float, float]:
+    """torch.optim.SGD's hyper-parameter rules, shared by ``dae_sgd_step_`` and ``DAESGD``."""
+    lr = check_number("lr", lr, lo=0.0)
+    momentum = check_number("momentum", momentum, lo=0.0)
+    dampening = check_number("dampening", dampening)
+    weight_decay = check_number("weight_decay", weight_decay, lo=0.0)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0 (as torch.optim.SGD)")
+    return lr, momentum, dampening, weight_decay

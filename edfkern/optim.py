@@ -58,12 +58,7 @@ class DAESGD(Optimizer):
                  threshold: Optional[float] = None) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("lr must be a float (a Tensor lr is not supported by DAESGD)")
-        lr = C.check_number("lr", lr, lo=0.0)
-        momentum = C.check_number("momentum", momentum, lo=0.0)
-        dampening = C.check_number("dampening", dampening)
-        weight_decay = C.check_number("weight_decay", weight_decay, lo=0.0)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov=True requires momentum > 0 and dampening == 0 (as torch.optim.SGD)")
+        lr, momentum, dampening, weight_decay = C.check_sgd_args(lr, momentum, dampening, weight_decay, nesterov)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=bool(nesterov), maximize=bool(maximize), beta=self._check_beta(beta),
                         threshold=self._check_threshold(threshold))

@@ -221,3 +221,34 @@ def set_threads(n: Optional[int] = None) -> None:
 
 
 Op = Callable[..., Tensor]
+
+
+def nudge_one_ulp(distiller) -> None:
+    """The control run of --ulp-control: the same start, every pixel one ulp larger."""
+    with torch.no_grad():
+        x = distiller.image_syn
+        x.copy_(torch.nextafter(x, torch.full_like(x, float("inf"))))
+
+
+def run_lockstep(base, fused, ctrl, iters: int, init_x: torch.Tensor, desc: str, on_first=None):
+    """Step the baseline, edfkern (and the optional control) runs together, so load hits them alike.
+
+    Returns ``(trace, rel_first)``: the max image difference at iterations 1, 10, 100 and the last,
+    and ||difference|| / ||update|| after the first iteration (rounding-level when the ops agree).
+    ``on_first()`` runs after the first iteration (e.g. to record the CAM difference).
+    """
+    rel_first = float("nan")
+    trace: list[tuple[int, float]] = []
+    for it in progress(range(iters), desc=desc):
+        base.step(it)
+        fused.step(it)
+        if ctrl is not None:
+            ctrl.step(it)
+        if it + 1 in (1, 10, 100) or it + 1 == iters:  # how rounding differences grow
+            trace.append((it + 1, float((base.image_syn - fused.image_syn).abs().max())))
+        if it == 0:
+            if on_first is not None:
+                on_first()
+            step_norm = float((base.image_syn.detach() - init_x).norm())
+            rel_first = float((base.image_syn.detach() - fused.image_syn.detach()).norm()) / max(step_norm, 1e-30)
+    return trace, rel_first

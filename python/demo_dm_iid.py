@@ -119,20 +119,9 @@ def main(argv=None) -> int:
     fused.warm_up()
     ctrl = Distiller(loss_ops(baselines), data, args) if args.ulp_control else None
     if ctrl is not None:
-        with torch.no_grad():
-            ctrl.image_syn.copy_(torch.nextafter(ctrl.image_syn, torch.full_like(ctrl.image_syn, float("inf"))))
-    rel_first = float("nan")
-    trace: list[tuple[int, float]] = []
-    for it in U.progress(range(args.iters), desc="DM+IID (baseline and edfkern in lockstep)"):
-        base.step(it)
-        fused.step(it)
-        if ctrl is not None:
-            ctrl.step(it)
-        if it + 1 in (1, 10, 100) or it + 1 == args.iters:  # how rounding differences grow
-            trace.append((it + 1, float((base.image_syn - fused.image_syn).abs().max())))
-        if it == 0:  # one step: the two runs must agree up to rounding (relative to the step itself)
-            step_norm = float((base.image_syn.detach() - init_x).norm())
-            rel_first = float((base.image_syn.detach() - fused.image_syn.detach()).norm()) / max(step_norm, 1e-30)
+        U.nudge_one_ulp(ctrl)
+    trace, rel_first = U.run_lockstep(base, fused, ctrl, args.iters, init_x,
+                                      desc="DM+IID (baseline and edfkern in lockstep)")
     syn_base, syn_fused = base.image_syn.detach(), fused.image_syn.detach()
     t_base, l_base, t_fused, l_fused = base.it_time, base.loss_time, fused.it_time, fused.loss_time
     max_diff = float((syn_base - syn_fused).abs().max())

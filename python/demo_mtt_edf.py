@@ -283,21 +283,15 @@ def main(argv=None) -> int:
     fused.warm_up()
     ctrl = Distiller(False, data, experts, args) if args.ulp_control else None
     if ctrl is not None:
-        with torch.no_grad():
-            ctrl.image_syn.copy_(torch.nextafter(ctrl.image_syn, torch.full_like(ctrl.image_syn, float("inf"))))
-    rel_first = float("nan")
-    trace: list[tuple[int, float]] = []
-    for it in U.progress(range(args.iters), desc="MTT+EDF (baseline and edfkern in lockstep)"):
-        base.step(it)
-        fused.step(it)
-        if ctrl is not None:
-            ctrl.step(it)
-        if it + 1 in (1, 10, 100) or it + 1 == args.iters:  # how rounding differences grow
-            trace.append((it + 1, float((base.image_syn - fused.image_syn).abs().max())))
-        if it == 0:  # same images and noise: the CAM paths agree up to rounding; so must one step
-            cam_diff = float((base.cams - fused.cams).abs().max())
-            step_norm = float((base.image_syn.detach() - init_x).norm())
-            rel_first = float((base.image_syn.detach() - fused.image_syn.detach()).norm()) / max(step_norm, 1e-30)
+        U.nudge_one_ulp(ctrl)
+    first: dict[str, float] = {}
+
+    def record_cams() -> None:  # same images and noise: the CAM paths agree up to rounding; so must one step
+        first["cam_diff"] = float((base.cams - fused.cams).abs().max())
+
+    trace, rel_first = U.run_lockstep(base, fused, ctrl, args.iters, init_x,
+                                      desc="MTT+EDF (baseline and edfkern in lockstep)", on_first=record_cams)
+    cam_diff = first["cam_diff"]
     base.close()
     fused.close()
     syn_b, syn_f = base.image_syn.detach(), fused.image_syn.detach()

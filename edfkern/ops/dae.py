@@ -174,12 +174,7 @@ def dae_sgd_step_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor]
     C.check_shape("grad", grad, param.shape, "(N, C, H, W) like param")
     C.check_same_device(param=param, grad=grad)
     C.check_same_dtype(param=param, grad=grad)
-    lr = C.check_number("lr", lr, lo=0.0)
-    momentum = C.check_number("momentum", momentum, lo=0.0)
-    dampening = C.check_number("dampening", dampening)
-    weight_decay = C.check_number("weight_decay", weight_decay, lo=0.0)
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0 (as torch.optim.SGD)")
+    lr, momentum, dampening, weight_decay = C.check_sgd_args(lr, momentum, dampening, weight_decay, nesterov)
     if momentum != 0:
         if momentum_buffer is None:
             raise ValueError("momentum_buffer must be a tensor like param when momentum != 0, got None")

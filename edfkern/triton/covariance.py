@@ -33,16 +33,23 @@ from .features import _block, _seg_mean_kernel, _split
 
 
 @triton.jit
+def _rows(perm_ptr, lo, r, tv, HAS_PERM: tl.constexpr):
+    """Input rows (int64) of the class's sorted rows lo + r, for the valid lanes tv."""
+    if HAS_PERM:
+        row = tl.load(perm_ptr + lo + r, mask=tv, other=0).to(tl.int64)
+    else:
+        row = (lo + r).to(tl.int64)
+    return row
+
+
+@triton.jit
 def _centred_tile(x_ptr, perm_ptr, mean_ptr, k, lo, n_k, c, t, C, L,
                   HAS_PERM: tl.constexpr, ACC: tl.constexpr):
     """(len(c), len(t)) tile of Y_k: rows c (channels), columns t (row-in-class * L + l)."""
     r = t // L
     l = t % L
     tv = t < n_k * L
-    if HAS_PERM:
-        row = tl.load(perm_ptr + lo + r, mask=tv, other=0).to(tl.int64)
-    else:
-        row = (lo + r).to(tl.int64)
+    row = _rows(perm_ptr, lo, r, tv, HAS_PERM)
     m = (c[:, None] < C) & tv[None, :]
     x = tl.load(x_ptr + row[None, :] * C * L + c[:, None] * L + l[None, :], mask=m, other=0.0).to(ACC)
     mu = tl.load(mean_ptr + k * C * L + c[:, None] * L + l[None, :], mask=m, other=0.0)
@@ -112,10 +119,7 @@ def _cov_bwd_kernel(
         r = t // L
         l = t % L
         tv = t < n_k * L
-        if HAS_PERM:
-            row = tl.load(perm_ptr + lo + r, mask=tv, other=0).to(tl.int64)
-        else:
-            row = (lo + r).to(tl.int64)
+        row = _rows(perm_ptr, lo, r, tv, HAS_PERM)
         om = (cm[:, None] < C) & tv[None, :]
         tl.store(out_ptr + row[None, :] * C * L + cm[:, None] * L + l[None, :],
                  cast_to(acc, out_ptr.dtype.element_ty), mask=om)
