@@ -86,8 +86,6 @@ def dd_step(image_syn, cam, real_feat, student, target, start):
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph_dd_step(backend, device, compile_backend):
-    if backend == "triton" and device == "cpu":
-        pytest.skip("compiling around interpreted Triton kernels is only meaningful on a GPU")
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(1)
     img = rand(4, 3, 4, 4, gen=gen).to(device).requires_grad_()
@@ -106,8 +104,6 @@ def test_compile_fullgraph_dd_step(backend, device, compile_backend):
 
 
 def test_compile_fullgraph_dae_inplace(backend, device):
-    if backend == "triton" and device == "cpu":
-        pytest.skip("compiling around interpreted Triton kernels is only meaningful on a GPU")
     torch._dynamo.reset()
 
     def masked_update(grad, cam, param, buf):
