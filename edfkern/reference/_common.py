@@ -33,19 +33,24 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+def class_means(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Row labels (N,) and per-class means (K, ...) in acc (zeros for empty classes)."""
+    n = x.shape[0]
+    k = offsets.numel() - 1
+    acc = acc_dtype(x.dtype)
+    labels = row_labels(perm, offsets, n)
+    counts = offsets.diff().clamp_min(1).to(acc)
+    sums = torch.zeros((k,) + tuple(x.shape[1:]), dtype=acc, device=x.device).index_add_(0, labels, x.to(acc))
+    return labels, sums / counts.view((k,) + (1,) * (x.dim() - 1))
+
+
 def grouped(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Row labels, per-class means and centred rows, all in acc.
 
     x (N, ...) -> (labels (N,), mean (K, ...), xc (N, ...)) with xc_i = x_i - mean_{label_i}.
     """
-    n = x.shape[0]
-    k = offsets.numel() - 1
-    xa = x.to(acc_dtype(x.dtype))
-    labels = row_labels(perm, offsets, n)
-    counts = offsets.diff().clamp_min(1).to(xa.dtype)
-    sums = torch.zeros((k,) + tuple(x.shape[1:]), dtype=xa.dtype, device=x.device).index_add_(0, labels, xa)
-    mean = sums / counts.view((k,) + (1,) * (x.dim() - 1))
-    return labels, mean, xa - mean[labels]
+    labels, mean = class_means(x, perm, offsets)
+    return labels, mean, x.to(mean.dtype) - mean[labels]
 
 
 def padded(xc: Tensor, labels: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,11 +6,11 @@ from typing import Optional
 from torch import Tensor
 
 from .._checks import row_labels
-from ._common import grouped
+from ._common import class_means, grouped
 
 
 def seg_mean(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> Tensor:
-    return grouped(x, perm, offsets)[1]
+    return class_means(x, perm, offsets)[1]
 
 
 def cc_forward(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tensor, Tensor]:
