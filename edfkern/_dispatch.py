@@ -141,8 +141,34 @@ def backends() -> dict[str, dict[str, object]]:
     return out
 
 
+_WRAPPED: dict[tuple[str, str], Callable] = {}
+
+
 def _lookup(b: Backend, op: str) -> Optional[Callable]:
-    return getattr(b.load(), op, None)
+    """The backend's kernel, fed detached tensors with autograd off.
+
+    Kernels compute values only; gradients come from the registered formulas. Under
+    ``create_graph=True`` a backward op is called with grad mode on and inputs that require
+    grad; a compiled kernel that calls ``at::mm_out`` from its own worker threads (where grad
+    mode is on again) would then refuse to run. ``detach()`` shares storage, so in-place
+    kernels still write the caller's tensors.
+    """
+    key = (b.name, op)
+    fn = _WRAPPED.get(key)
+    if fn is None:
+        raw = getattr(b.load(), op, None)
+        if raw is None:
+            return None
+
+        def fn(*args, _raw=raw):
+            with torch.no_grad():
+                return _raw(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+
+        fn.__name__ = fn.__qualname__ = op
+        fn.__module__ = getattr(raw, "__module__", b.module)
+        fn.__wrapped__ = raw
+        _WRAPPED[key] = fn
+    return fn
 
 
 def kernel(op: str, device: torch.device) -> Callable:

@@ -120,3 +120,18 @@ def test_compile_fullgraph_dae_inplace(backend, device):
     compiled(grad, cam, param, buf)
     for a, b, n in zip((grad, param, buf), ref, ("grad", "param", "buf")):
         assert_close(a, b, 1e-6, 1e-7, n)
+
+
+@pytest.mark.parametrize("loss", ["cm", "cc", "dm", "cov"])
+def test_double_backward_is_refused_not_wrong(loss):
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(6, 3, 4, dtype=torch.float64)
+    fn = {
+        "cm": lambda: edfkern.covariance_matching_loss(x, r, syn_groups=2, real_groups=2),
+        "cc": lambda: edfkern.class_centralization_loss(x, groups=2),
+        "dm": lambda: edfkern.mean_matching_loss(x, r, syn_groups=2, real_groups=2),
+        "cov": lambda: edfkern.local_covariance(x, groups=2).sum(),
+    }[loss]
+    (g,) = torch.autograd.grad(fn(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.pow(2).sum().backward()

@@ -84,10 +84,21 @@ def _mm_setup(ctx, inputs, output):
     ctx.save_for_backward(syn_perm, syn_offsets, real_perm, real_offsets, output[1])
 
 
-def _spread(per_class: Tensor, perm: Optional[Tensor], offsets: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-    """Row i gets per_class[label_i] / n_{label_i}: the gradient of a class mean."""
-    scaled = per_class / offsets.diff().clamp_min(1).to(per_class.dtype)[:, None]
-    return scaled.index_select(0, C.row_labels(perm, offsets, n)).to(dtype)
+@torch.library.custom_op("edfkern::mean_matching_backward", mutates_args=())
+def _mm_backward(grad: Tensor, diff: Tensor, perm: Optional[Tensor], offsets: Tensor, n: int, coef: float,
+                 dtype: torch.dtype) -> Tensor:
+    """Row i of group k gets ``coef * grad * diff_k / n_k``: (n, D) in ``dtype``."""
+    per_class = diff * (coef * grad) / offsets.diff().clamp_min(1).to(diff.dtype)[:, None]
+    return per_class.index_select(0, C.row_labels(perm, offsets, n)).to(dtype)
+
+
+@_mm_backward.register_fake
+def _(grad, diff, perm, offsets, n, coef, dtype):
+    return diff.new_empty((n, diff.shape[1]), dtype=dtype)
+
+
+torch.library.register_autograd("edfkern::mean_matching_backward", no_double_backward("mean_matching_loss"),
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 def _mm_bwd(ctx, g, _g_diff):
@@ -95,11 +106,11 @@ def _mm_bwd(ctx, g, _g_diff):
     grads = [None] * 7
     if g is None:
         return tuple(grads)
-    d = diff * (2.0 * ctx.weight * g)  # dL/dmean_syn_k
+    w2 = 2.0 * ctx.weight  # dL/dmean_syn_k = 2w (mean_syn_k - mean_real_k)
     if ctx.needs_input_grad[0]:
-        grads[0] = _spread(d, syn_perm, syn_offsets, ctx.n_syn, ctx.dtypes[0])
+        grads[0] = _mm_backward(g, diff, syn_perm, syn_offsets, ctx.n_syn, w2, ctx.dtypes[0])
     if ctx.needs_input_grad[3]:
-        grads[3] = _spread(-d, real_perm, real_offsets, ctx.n_real, ctx.dtypes[1])
+        grads[3] = _mm_backward(g, diff, real_perm, real_offsets, ctx.n_real, -w2, ctx.dtypes[1])
     return tuple(grads)
 
 
