@@ -252,3 +252,18 @@ def run_lockstep(base, fused, ctrl, iters: int, init_x: torch.Tensor, desc: str,
             step_norm = float((base.image_syn.detach() - init_x).norm())
             rel_first = float((base.image_syn.detach() - fused.image_syn.detach()).norm()) / max(step_norm, 1e-30)
     return trace, rel_first
+
+
+def report_agreement(base, fused, ctrl, init_x: torch.Tensor, iters: int, trace, rel_first: float) -> None:
+    """Print how far the baseline and edfkern runs ended apart, and the 1-ulp control if it ran."""
+    syn_b, syn_f = base.image_syn.detach(), fused.image_syn.detach()
+    max_diff = float((syn_b - syn_f).abs().max())
+    print(f"max |image_syn(baseline) - image_syn(edfkern)| = {max_diff:.3e} after {iters} iterations "
+          f"(images are standardised, std 1); after the first iteration ||difference|| / ||update|| = "
+          f"{rel_first:.2e}")
+    rel_final = float((syn_b - syn_f).norm()) / max(float((syn_b - init_x).norm()), 1e-30)
+    print("max |difference| by iteration: " + ", ".join(f"{i}: {d:.2e}" for i, d in trace)
+          + f"; at the end ||difference|| / ||total change of the images|| = {rel_final:.2e}")
+    if ctrl is not None:
+        print(f"control: max |image_syn(baseline) - image_syn(baseline, initial images +1 ulp)| = "
+              f"{float((base.image_syn - ctrl.image_syn).abs().max()):.3e} after {iters} iterations")

@@ -124,7 +124,6 @@ def main(argv=None) -> int:
                                       desc="DM+IID (baseline and edfkern in lockstep)")
     syn_base, syn_fused = base.image_syn.detach(), fused.image_syn.detach()
     t_base, l_base, t_fused, l_fused = base.it_time, base.loss_time, fused.it_time, fused.loss_time
-    max_diff = float((syn_base - syn_fused).abs().max())
     print(f"final loss: baseline {base.last:.6g}, edfkern {fused.last:.6g}")
 
     kw = dict(epochs=args.eval_epochs, lr=0.01, runs=args.eval_runs)
@@ -140,15 +139,7 @@ def main(argv=None) -> int:
          ["DM+IID, baseline loops", U.fmt_acc(*acc_base), f"{t_base.median_ms:.2f}", f"{l_base.median_ms:.2f}"],
          ["DM+IID, " + U.describe_backend(), U.fmt_acc(*acc_fused), f"{t_fused.median_ms:.2f}",
           f"{l_fused.median_ms:.2f}"]])
-    print(f"max |image_syn(baseline) - image_syn(edfkern)| = {max_diff:.3e} after {args.iters} iterations "
-          f"(images are standardised, std 1); after the first iteration ||difference|| / ||update|| = "
-          f"{rel_first:.2e}")
-    rel_final = float((syn_base - syn_fused).norm()) / max(float((syn_base - init_x).norm()), 1e-30)
-    print("max |difference| by iteration: " + ", ".join(f"{i}: {d:.2e}" for i, d in trace)
-          + f"; at the end ||difference|| / ||total change of the images|| = {rel_final:.2e}")
-    if ctrl is not None:
-        print(f"control: max |image_syn(baseline) - image_syn(baseline, initial images +1 ulp)| = "
-              f"{float((base.image_syn - ctrl.image_syn).abs().max()):.3e} after {args.iters} iterations")
+    U.report_agreement(base, fused, ctrl, init_x, args.iters, trace, rel_first)
     print(f"speed-up of edfkern over the loops: {t_base.median_ms / t_fused.median_ms:.2f}x per iteration, "
           f"{l_base.median_ms / l_fused.median_ms:.2f}x for the loss forward+backward")
     ok = rel_first < 1e-2 and base.last == base.last and fused.last == fused.last

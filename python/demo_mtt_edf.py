@@ -297,7 +297,6 @@ def main(argv=None) -> int:
     syn_b, syn_f = base.image_syn.detach(), fused.image_syn.detach()
     tb = (base.t_iter, base.t_cam, base.t_cpd, base.t_dae)
     tf = (fused.t_iter, fused.t_cam, fused.t_cpd, fused.t_dae)
-    max_diff = float((syn_b - syn_f).abs().max())
     print(f"final CPD loss: baseline {base.last:.6g}, edfkern {fused.last:.6g}; learned lr: "
           f"{float(base.syn_lr):.5g} / {float(fused.syn_lr):.5g}; max |CAM difference| at the first refresh "
           f"{cam_diff:.3e}")
@@ -319,15 +318,7 @@ def main(argv=None) -> int:
         [["random real init (no distillation)", U.fmt_acc(*acc_init), "-", "-", "-", "-"],
          ["MTT+EDF, baseline loops", U.fmt_acc(*acc_b), *times(tb)],
          ["MTT+EDF, " + U.describe_backend(), U.fmt_acc(*acc_f), *times(tf)]])
-    print(f"max |image_syn(baseline) - image_syn(edfkern)| = {max_diff:.3e} after {args.iters} iterations "
-          f"(images are standardised, std 1); after the first iteration ||difference|| / ||update|| = "
-          f"{rel_first:.2e}")
-    rel_final = float((syn_b - syn_f).norm()) / max(float((syn_b - init_x).norm()), 1e-30)
-    print("max |difference| by iteration: " + ", ".join(f"{i}: {d:.2e}" for i, d in trace)
-          + f"; at the end ||difference|| / ||total change of the images|| = {rel_final:.2e}")
-    if ctrl is not None:
-        print(f"control: max |image_syn(baseline) - image_syn(baseline, initial images +1 ulp)| = "
-              f"{float((base.image_syn - ctrl.image_syn).abs().max()):.3e} after {args.iters} iterations")
+    U.report_agreement(base, fused, ctrl, init_x, args.iters, trace, rel_first)
     print(f"speed-up of edfkern over the loops: {tb[0].median_ms / tf[0].median_ms:.2f}x per iteration, "
           f"{tb[1].median_ms / tf[1].median_ms:.2f}x CAM refresh, {tb[2].median_ms / tf[2].median_ms:.2f}x CPD, "
           f"{tb[3].median_ms / tf[3].median_ms:.2f}x DAE+step")
