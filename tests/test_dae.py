@@ -233,3 +233,29 @@ def test_dae_fp64_grad_with_fp32_cam_computes_in_fp64(backend, device):
     mask, amb = oracle_mask(cam, (9, 7), 1.0, None)
     keep = ~amb.expand_as(grad)
     assert_close(g.cpu()[keep], (grad * mask)[keep], 1e-12, 1e-14, "fp64 grad, fp32 cam")
+
+
+def _largest_allocation(fn) -> int:
+    """Largest single CPU tensor allocation (bytes) made while ``fn`` runs, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up: caches, lazy imports, kernel compilation
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0], default=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="profiles CPU allocations; on CUDA the bench measures workspace")
+def test_fused_dae_never_materialises_the_mask(backend):
+    """SPEC section 8: workspace O(N*h*w). The fused backends allocate at most per-image thresholds;
+    the reference (the oracle) materialises the upsampled map and the mask, and the check shows it."""
+    n, c, H, W = 6, 3, 64, 48
+    grad, cam = rand(n, c, H, W), torch.rand(n, 4, 4)
+    param, buf = rand(n, c, H, W), rand(n, c, H, W)
+    mask_bytes = n * H * W * 4
+    big = max(_largest_allocation(lambda: edfkern.dae_(grad, cam, beta=1.0)),
+              _largest_allocation(lambda: edfkern.dae_sgd_step_(param, grad, buf, cam, lr=1.0, beta=1.0)))
+    if backend == "reference":
+        assert big >= mask_bytes
+    else:
+        assert big <= 64 * n, f"{backend} allocated {big} bytes; the mask would be {mask_bytes}"
