@@ -200,3 +200,20 @@ def test_covariance_bad_inputs():
     with pytest.raises(ValueError, match="syn_groups must be on the same device"):
         edfkern.covariance_matching_loss(x, x, syn_groups=torch.zeros(6, dtype=torch.long, device="meta"),
                                          real_groups=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="profiles CPU allocations; on CUDA the bench measures workspace")
+def test_no_per_sample_products(backend):
+    """No backend forms the (n, C, C) per-sample products: every allocation stays below N*C*C floats."""
+    from tests.test_dae import _largest_allocation
+
+    n, c, l, k = 240, 48, 4, 3
+    syn = rand(n, c, l).requires_grad_()
+    real = rand(n, c, l)
+
+    def step():
+        syn.grad = None
+        edfkern.covariance_matching_loss(syn, real, syn_groups=k, real_groups=k).backward()
+
+    big = max(_largest_allocation(step), _largest_allocation(lambda: edfkern.local_covariance(real, groups=k)))
+    assert big < n * c * c * 4 // 4, f"{backend}: an allocation of {big} bytes; (N, C, C) would be {n * c * c * 4}"

@@ -27,9 +27,13 @@ def cov_forward(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Ten
 
 
 def cov_backward(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor) -> Tensor:
-    labels = row_labels(perm, offsets, x.shape[0])
+    n, c, l = x.shape
+    k = offsets.numel() - 1
+    labels = row_labels(perm, offsets, n)
     xc = x.to(mean.dtype) - mean[labels]
-    blocks, pos = padded(xc, labels, perm, offsets)
+    blocks, pos = padded(xc, labels, perm, offsets)  # (K, n_max, C, L)
+    y = blocks.permute(0, 2, 1, 3).reshape(k, c, -1)  # (K, C, n_max*L): one matmul per class, no (C, C) per row
     with ieee_matmul():
-        g = torch.matmul(M[:, None], blocks)  # (K, n_max, C, L)
+        g = torch.bmm(M, y)
+    g = g.view(k, c, -1, l).permute(0, 2, 1, 3)  # (K, n_max, C, L)
     return g[labels, pos].to(x.dtype)
