@@ -124,7 +124,8 @@ def _check_labels(name: str, labels: Tensor, n: int, device: torch.device) -> No
         raise ValueError(f"{name} must be on the same device as the features ({device}), got {labels.device}")
 
 
-def _build(name: str, groups: GroupsArg, n: int, k: int, device: torch.device) -> Groups:
+def _build(name: str, groups: GroupsArg, n: int, k: Optional[int], device: torch.device) -> Groups:
+    """CSR form of ``groups``; ``k=None`` infers K = max label + 1. One host sync for label tensors."""
     if isinstance(groups, int):
         if n % groups != 0:
             raise ValueError(f"{name}={groups} must divide the number of rows N={n}")
@@ -132,17 +133,22 @@ def _build(name: str, groups: GroupsArg, n: int, k: int, device: torch.device) -
         offsets = torch.arange(groups + 1, device=device, dtype=torch.int64) * ipc
         return Groups(None, offsets, (ipc,) * groups)
     labels = groups.to(torch.int64)
-    if n > 0:
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= k:
-            raise ValueError(f"{name} labels must lie in [0, {k}), got values in [{lo}, {hi}]")
-    counts = torch.bincount(labels, minlength=k)
+    if n == 0:
+        k = k or 1
+        return Groups(None, torch.zeros(k + 1, device=device, dtype=torch.int64), (0,) * k)
+    clamped = labels.clamp(0, k - 1) if k is not None else labels.clamp_min(0)
+    counts = torch.bincount(clamped, minlength=k or 0)
+    in_order = (labels[1:] >= labels[:-1]).all().view(1)  # a stable sort would leave the rows where they are
+    lo_hi = torch.stack(torch.aminmax(labels))
+    host = torch.cat([lo_hi, in_order.long(), counts]).tolist()
+    lo, hi, in_order_h, counts_h = host[0], host[1], bool(host[2]), host[3:]
+    k = hi + 1 if k is None else k
+    if lo < 0 or hi >= k:
+        raise ValueError(f"{name} labels must lie in [0, {k}), got values in [{lo}, {hi}]")
     offsets = torch.zeros(k + 1, device=device, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)
-    perm = torch.sort(labels, stable=True).indices
-    if bool((perm == torch.arange(n, device=device)).all()):
-        perm = None  # already class-contiguous: kernels skip the gather
-    return Groups(perm, offsets, tuple(int(c) for c in counts.tolist()))
+    perm = None if in_order_h else torch.sort(labels, stable=True).indices  # None: kernels skip the gather
+    return Groups(perm, offsets, tuple(counts_h))
 
 
 def _check_num_groups(num_groups: Optional[int]) -> None:
@@ -157,8 +163,6 @@ def resolve_groups(groups: GroupsArg, n: int, device: torch.device, num_groups: 
     k = _infer_k(name, groups, num_groups)
     if isinstance(groups, Tensor):
         _check_labels(name, groups, n, device)
-        if k is None:
-            k = int(groups.max()) + 1 if n > 0 else 1
     return _build(name, groups, n, k, device)
 
 

@@ -26,12 +26,27 @@ _LOCK = threading.Lock()
 _STATE: dict = {"done": False, "module": None, "reason": None, "warned": False}
 
 
+def _cpu_fingerprint() -> str:
+    """A short hash of this CPU's model and feature flags: a ``-march=native`` build cached in a
+    shared home directory must not be loaded on a node with another CPU (it would die of SIGILL)."""
+    import hashlib
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        import platform
+
+        lines = [platform.processor(), platform.machine()]
+    return "-" + hashlib.sha1("".join(lines).encode()).hexdigest()[:8]
+
+
 def _tag(with_cuda: bool) -> str:
     import torch
 
     ver = torch.__version__.split("+")[0]
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
-    arch = "-native" if _build.host_arch_flags() else ""
+    arch = f"-native{_cpu_fingerprint()}" if _build.host_arch_flags() else ""
     return f"torch{ver}-{flavour}{arch}-py{sys.version_info[0]}{sys.version_info[1]}"
 
 

@@ -8,7 +8,7 @@ import torch
 
 import edfkern
 from edfkern import baselines
-from tests._utils import ACC_TOL, DTYPES, assert_close, noncontig, rand
+from tests._utils import ACC_TOL, DTYPES, STORE_TOL, assert_close, noncontig, rand
 
 
 def stable_sort_keep(l: torch.Tensor, drop_ratio: float) -> torch.Tensor:
@@ -60,8 +60,7 @@ def test_cpd_dtypes(backend, device, dtype):
     exp_loss, exp_grad, _ = oracle_loss(s, t, s0, 0.375)
     rtol, atol = ACC_TOL[dtype]
     assert_close(loss.cpu(), exp_loss, rtol, 0, "loss")
-    grtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, rtol)
-    assert_close(sd.grad.cpu(), exp_grad, grtol, 1e-3 * float(exp_grad.abs().max()) if dtype in (torch.float16, torch.bfloat16) else atol, "grad")
+    assert_close(sd.grad.cpu(), exp_grad, *STORE_TOL[dtype], name="grad")
 
 
 @pytest.mark.parametrize("case", ["all_equal", "few_values", "tie_at_threshold", "zeros_and_ones"])

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .. import config
+from .._checks import acc_dtype
 
 #: Largest number of elements one program holds in registers for a fused row.
 MAX_FUSED_SIZE = 65536
@@ -45,9 +46,7 @@ def calculate_settings(n: int, max_block: int = 4096, lo: int = 16) -> tuple[int
     return block, num_warps_for(block)
 
 
-def acc_torch(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 otherwise (SPEC section 1)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+acc_torch = acc_dtype  # float64 for float64 inputs, float32 otherwise (SPEC section 1)
 
 
 def acc_tl(dtype: torch.dtype):

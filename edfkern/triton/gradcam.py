@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_torch, bilinear, next_pow2, register, wrap_triton
+from ._utils import acc_tl, acc_torch, bilinear, next_pow2, register, wrap_triton
 
 METHODS = {"gradcam": 0, "gradcam++": 1, "smoothgradcam++": 2}
 EPS = 1e-8
@@ -121,7 +121,7 @@ def grad_cam(A: Tensor, G: Tensor, A_clean: Optional[Tensor], method: str, norma
         A, G, A_clean if smooth else A, low, out,
         S, N, C, hw, h, w, H, W,
         METHOD=METHODS[method], NORMALIZE=bool(normalize), UPSAMPLE=upsample,
-        BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_OUT=min(1024, next_pow2(H * W)), ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_OUT=min(1024, next_pow2(H * W)), ACC=acc_tl(A.dtype),
         num_warps=4,
     )
     return out
