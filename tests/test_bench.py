@@ -128,3 +128,18 @@ def test_cases_cover_every_op_and_mode():
                 case.reset()
                 case.fn()
                 assert case.bytes_moved > 0 and case.flops > 0, case.name
+
+
+def test_markdown_renders_the_committed_run_and_runs_without_a_baseline(tmp_path):
+    """RESULTS.md's tables come from this renderer: it must reproduce the committed run's rows."""
+    from edfkern.bench import markdown
+
+    src = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-cifar10-ipc1000-latest.json"
+    data = json.loads(src.read_text())
+    text = markdown.render(data)
+    cm = [r for r in data["results"] if r["op"] == "covariance_matching_loss" and r["mode"] == "full"
+          and r["provider"] == "native"][0]
+    assert f"{cm['speedup']:.2f}x" in text
+    for r in data["results"]:  # a run without the baseline provider has no speedups
+        r["speedup"] = None
+    assert "| - |" in markdown.render(data)

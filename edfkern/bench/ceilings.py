@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .cases import _sync
+
 __all__ = ["Ceilings", "measure_ceilings"]
 
 
@@ -53,7 +55,7 @@ def _best_time(fn, sync, reps: int) -> float:
 def measure_ceilings(device: str, *, quick: bool = False) -> Ceilings:
     """Measure copy bandwidth and fp32 matmul rate on ``device`` (``quick``: smaller, for tests)."""
     cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = _sync("cuda" if cuda else "cpu")
     n_copy = (1 << 28 if cuda else 1 << 26) >> (4 if quick else 0)  # fp32 elements: 1 GiB / 256 MiB
     src = torch.rand(n_copy, device=device)
     dst = torch.empty_like(src)

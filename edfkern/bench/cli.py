@@ -206,8 +206,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 scale = 1.0
             wanted = modes_req or (["fwd", "full"] if sweep is None else [main_mode(op)])
             modes = [m for m in op_modes(op) if m in wanted]
-            if not modes:
-                modes = [main_mode(op)] if main_mode(op) in op_modes(op) else []
+            if not modes:  # e.g. --modes bwd for an op with no backward: say so rather than run another mode
+                scale_notes.append(f"skipped {op}: it has no mode among {sorted(wanted)} (its modes: {op_modes(op)})")
+                continue
             for mode in modes:
                 for prov in chosen:
                     tasks.append(dict(op=op, provider=prov, mode=mode, config=cfg0.name, ipc=ipc, scale=scale,

@@ -71,12 +71,6 @@ class Config:
             raise ValueError(f"ipc must be >= 1, got {ipc}")
         return dataclasses.replace(self, ipc=int(ipc))
 
-    def describe(self) -> str:
-        s = f"{self.name}: K={self.K} IPC={self.ipc} N={self.N} image={'x'.join(map(str, self.image))}"
-        if self.scale != 1.0:
-            s += f" (scaled x{self.scale:g})"
-        return s
-
 
 _LOCAL = (128, 16)
 CONFIGS: dict[str, Config] = {c.name: c for c in (

@@ -45,8 +45,9 @@ def render(data: dict) -> str:
             ach = (f"{r['achieved_Bps'] / 1e9:.1f} GB/s" if r.get("bound") == "memory"
                    else f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s")
             fs = f"{base[r['mode']] / floor:.0f}x" if r["mode"] in base else "-"
+            sp = "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
             out.append(f"| {r['mode']} | {name} | {fmt_time(r['median'])} | {fmt_time(r['q20'])} | "
-                       f"{fmt_time(r['q80'])} | {r['speedup']:.2f}x | {fmt_bytes(m.get('workspace'))} | "
+                       f"{fmt_time(r['q80'])} | {sp} | {fmt_bytes(m.get('workspace'))} | "
                        f"{fmt_bytes(m.get('footprint'))} | {ach} | {100 * r['of_ceiling']:.0f}% | {fmt_time(floor)} | "
                        f"{fs} |")
         out.append("")

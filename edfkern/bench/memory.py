@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 
 __all__ = ["MemoryResult", "rss_bytes", "peak_rss_bytes", "reset_peak_rss", "trim_heap", "measure_call",
-           "run_isolated", "shutdown"]
+           "run_isolated"]
 
 _STATUS = "/proc/self/status"
 
@@ -199,10 +199,4 @@ def run_isolated(target: Callable[[Any], Any], arg: Any, *, timeout: float = 900
     if status != "ok":
         raise RuntimeError(value)
     return value
-
-
-def shutdown() -> None:
-    """Forget the context (the forkserver exits with this process)."""
-    global _CTX
-    _CTX = None
 

@@ -56,7 +56,6 @@ def add_derived(results: list[dict], ceilings: Optional[Ceilings]) -> None:
             r["bound"] = bound
             r["achieved_Bps"] = r["bytes_moved"] / r["median"]
             r["achieved_flops"] = r["flops"] / r["median"]
-            r["roofline"] = ceilings.floor_s(r["bytes_moved"], r["flops"]) / r["median"]
             r["of_ceiling"] = (r["achieved_Bps"] / ceilings.copy_Bps if bound == "memory"
                                else r["achieved_flops"] / ceilings.matmul_flops)
 
@@ -207,6 +206,13 @@ def targets(results: list[dict], *, device: str, config: str, default_provider: 
             out.append(("CM peak RSS >=2.5x lower than loop (workspace only)",
                         f"{fmt_bytes(mb['workspace'])} vs {fmt_bytes(md['workspace'])} = {wr:.2f}x{note(rd)}",
                         "MET" if wr >= 2.5 else "NOT MET"))
+    rb = _find(results, "cpd_trajectory_loss", "full", "baseline")
+    rd = _find(results, "cpd_trajectory_loss", "full", dp)
+    if rb and rd and rb.get("memory") and rd.get("memory") and rb["memory"]["workspace"] > 0:
+        f = rd["memory"]["workspace"] / rb["memory"]["workspace"]
+        out.append(("CPD workspace <=1% of the sort baseline's",
+                    f"{fmt_bytes(rd['memory']['workspace'])} vs {fmt_bytes(rb['memory']['workspace'])} = "
+                    f"{100 * f:.2f}%{note(rd)}", "MET" if f <= 0.01 else "NOT MET"))
     if device.startswith("cuda") and ceilings is not None:
         for op in ("dae_", "dae_sgd_step_"):
             r = _find(results, op, "fwd", dp)

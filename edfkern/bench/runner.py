@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from . import memory
-from .cases import Case, Unavailable, make_case
+from .cases import Case, Unavailable, _sync, make_case
 from .configs import get_config
 
 __all__ = ["time_case", "quantiles", "run_task"]
@@ -32,7 +32,7 @@ def quantiles(xs: list[float]) -> tuple[float, float, float]:
 def time_case(case: Case, *, repeat: Optional[int] = None, budget_s: float = 1.0, warmup: int = 1,
               min_repeat: int = 3, max_repeat: int = 50) -> list[float]:
     """Seconds per call. ``repeat=None``: as many calls as fit ``budget_s`` (within [min, max])."""
-    sync = torch.cuda.synchronize if case.device.startswith("cuda") else (lambda: None)
+    sync = _sync(case.device)
     for _ in range(warmup):
         case.reset()
         case.fn()
