@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import acc_tl, acc_torch, cast_to, dot_precision, interpreting, next_pow2, register, wrap_triton
-from .features import _block, _seg_mean_kernel, _split
+from .features import _split, seg_mean
 
 
 @triton.jit
@@ -151,15 +151,9 @@ def _fwd_split(cols: int, K: int, tiles: int, bt: int) -> int:
 
 
 def _means(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> Tensor:
+    """(K, C, L) class means: the flat-feature segmented mean over D = C * L."""
     n, C, L = x.shape
-    K = offsets.numel() - 1
-    D = C * L
-    mean = torch.empty((K, C, L), dtype=acc_torch(x.dtype), device=x.device)
-    block = _block(D)
-    wrap_triton(_seg_mean_kernel)[(K, triton.cdiv(D, block))](
-        x, perm if perm is not None else offsets, offsets, mean, D,
-        HAS_PERM=perm is not None, BLOCK=block, ACC=acc_tl(x.dtype), num_warps=4)
-    return mean
+    return seg_mean(x.view(n, C * L), perm, offsets).view(-1, C, L)
 
 
 def cov_forward(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tensor, Tensor]:

@@ -323,9 +323,9 @@ def cpd_backward(grad_out: Tensor, student: Tensor, target: Tensor, start: Tenso
 
 def cpd_keep_mask(l: Tensor, k: int) -> Tensor:
     P = l.numel()
-    out = torch.ones(P, dtype=torch.uint8, device=l.device)
     if P == 0 or k == 0:
-        return out.view(torch.bool)
+        return torch.ones(P, dtype=torch.bool, device=l.device)
+    out = torch.empty(P, dtype=torch.uint8, device=l.device)  # every element written by _cpd_mask_kernel
     keybits = _keybits(l.dtype)
     state, tie, *_ = _select(l, l, l, P, k, True, False, keybits, acc_torch(l.dtype))
     wrap_triton(_cpd_mask_kernel)[(triton.cdiv(P, BLOCK),)](l, state, tie, out, P, KEYBITS=keybits, BLOCK=BLOCK,

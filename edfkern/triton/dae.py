@@ -181,7 +181,7 @@ def _launch(mode: int, cam: Tensor, H: int, W: int, C: int, beta: float, thresho
         float(beta), float(threshold) if threshold is not None else 0.0,
         float(lr), float(momentum), float(1.0 - dampening), float(weight_decay),
         MODE=mode, IDENTITY=(h, w) == (H, W), FIXED_THR=threshold is not None,
-        HAS_MOM=buf is not None and momentum != 0, HAS_WD=weight_decay != 0, NESTEROV=bool(nesterov),
+        HAS_MOM=buf is not None, HAS_WD=weight_decay != 0, NESTEROV=bool(nesterov),
         MAXIMIZE=bool(maximize), FIRST=bool(first_step),
         BLOCK=block, ACC=acc_tl(acc), num_warps=warps,
     )
@@ -202,7 +202,7 @@ def dae_sgd_step_(param: Tensor, grad: Tensor, buf: Optional[Tensor], cam: Tenso
                   threshold: Optional[float], momentum: float, dampening: float, weight_decay: float,
                   nesterov: bool, maximize: bool, first_step: bool) -> None:
     _, C, H, W = param.shape
-    _launch(MODE_SGD, cam, H, W, C, beta, threshold, param, grad, param, buf if momentum != 0 else None,
+    _launch(MODE_SGD, cam, H, W, C, beta, threshold, param, grad, param, buf,
             lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
 
 

@@ -27,7 +27,6 @@ from torch import Tensor
 from ._utils import acc_tl, acc_torch, bilinear, next_pow2, register, wrap_triton
 
 METHODS = {"gradcam": 0, "gradcam++": 1, "smoothgradcam++": 2}
-EPS = 1e-8
 
 
 @triton.jit(do_not_specialize=["S", "N", "C", "hw", "h", "w", "H", "W"])
