@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
 #include <edfkern/covariance.h>
 #include <edfkern/cpd.h>
 #include <edfkern/dae.h>
@@ -43,10 +44,6 @@ const int64_t* perm_ptr(const std::optional<at::Tensor>& perm) {
 
 // ----------------------------------------------------------------------------- DAE
 
-at::ScalarType mask_dtype(const at::Tensor& cam, const at::Tensor& grad) {
-  return cam.scalar_type() == at::kDouble || grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 kc::DaeArgs dae_args(int64_t N, int64_t C, const at::Tensor& cam, int64_t H, int64_t W, std::optional<double> thr,
                      double beta) {
   return kc::DaeArgs{N, C, cam.size(1), cam.size(2), H, W, thr.has_value(), thr.value_or(0.0), beta};
@@ -69,7 +66,7 @@ void dae_cuda(at::Tensor& grad, const at::Tensor& cam, double beta, std::optiona
   const c10::cuda::CUDAGuard guard(grad.device());
   if (grad.numel() == 0) return;
   TORCH_CHECK(grad.is_contiguous(), "edfkern_native.dae_: grad must be contiguous");
-  auto cam_m = cam.to(mask_dtype(cam, grad)).contiguous();
+  auto cam_m = cam.to(edfkern::dae_mask_in_double(cam, grad) ? at::kDouble : at::kFloat).contiguous();
   auto tau = at::empty({grad.size(0)}, cam_m.options());
   check(kc::dae_apply(grad.data_ptr(), dtype_of(grad), cam_m.data_ptr(), dtype_of(cam_m),
                       dae_args(grad.size(0), grad.size(1), cam, grad.size(2), grad.size(3), threshold, beta),
@@ -87,7 +84,7 @@ void dae_sgd_step_cuda(at::Tensor& param, const at::Tensor& grad, const std::opt
   const bool has_buf = momentum != 0.0 && buf.has_value() && buf->defined();
   TORCH_CHECK(momentum == 0.0 || has_buf, "edfkern_native.dae_sgd_step_: momentum != 0 needs a momentum buffer");
   auto g = grad.contiguous();
-  auto cam_m = cam.to(mask_dtype(cam, grad)).contiguous();
+  auto cam_m = cam.to(edfkern::dae_mask_in_double(cam, grad) ? at::kDouble : at::kFloat).contiguous();
   auto tau = at::empty({param.size(0)}, cam_m.options());
   const kc::SgdArgs s{lr, momentum, dampening, weight_decay, nesterov, maximize, first_step};
   check(kc::dae_sgd_step(param.data_ptr(), g.data_ptr(), has_buf ? buf->data_ptr() : nullptr, dtype_of(param),

@@ -23,7 +23,7 @@ from typing import Optional
 from . import build as _build
 
 _LOCK = threading.Lock()
-_STATE: dict = {"done": False, "module": None, "reason": None, "warned": False}
+_STATE: dict = {"done": False, "module": None, "reason": None}
 
 
 def _cpu_fingerprint() -> str:
@@ -150,8 +150,7 @@ def load(verbose: bool = False) -> tuple[Optional[ModuleType], Optional[str]]:
                     except Exception as e:  # noqa: BLE001  (any build error means: fall back)
                         why = f"build failed: {_short(e)}"
         _STATE.update(done=True, module=mod, reason=why)
-        if mod is None and why != "EDFKERN_NO_NATIVE=1 set" and not _STATE["warned"]:
-            _STATE["warned"] = True
+        if mod is None and why != "EDFKERN_NO_NATIVE=1 set":  # once: later calls return above
             warnings.warn(f"edfkern: native extension unavailable ({why}); using the next backend",
                           RuntimeWarning, stacklevel=3)
         return mod, why

@@ -45,7 +45,7 @@ def dae_(grad: Tensor, cam: Tensor, beta: float, threshold: Optional[float]) -> 
 def dae_sgd_step_(param: Tensor, grad: Tensor, buf: Optional[Tensor], cam: Tensor, lr: float, beta: float,
                   threshold: Optional[float], momentum: float, dampening: float, weight_decay: float,
                   nesterov: bool, maximize: bool, first_step: bool) -> None:
-    _ops.dae_sgd_step_(param, grad, buf if momentum != 0 else None, cam, float(lr), float(beta), _f(threshold),
+    _ops.dae_sgd_step_(param, grad, buf, cam, float(lr), float(beta), _f(threshold),
                        float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
                        bool(first_step))
 

@@ -101,7 +101,7 @@ void cov_forward_impl(const at::Tensor& x, const HostGroups& g, at::Tensor& sigm
   const scalar_t* xp = x.data_ptr<scalar_t>();
   acc_t* mp = mean.data_ptr<acc_t>();
   class_means<scalar_t, acc_t>(xp, g, C * L, mp);
-  const int64_t B = block_rows(C, L), ld = B * L;
+  const int64_t B = block_rows(C, L);
   over_classes(K, [&](int64_t k) {
     const int64_t j0 = g.offsets[k], n = g.offsets[k + 1] - j0;
     if (n == 0) return;  // sigma is zero-initialised
@@ -118,7 +118,6 @@ void cov_forward_impl(const at::Tensor& x, const HostGroups& g, at::Tensor& sigm
     }
     sk.div_(static_cast<double>(n));
   });
-  (void)ld;
 }
 
 template <typename scalar_t>

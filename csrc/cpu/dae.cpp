@@ -81,12 +81,8 @@ struct MaskMaker {
   }
 };
 
-// The mask is computed in float64 when the CAM or the gradient is float64, else float32:
-// the reference computes it in acc(cam) and multiplies in the promoted dtype.
-bool mask_in_double(const at::Tensor& cam, const at::Tensor& grad) {
-  return cam.scalar_type() == at::kDouble || grad.scalar_type() == at::kDouble;
-}
-
+// The mask is computed in float64 when the CAM or the gradient is float64, else float32
+// (edfkern::dae_mask_in_double), as the reference does.
 template <typename m_t, typename F>
 void for_each_image(const at::Tensor& cam_m, int64_t N, int64_t H, int64_t W, std::optional<double> threshold,
                     double beta, int64_t work_per_image, const F& body) {
@@ -200,7 +196,7 @@ void sgd_dispatch(const at::Tensor& param, const at::Tensor& grad, scalar_t* buf
 
 void dae_(const at::Tensor& grad, const at::Tensor& cam, double beta, std::optional<double> threshold) {
   if (grad.numel() == 0) return;
-  const bool dbl = mask_in_double(cam, grad);
+  const bool dbl = edfkern::dae_mask_in_double(cam, grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "edfkern_dae_", [&] {
     if (dbl) dae_impl<scalar_t, double>(grad, cam, beta, threshold);
     else dae_impl<scalar_t, float>(grad, cam, beta, threshold);
@@ -212,7 +208,7 @@ void dae_sgd_step_(const at::Tensor& param, const at::Tensor& grad, const std::o
                    double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step) {
   if (param.numel() == 0) return;
   const SGDArgs a{lr, momentum, dampening, weight_decay, nesterov, maximize, first_step};
-  const bool dbl = mask_in_double(cam, grad);
+  const bool dbl = edfkern::dae_mask_in_double(cam, grad);
   const bool has_buf = momentum != 0.0 && buf.has_value();
   TORCH_CHECK(momentum == 0.0 || has_buf, "edfkern_native.dae_sgd_step_: momentum != 0 needs a momentum buffer");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "edfkern_dae_sgd_step_", [&] {

@@ -10,6 +10,13 @@
 #include <vector>
 
 namespace edfkern {
+
+// DAE computes its mask in float64 when the CAM or the tensor it scales is float64, else float32
+// (edfkern/reference/dae.py); shared by the CPU kernels and the CUDA bindings.
+inline bool dae_mask_in_double(const at::Tensor& cam, const at::Tensor& grad) {
+  return cam.scalar_type() == at::kDouble || grad.scalar_type() == at::kDouble;
+}
+
 namespace cpu {
 
 // dae.cpp

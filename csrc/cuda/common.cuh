@@ -24,9 +24,6 @@ struct AccOf<double> {
 template <typename T>
 using acc_of = typename AccOf<T>::type;
 
-template <typename A>
-__device__ __forceinline__ A to_acc(float v) { return static_cast<A>(v); }
-
 template <typename A, typename T>
 __device__ __forceinline__ A load(const T* p) { return static_cast<A>(*p); }
 template <>
