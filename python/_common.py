@@ -267,3 +267,22 @@ def report_agreement(base, fused, ctrl, init_x: torch.Tensor, iters: int, trace,
     if ctrl is not None:
         print(f"control: max |image_syn(baseline) - image_syn(baseline, initial images +1 ulp)| = "
               f"{float((base.image_syn - ctrl.image_syn).abs().max()):.3e} after {iters} iterations")
+
+
+def add_common_args(p) -> None:
+    """The options both demos share: evaluation, seed, the 1-ulp control run and threads."""
+    p.add_argument("--eval-epochs", type=int, default=None, help="default 300; quick 100")
+    p.add_argument("--eval-runs", type=int, default=None, help="default 5; quick 2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ulp-control", action="store_true",
+                   help="also step a baseline run whose initial images are 1 ulp larger, to show how far "
+                        "rounding alone moves the result (the floor for the baseline-vs-edfkern difference)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: robust timings on a small, shared machine)")
+
+
+def finish_common_args(args) -> None:
+    """Quick-mode defaults of the shared options, and the thread count."""
+    args.eval_epochs = args.eval_epochs or (100 if args.quick else 300)
+    args.eval_runs = args.eval_runs or (2 if args.quick else 5)
+    set_threads(args.threads)

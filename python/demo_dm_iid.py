@@ -95,19 +95,10 @@ def main(argv=None) -> int:
     p.add_argument("--w-cc", type=float, default=0.001,
                    help="CC weight (IID: 0.05 on pretrained ResNet-18 features; see the module docstring)")
     p.add_argument("--w-cm", type=float, default=0.01, help="CM weight (IID: 0.01; IDM+IID: 0.03)")
-    p.add_argument("--eval-epochs", type=int, default=None, help="default 300; quick 100")
-    p.add_argument("--eval-runs", type=int, default=None, help="default 5; quick 2")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ulp-control", action="store_true",
-                   help="also step a baseline run whose initial images are 1 ulp larger, to show how far "
-                        "rounding alone moves the result (the floor for the baseline-vs-edfkern difference)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: robust timings on a small, shared machine)")
+    U.add_common_args(p)
     args = p.parse_args(argv)
+    U.finish_common_args(args)
     args.iters = args.iters or (25 if args.quick else 500)
-    args.eval_epochs = args.eval_epochs or (100 if args.quick else 300)
-    args.eval_runs = args.eval_runs or (2 if args.quick else 5)
-    U.set_threads(args.threads)
 
     data = U.load_digits_split()
     print(f"digits: {len(data.x_train)} train / {len(data.x_test)} test images, 1x16x16, 10 classes; "

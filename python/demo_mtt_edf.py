@@ -244,15 +244,9 @@ def main(argv=None) -> int:
     p.add_argument("--interval", type=int, default=None, help="CAM refresh interval; default 50, quick 6")
     p.add_argument("--cam-samples", type=int, default=4)
     p.add_argument("--cam-std", type=float, default=0.3)
-    p.add_argument("--eval-epochs", type=int, default=None, help="default 300; quick 100")
-    p.add_argument("--eval-runs", type=int, default=None, help="default 5; quick 2")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ulp-control", action="store_true",
-                   help="also step a baseline run whose initial images are 1 ulp larger, to show how far "
-                        "rounding alone moves the result (the floor for the baseline-vs-edfkern difference)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: robust timings on a small, shared machine)")
+    U.add_common_args(p)
     args = p.parse_args(argv)
+    U.finish_common_args(args)
     q = args.quick
     args.experts = args.experts or (2 if q else 3)
     args.expert_train_epochs = args.expert_train_epochs or (3 if q else 8)
@@ -261,11 +255,8 @@ def main(argv=None) -> int:
     args.syn_steps = args.syn_steps or (5 if q else 10)
     args.batch_syn = args.batch_syn or U.NUM_CLASSES * args.ipc
     args.interval = args.interval or (6 if q else 50)
-    args.eval_epochs = args.eval_epochs or (100 if q else 300)
-    args.eval_runs = args.eval_runs or (2 if q else 5)
     if args.max_start_epoch + args.expert_epochs > args.expert_train_epochs:
         p.error("max_start_epoch + expert_epochs must be <= expert_train_epochs")
-    U.set_threads(args.threads)
 
     data = U.load_digits_split()
     print(f"digits: {len(data.x_train)} train / {len(data.x_test)} test images, 1x16x16, 10 classes; "
