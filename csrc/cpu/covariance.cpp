@@ -40,29 +40,6 @@ int64_t block_rows(int64_t C, int64_t L) {
   return b;
 }
 
-// Per-class means in acc, rows summed in ascending input order (as index_add_ does), then / n_k.
-template <typename scalar_t, typename acc_t>
-void class_means(const scalar_t* x, const HostGroups& g, int64_t D, acc_t* mean) {
-  const int64_t K = g.K();
-  constexpr int64_t kCols = 512;
-  const int64_t nchunks = (D + kCols - 1) / kCols;
-  at::parallel_for(0, K * nchunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> acc(kCols);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k = t / nchunks, c0 = (t % nchunks) * kCols, c1 = std::min(D, c0 + kCols), w = c1 - c0;
-      std::fill(acc.begin(), acc.begin() + w, acc_t(0));
-      const int64_t j0 = g.offsets[k], j1 = g.offsets[k + 1];
-      for (int64_t j = j0; j < j1; ++j) {
-        const scalar_t* r = x + g.row(j) * D + c0;
-        for (int64_t c = 0; c < w; ++c) acc[c] += static_cast<acc_t>(r[c]);
-      }
-      const acc_t n = static_cast<acc_t>(std::max<int64_t>(1, j1 - j0));
-      acc_t* m = mean + k * D + c0;
-      for (int64_t c = 0; c < w; ++c) m[c] = acc[c] / n;
-    }
-  });
-}
-
 // Centre rows j0..j0+nb-1 of class k into Y (C, ld): Y[c, b*L + l] = x[row, c, l] - mean[c, l].
 template <typename scalar_t, typename acc_t>
 void centre_block(const scalar_t* x, const HostGroups& g, const acc_t* mean_k, int64_t j0, int64_t nb, int64_t C,
@@ -95,12 +72,11 @@ void over_classes(int64_t K, const F& body) {
 }
 
 template <typename scalar_t>
-void cov_forward_impl(const at::Tensor& x, const HostGroups& g, at::Tensor& sigma, at::Tensor& mean) {
+void cov_forward_impl(const at::Tensor& x, const HostGroups& g, at::Tensor& sigma, const at::Tensor& mean) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = x.size(1), L = x.size(2), K = g.K();
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  acc_t* mp = mean.data_ptr<acc_t>();
-  class_means<scalar_t, acc_t>(xp, g, C * L, mp);
+  const acc_t* mp = mean.data_ptr<acc_t>();  // class means, from seg_mean (features.cpp)
   const int64_t B = block_rows(C, L);
   over_classes(K, [&](int64_t k) {
     const int64_t j0 = g.offsets[k], n = g.offsets[k + 1] - j0;
@@ -165,8 +141,8 @@ std::tuple<at::Tensor, at::Tensor> cov_forward(const at::Tensor& x, const std::o
   const int64_t C = x.size(1), L = x.size(2), K = g.K();
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto sigma = at::zeros({K, C, C}, x.options().dtype(acc));
-  auto mean = at::zeros({K, C, L}, x.options().dtype(acc));
-  if (K == 0 || x.numel() == 0) return {sigma, mean};
+  if (K == 0 || x.numel() == 0) return {sigma, at::zeros({K, C, L}, x.options().dtype(acc))};
+  auto mean = seg_mean(x.view({x.size(0), C * L}), perm, offsets).view({K, C, L});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "edfkern_cov_forward", [&] {
     cov_forward_impl<scalar_t>(x, g, sigma, mean);
   });
