@@ -1,0 +1,103 @@
+"""The one place in edfkern that calls ``torch.distributed``.
+
+Every collective edfkern issues goes through :func:`all_reduce_sum_` (or the other helpers
+here), so that:
+
+- a process group of ``None`` always means *one process* for the ops (today's behaviour);
+- every collective is bounded by a timeout, and a rank that never arrives raises
+  ``RuntimeError`` naming the collective instead of hanging;
+- several tensors of one dtype travel in a single flat buffer (one collective, not one per tensor).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["DEFAULT_TIMEOUT", "is_active", "world", "default_group", "shard_classes", "all_reduce_sum_",
+           "all_gather_object_sizes"]
+
+#: Upper bound on one collective. ``EDFKERN_DIST_TIMEOUT`` (seconds) overrides it.
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("EDFKERN_DIST_TIMEOUT", "300")))
+
+
+def is_active(group: Optional[object]) -> bool:
+    """True when ``group`` names a usable process group with more than zero peers."""
+    return group is not None and dist.is_available() and dist.is_initialized()
+
+
+def default_group() -> Optional[object]:
+    """``WORLD`` under ``torchrun`` (an initialised default group), else ``None`` (one process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+def world(group: Optional[object]) -> tuple[int, int]:
+    """``(rank, world_size)`` within ``group``; ``(0, 1)`` for ``None``."""
+    if not is_active(group):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard_classes(num_classes: int, *, group: Optional[object] = None) -> range:
+    """The classes this rank owns: a contiguous, balanced block, identical on every run.
+
+    Rank ``r`` of ``W`` gets ``[r*K//W, (r+1)*K//W)``; sizes differ by at most one. ``group=None``
+    uses the default group when one is initialised (``torchrun``), else owns every class.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+    rank, size = world(group if group is not None else default_group())
+    return range(rank * num_classes // size, (rank + 1) * num_classes // size)
+
+
+def _wait(work, what: str, timeout: datetime.timedelta) -> None:
+    try:
+        ok = work.wait(timeout)
+    except RuntimeError as e:  # gloo raises on timeout / peer loss
+        raise RuntimeError(f"edfkern.distributed: {what} did not complete within {timeout}: {e}") from e
+    if ok is False:
+        raise RuntimeError(f"edfkern.distributed: {what} did not complete within {timeout}")
+
+
+def all_reduce_sum_(tensors: Sequence[Tensor], *, group: Optional[object],
+                    timeout: Optional[datetime.timedelta] = None, what: str = "all_reduce") -> list[Tensor]:
+    """Sum ``tensors`` over ``group`` in place, as one collective per dtype; returns them.
+
+    With ``group=None`` (or no initialised process group) this is the identity.
+    """
+    tensors = list(tensors)
+    if not is_active(group) or not tensors:
+        return tensors
+    timeout = timeout or DEFAULT_TIMEOUT
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        idx = by_dtype[dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]) if len(idx) > 1 else tensors[idx[0]].reshape(-1).clone()
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        _wait(work, f"{what} ({dtype}, {flat.numel()} elements)", timeout)
+        off = 0
+        for i in idx:
+            n = tensors[i].numel()
+            tensors[i].copy_(flat[off:off + n].view_as(tensors[i]))
+            off += n
+    return tensors
+
+
+def all_gather_object_sizes(n: int, *, group: Optional[object],
+                            timeout: Optional[datetime.timedelta] = None) -> list[int]:
+    """Every rank's integer ``n`` (e.g. its chunk length), in rank order; ``[n]`` for one process."""
+    rank, size = world(group)
+    if size == 1 and not is_active(group):
+        return [int(n)]
+    buf = torch.zeros(size, dtype=torch.int64)
+    buf[rank] = int(n)
+    all_reduce_sum_([buf], group=group, timeout=timeout, what="size exchange")
+    return buf.tolist()
