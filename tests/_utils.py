@@ -1,6 +1,8 @@
 """Assertion helpers shared by the op tests."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 # (dtype, rtol, atol) for results that accumulate in float32 (float64 for float64).
@@ -64,6 +66,67 @@ def noncontig(x: torch.Tensor) -> torch.Tensor:
     big = torch.full(x.shape[:-1] + (2 * x.shape[-1],), float("nan"), dtype=x.dtype, device=x.device)
     big[..., ::2] = x
     return big[..., ::2]
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def assert_fp_rule(actual: torch.Tensor, oracle: torch.Tensor, plain: torch.Tensor, name: str = "",
+                   *, factor: float = 2.0, floor_ulps: Optional[float] = None) -> None:
+    """The project's tolerance rule for results below float64 (FlashAttention's rule).
+
+    ``oracle`` is the float64 value of the formula on the same (already rounded) inputs; ``plain`` is
+    a plain-PyTorch computation of the same formula in the op's own precision (float32 accumulation,
+    result stored in ``actual.dtype``). The op passes when
+
+        max |actual - oracle|  <=  factor * max |plain - oracle|  +  floor_ulps * eps(actual.dtype) * max |oracle|
+
+    ``floor_ulps`` defaults to 8, and to 32 for outputs of fewer than 16 elements (a scalar loss),
+    where one lucky plain rounding would otherwise set the whole bar.
+
+    so the bar moves with the error a plain computation makes *on this machine* (MKL/oneDNN take
+    different paths on Intel and AMD, and with the thread count), never with a tolerance tuned on one
+    CPU. NaN positions must agree exactly, and so must infinities (value and sign).
+    float64 results have no higher-precision oracle: use :func:`assert_close` with a tight tolerance.
+    """
+    assert actual.shape == oracle.shape == plain.shape, (
+        f"{name}: shapes {tuple(actual.shape)}, oracle {tuple(oracle.shape)}, plain {tuple(plain.shape)}")
+    a, o, p = (v.detach().double().cpu() for v in (actual, oracle, plain))
+    nan_a, nan_o = a.isnan(), o.isnan()
+    assert torch.equal(nan_a, nan_o), f"{name}: NaN at {int((nan_a != nan_o).sum())} positions where the oracle has none (or vice versa)"
+    inf_a, inf_o = a.isinf(), o.isinf()
+    assert torch.equal(inf_a, inf_o) and torch.equal(a[inf_a], o[inf_o]), f"{name}: infinities differ from the oracle"
+    fin = ~(nan_o | inf_o)
+    if not fin.any():
+        return
+    a, o, p = a[fin], o[fin], p[fin]
+    err = (a - o).abs().max().item()
+    plain_err = (p - o).abs().nan_to_num(float("inf")).max().item()
+    if floor_ulps is None:
+        floor_ulps = 8.0 if actual.numel() >= 16 else 32.0
+    floor = floor_ulps * _eps(actual.dtype) * o.abs().max().item()
+    allowed = factor * plain_err + floor
+    if not err <= allowed:
+        i = int((a - o).abs().argmax())
+        raise AssertionError(
+            f"{name}: max error vs the fp64 oracle {err:.3e} > {factor:g} x plain PyTorch's {plain_err:.3e} "
+            f"+ floor {floor:.1e} (worst element: got {a[i].item()!r}, oracle {o[i].item()!r})")
+
+
+def assert_formula(actual: torch.Tensor, formula, name: str = "", **kw) -> None:
+    """:func:`assert_fp_rule` with both references from one dtype-generic ``formula(dtype)``.
+
+    ``formula(torch.float64)`` is the oracle; ``formula(acc)`` with ``acc`` the op's accumulation
+    dtype (float32 for float32/float16/bfloat16 results), rounded to ``actual.dtype``, is the plain
+    computation. A float64 ``actual`` is compared element-wise at 1e-10 relative.
+    """
+    oracle = formula(torch.float64)
+    if actual.dtype == torch.float64:
+        assert_close(actual, oracle, 1e-10, 1e-12 * max(1.0, oracle.abs().max().item()), name)
+        return
+    plain = formula(torch.float32).to(actual.dtype)
+    assert_fp_rule(actual, oracle, plain, name, **kw)
 
 
 def assert_within_torch_error(actual: torch.Tensor, torch_result: torch.Tensor, oracle: torch.Tensor, rtol: float,
