@@ -1,0 +1,522 @@
+"""The backend kernel contract: every function of each fused backend (``native``, ``triton``) against
+``edfkern.reference``, called directly (the op-level suites run the registered ops on every backend).
+
+One file, one group builder, one tolerance convention:
+
+- results below float64 follow the project's rule (``tests/_utils.py::assert_fp_rule``): at most 2x
+  as far from the float64 oracle (the reference kernel on the same inputs promoted to float64) as
+  the reference kernel itself in the input precision (plain PyTorch), plus a few-ulp floor;
+- float64 results are compared with the float64 reference at 1e-10 relative;
+- integer and boolean results (CPD's tie index and keep-set) must be identical;
+- DAE pixels within rounding of their image's threshold may flip between ``1`` and ``value + beta``
+  and are left out (at most a few percent of a small test image, counted).
+
+Small odd shapes (the Triton interpreter is slow), all four dtypes, label groups with a non-identity
+permutation and an empty group, CPD ties at the threshold and k == 0. Tests marked ``gpu`` use
+the large shapes of the benchmark configurations and run only on CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest does this too; must precede the triton import
+
+import edfkern  # noqa: E402
+import edfkern.reference as R  # noqa: E402
+from edfkern.reference._common import upsample  # noqa: E402
+from tests._utils import DTYPES, assert_close, assert_fp_rule  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED = ("native", "triton")
+
+
+def _backend_param(name: str):
+    info = edfkern.backends()[name]
+    ok = info["available"] and DEVICE in info["devices"]
+    why = info["reason"] if not info["available"] else f"cannot take {DEVICE} tensors"
+    return pytest.param(name, id=name, marks=() if ok else pytest.mark.skip(reason=f"{name}: {why}"))
+
+
+@pytest.fixture(params=[_backend_param(n) for n in FUSED])
+def K(request):
+    """The fused backend's kernel module (``edfkern.native`` or ``edfkern.triton``)."""
+    return importlib.import_module(f"edfkern.{request.param}")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed), dtype=torch.float64).to(dtype).to(DEVICE)
+
+
+def rand(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:
+    return torch.rand(*shape, generator=_gen(seed), dtype=torch.float64).to(dtype).to(DEVICE)
+
+
+def groups(kind: str, n: int, k: int, seed: int) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+    """``(n_rows, perm, offsets)`` in the CSR form kernels take.
+
+    ``"equal"``: K contiguous blocks of ``n // k`` rows, ``perm=None``. ``"labels"``: shuffled labels in
+    ``[0, k)`` that need a permutation, with group 1 empty (``k >= 3``).
+    """
+    if kind == "equal":
+        ipc = max(1, n // k)
+        return ipc * k, None, (torch.arange(k + 1, dtype=torch.int64) * ipc).to(DEVICE)
+    labels = torch.randint(0, k, (n,), generator=_gen(seed))
+    labels[labels == 1] = 0
+    labels[0], labels[-1] = k - 1, 0  # never already sorted
+    counts = torch.bincount(labels, minlength=k)
+    offsets = torch.zeros(k + 1, dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0)
+    return n, torch.sort(labels, stable=True).indices.to(DEVICE), offsets.to(DEVICE)
+
+
+def _promote(v):
+    return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def vs_reference(got, fn: str, *args, name: str = "", index=None, floor_ulps=None, also=()) -> None:
+    """Judge ``got`` (one output of ``K.<fn>(*args)``) against the reference kernel.
+
+    ``index`` picks the output of a multi-output kernel. Below float64: the tolerance rule, with the
+    oracle ``R.<fn>`` on the arguments promoted to float64 and plain PyTorch ``R.<fn>(*args)``; ``also``
+    adds further plain results (the same formula summed in another order) for ill-conditioned outputs.
+    """
+    pick = (lambda r: r) if index is None else (lambda r: r[index])
+    plain = pick(getattr(R, fn)(*args))
+    assert got.shape == plain.shape and got.dtype == plain.dtype, (
+        f"{name}: {tuple(got.shape)} {got.dtype} vs the reference's {tuple(plain.shape)} {plain.dtype}")
+    if got.dtype == torch.float64:
+        assert_close(got, plain, 1e-10, 1e-12 * max(1.0, plain.abs().max().item()), name)
+        return
+    oracle = pick(getattr(R, fn)(*map(_promote, args)))
+    assert_fp_rule(got, oracle, [plain, *also], name, floor_ulps=floor_ulps)
+
+
+# ----------------------------------------------------------------------------- DAE
+
+
+def near_threshold(cam: torch.Tensor, threshold, H: int, W: int) -> torch.Tensor:
+    """(N, H, W) bool: pixels whose U(cam) lies within rounding of tau (they may flip)."""
+    acc = torch.float64 if cam.dtype == torch.float64 else torch.float32
+    u = upsample(cam.to(acc), (H, W))
+    tau = u.mean(dim=(1, 2), keepdim=True) if threshold is None else torch.tensor(threshold, dtype=acc)
+    tol = 1e-12 if acc == torch.float64 else 1e-5
+    return (u - tau).abs() <= tol * (1 + tau.abs())
+
+
+DAE_SHAPES = [(3, 2, 4, 4, 33, 17), (2, 3, 5, 3, 5, 3), (1, 1, 3, 7, 16, 16), (2, 4, 1, 1, 7, 9),
+              (2, 3, 4, 4, 40, 37), (1, 7, 7, 7, 7, 7)]  # N, C, h, w, H, W; (40, 37) > one 1024-pixel block
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DAE_SHAPES, ids=str)
+@pytest.mark.parametrize("threshold", [None, 0.4], ids=str)
+def test_dae_mask_and_scale(K, dtype, shape, threshold):
+    n, c, h, w, H, W = shape
+    cam = rand(n, h, w, dtype=dtype, seed=sum(shape))
+    if (h, w) == (1, 1) and threshold is None:
+        cam = rand(n, 2, 2, dtype=dtype, seed=1)  # a flat map sits on its mean: tests/test_special_values.py
+        h = w = 2
+    far = ~near_threshold(cam, threshold, H, W)
+    assert (~far).float().mean() < 0.05
+    got = K.dae_mask(cam, 1.5, threshold, H, W)
+    assert got.shape == (n, 1, H, W) and got.dtype == cam.dtype
+    exp, oracle = R.dae_mask(cam, 1.5, threshold, H, W), R.dae_mask(cam.double(), 1.5, threshold, H, W)
+    if dtype == torch.float64:
+        assert_close(got[:, 0][far], exp[:, 0][far], 1e-10, 1e-12, "dae_mask")
+    else:
+        assert_fp_rule(got[:, 0][far], oracle[:, 0][far], exp[:, 0][far], "dae_mask")
+
+    grad = randn(n, c, H, W, dtype=dtype, seed=3)
+    g1, g2 = grad.clone(), grad.clone()
+    K.dae_(g1, cam, 1.5, threshold)
+    R.dae_(g2, cam, 1.5, threshold)
+    sel = far[:, None].expand_as(g1)
+    if dtype == torch.float64:
+        assert_close(g1[sel], g2[sel], 1e-10, 1e-12, "dae_")
+    else:
+        g3 = grad.double()
+        R.dae_(g3, cam.double(), 1.5, threshold)
+        assert_fp_rule(g1[sel], g3[sel], g2[sel], "dae_")
+
+
+def test_dae_mixed_dtypes(K):
+    """An fp16 gradient with an fp64 CAM: the mask math runs in fp64, the product is stored in fp16."""
+    grad = randn(2, 3, 8, 8, dtype=torch.float16, seed=1)
+    cam = rand(2, 3, 3, dtype=torch.float64, seed=2)
+    g1, g2 = grad.clone(), grad.clone()
+    K.dae_(g1, cam, 1.0, None)
+    R.dae_(g2, cam, 1.0, None)
+    far = (~near_threshold(cam, None, 8, 8))[:, None].expand_as(g1)
+    g3 = grad.double()
+    R.dae_(g3, cam, 1.0, None)
+    assert_fp_rule(g1[far], g3[far], g2[far], "dae_ fp16 grad / fp64 cam")
+
+
+SGD_CONFIGS = [  # momentum, dampening, weight_decay, nesterov, maximize, first_step
+    (0.5, 0.0, 0.0, False, False, False),
+    (0.5, 0.0, 0.0, False, False, True),
+    (0.9, 0.1, 0.01, False, True, False),
+    (0.9, 0.0, 0.05, True, False, False),
+    (0.0, 0.0, 0.1, False, False, False),
+    (0.9, 0.3, 0.0, False, False, True),  # torch applies no dampening on the first step
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=str)
+@pytest.mark.parametrize("identity", [False, True], ids=["upsampled", "identity"])
+def test_dae_sgd_step(K, dtype, cfg, identity):
+    momentum, dampening, wd, nesterov, maximize, first = cfg
+    n, c, H, W = 3, 2, 11, 13
+    h, w = (H, W) if identity else (4, 3)
+    threshold = 0.45 if identity else None
+    cam = rand(n, h, w, dtype=dtype, seed=5)
+    grad = randn(n, c, H, W, dtype=dtype, seed=6)
+    param = randn(n, c, H, W, dtype=dtype, seed=7)
+    buf = randn(n, c, H, W, dtype=dtype, seed=8) if momentum else None
+    args = (100.0, 1.5, threshold, momentum, dampening, wd, nesterov, maximize, first)
+
+    def step(module, promote=False):
+        cv = (lambda t: None if t is None else t.double()) if promote else (lambda t: None if t is None else t.clone())
+        p, b = cv(param), cv(buf)
+        module.dae_sgd_step_(p, cv(grad), b, cv(cam), *args)
+        return p, b
+
+    g0 = grad.clone()
+    p1, b1 = step(K)
+    assert torch.equal(grad, g0), "grad must be left untouched"
+    p1, b1 = param.clone(), None if buf is None else buf.clone()
+    K.dae_sgd_step_(p1, grad, b1, cam, *args)  # the caller's own grad, once more: it must stay untouched
+    assert torch.equal(grad, g0), "grad must be left untouched"
+    p2, b2 = step(R)
+    if identity and K.__name__ == "edfkern.triton":
+        # U is the identity and the threshold fixed: Triton runs the reference's fp ops, bit for bit
+        assert torch.equal(p1, p2), f"param: {(p1 != p2).sum()} elements differ"
+        assert buf is None or torch.equal(b1, b2), "buf differs"
+    far = (~near_threshold(cam, threshold, H, W))[:, None].expand_as(p1)
+    if dtype == torch.float64:
+        assert_close(p1[far], p2[far], 1e-10, 1e-10, "param")
+        if buf is not None:
+            assert_close(b1[far], b2[far], 1e-10, 1e-12, "buf")
+        return
+    p3, b3 = step(R, promote=True)
+    assert_fp_rule(p1[far], p3[far], p2[far], "param")
+    if buf is not None:
+        assert_fp_rule(b1[far], b3[far], b2[far], "buf")
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "smoothgradcam++"])
+@pytest.mark.parametrize("size", [None, (9, 13)], ids=str)
+def test_grad_cam(K, dtype, method, size):
+    s, n, c, h, w = 3, 2, 37, 5, 3
+    A = rand(s, n, c, h, w, dtype=dtype, seed=1)  # activations after a ReLU
+    G = randn(s, n, c, h, w, dtype=dtype, seed=2)
+    Ac = rand(n, c, h, w, dtype=dtype, seed=3) if method == "smoothgradcam++" else None
+    if method != "smoothgradcam++":
+        A, G = A[0], G[0]
+    for normalize in (True, False):
+        got = K.grad_cam(A, G, Ac, method, normalize, size)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        # gradcam++'s alpha has a denominator 2G^2 + sum(A G^3) that nearly cancels on some channels:
+        # the plain bar also counts the same formula summed in reversed (h, w) and channel orders
+        vs_reference(got, "grad_cam", A, G, Ac, method, normalize, size, name=f"{method} normalize={normalize}",
+                     also=[_grad_cam_reordered(A, G, Ac, method, normalize, size, dims)
+                           for dims in ((-1, -2), (-3,), (-3, -1, -2))])
+
+
+def _grad_cam_reordered(A, G, Ac, method, normalize, size, dims):
+    """The reference on inputs flipped along ``dims`` (positions and/or channels), the map flipped back:
+    the same formula, every sum taken in another order."""
+    flip = (lambda t: None if t is None else t.flip(dims))
+    out = R.grad_cam(flip(A), flip(G), flip(Ac), method, normalize, size)
+    spatial = tuple(d for d in dims if d in (-1, -2))
+    return out.flip(spatial) if spatial else out
+
+
+# ----------------------------------------------------------------------------- CPD
+
+
+def cpd_inputs(p: int, mode: str, dtype, seed: int):
+    s0 = randn(p, dtype=dtype, seed=seed + 2)
+    if mode == "random":
+        return randn(p, dtype=dtype, seed=seed), randn(p, dtype=dtype, seed=seed + 1), s0
+    # integer differences: l takes ~4 values, so the threshold value is tied many times over
+    diff = torch.randint(-3, 4, (p,), generator=_gen(seed)).to(dtype).to(DEVICE)
+    target = randn(p, dtype=dtype, seed=seed + 1).round()
+    return target + diff, target, s0
+
+
+def stable_sort_keep(l: torch.Tensor, k: int) -> torch.Tensor:
+    keep = torch.ones(l.numel(), dtype=torch.bool, device=l.device)
+    keep[torch.sort(l, stable=True).indices[:k]] = False
+    return keep
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [1, 7, 2053, 6001])
+@pytest.mark.parametrize("mode", ["random", "ties"])
+def test_cpd_forward_backward(K, dtype, p, mode):
+    student, target, start = cpd_inputs(p, mode, dtype, seed=p)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    l = (student.to(acc) - target.to(acc)) ** 2
+    for ratio in (0.0, 0.25, 0.5, 0.9):
+        k = int(ratio * p)
+        sl, sd, thr, tie = K.cpd_forward(student, target, start, k)
+        rsl, rsd, rthr, rtie = R.cpd_forward(student, target, start, k)
+        assert all(v.dim() == 0 for v in (sl, sd, thr, tie)) and tie.dtype == torch.int64 and thr.dtype == acc
+        assert torch.equal(thr, rthr) and torch.equal(tie, rtie), f"k={k}: thr/tie {thr, tie} != {rthr, rtie}"
+        if k == 0:
+            assert thr.item() == float("-inf") and tie.item() == 0
+        keep = ~((l < thr) | ((l == thr) & (torch.arange(p, device=l.device) < tie)))
+        assert torch.equal(keep, stable_sort_keep(l, k)), f"k={k}: keep-set differs from a stable sort"
+        vs_reference(sl, "cpd_forward", student, target, start, k, name="sum_l", index=0)
+        vs_reference(sd, "cpd_forward", student, target, start, k, name="sum_d", index=1)
+        g = torch.tensor(0.75, dtype=acc, device=DEVICE)
+        got = K.cpd_backward(g, student, target, start, rthr, rtie, rsd)
+        assert torch.equal(got != 0, keep & (student != target)), "gradient support must be the kept set"
+        vs_reference(got, "cpd_backward", g, student, target, start, rthr, rtie, rsd, name="cpd_backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [1, 5, 2049, 4099])
+@pytest.mark.parametrize("mode", ["random", "ties"])
+def test_cpd_keep_mask(K, dtype, p, mode):
+    if mode == "random":
+        l = randn(p, dtype=dtype, seed=p)  # negative values too: other DD methods pass any losses
+    else:
+        l = torch.randint(-2, 3, (p,), generator=_gen(p)).to(dtype).to(DEVICE)
+        l[l == 0] = -0.0 if p % 2 else 0.0
+        l[::3] = 0.0  # -0.0 and +0.0 tie
+    for ratio in (0.0, 0.3, 0.5, 0.99):
+        k = int(ratio * p)
+        got = K.cpd_keep_mask(l, k)
+        assert got.dtype == torch.bool and got.shape == l.shape
+        exp = stable_sort_keep(l, k)
+        assert torch.equal(got, exp), f"k={k}: {(got != exp).sum()} indices differ from a stable sort"
+        assert torch.equal(R.cpd_keep_mask(l, k), exp)
+
+
+# ----------------------------------------------------------------------------- covariance and flat features
+
+
+COV_CASES = [  # n, C, L, K, groups
+    (12, 5, 3, 3, "equal"),
+    (11, 20, 16, 4, "labels"),
+    (7, 33, 1, 3, "labels"),
+    (20, 5, 16, 2, "equal"),  # few classes, many columns: Triton's split-K path
+    (11, 70, 5, 3, "labels"),  # C=70 > one 64-channel tile: 2x2 tiles
+    (21, 1, 1, 5, "labels"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", COV_CASES, ids=str)
+def test_covariance(K, dtype, case):
+    n, c, L, k, kind = case
+    n, perm, offsets = groups(kind, n, k, seed=n)
+    x = randn(n, c, L, dtype=dtype, seed=c) + 0.5
+    sigma, mean = K.cov_forward(x, perm, offsets)
+    vs_reference(mean, "cov_forward", x, perm, offsets, name="mean", index=1)
+    vs_reference(sigma, "cov_forward", x, perm, offsets, name="sigma", index=0)
+    if kind == "labels":
+        assert sigma[1].abs().max() == 0 and mean[1].abs().max() == 0, "an empty group must give zeros"
+    rsigma, rmean = R.cov_forward(x, perm, offsets)
+    M = randn(k, c, c, dtype=rsigma.dtype, seed=9)
+    got = K.cov_backward(x, perm, offsets, rmean, M)
+    assert got.dtype == dtype
+    vs_reference(got, "cov_backward", x, perm, offsets, rmean, M, name="cov_backward")
+
+
+def test_covariance_many_blocks(K):
+    """More rows per class than one GEMM block holds, and a large L."""
+    n, perm, offsets = groups("labels", 2000, 3, seed=4)
+    x = randn(n, 9, 17, seed=6)
+    sigma, mean = K.cov_forward(x, perm, offsets)
+    vs_reference(sigma, "cov_forward", x, perm, offsets, name="sigma", index=0)
+    M = randn(3, 9, 9, seed=7)
+    vs_reference(K.cov_backward(x, perm, offsets, mean, M), "cov_backward", x, perm, offsets, mean, M, name="grad")
+
+
+def test_covariance_allow_tf32_flag_reaches_triton():
+    if "triton" not in [n for n, i in edfkern.backends().items() if i["available"] and DEVICE in i["devices"]]:
+        pytest.skip("triton unavailable")
+    import edfkern.triton as T
+
+    n, perm, offsets = groups("labels", 9, 3, seed=1)
+    x = randn(n, 17, 4, seed=2)
+    old = edfkern.config.allow_tf32
+    try:
+        edfkern.config.allow_tf32 = True
+        assert T._utils.dot_precision() == "tf32"  # the flag reaches the kernels' tl.dot
+        sigma, _ = T.cov_forward(x, perm, offsets)
+    finally:
+        edfkern.config.allow_tf32 = old
+    assert T._utils.dot_precision() == "ieee"
+    assert_close(sigma, R.cov_forward(x, perm, offsets)[0], 1e-2, 1e-3, name="tf32 sigma")  # TF32: ~1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(12, 37, 3, "equal"), (13, 70, 5, "labels"), (6, 1, 3, "labels"),
+                                  (13, 300, 3, "labels"), (27, 13, 5, "labels")], ids=str)  # D=300: > one tile
+def test_flat_features(K, dtype, case):
+    n, d, k, kind = case
+    n, perm, offsets = groups(kind, n, k, seed=d)
+    x = randn(n, d, dtype=dtype, seed=n) + 1.0
+    vs_reference(K.seg_mean(x, perm, offsets), "seg_mean", x, perm, offsets, name="seg_mean")
+    sq, mean = K.cc_forward(x, perm, offsets)
+    assert sq.dim() == 0
+    vs_reference(sq, "cc_forward", x, perm, offsets, name="cc sum", index=0)
+    vs_reference(mean, "cc_forward", x, perm, offsets, name="cc mean", index=1)
+    rmean = R.cc_forward(x, perm, offsets)[1]
+    g = torch.tensor(0.3, dtype=rmean.dtype, device=DEVICE)
+    got = K.cc_backward(g, x, perm, offsets, rmean, 0.1)
+    assert got.dtype == dtype
+    vs_reference(got, "cc_backward", g, x, perm, offsets, rmean, 0.1, name="cc_backward")
+
+
+# ----------------------------------------------------------------------------- dispatch and registration
+
+
+def test_dispatch_reaches_every_kernel(K):
+    """Under ``use_backend(name)`` every contract function resolves to that backend's own function."""
+    from edfkern._dispatch import kernel
+
+    name = K.__name__.rsplit(".", 1)[1]
+    with edfkern.use_backend(name):
+        for fn in R.__all__:
+            assert kernel(fn, torch.device(DEVICE)).__wrapped__ is getattr(K, fn), fn
+
+
+def test_native_fake_registrations():
+    if not edfkern.backends()["native"]["available"]:
+        pytest.skip("native unavailable")
+    importlib.import_module("edfkern.native")  # registers the fakes
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(6, 4, 3)
+        offsets = torch.tensor([0, 3, 6])
+        sig, mean = torch.ops.edfkern_native.cov_forward(x, None, offsets)
+        assert sig.shape == (2, 4, 4) and mean.shape == (2, 4, 3)
+        m = torch.ops.edfkern_native.dae_mask(torch.empty(2, 3, 3), 1.0, None, 8, 8)
+        assert m.shape == (2, 1, 8, 8)
+        keep = torch.ops.edfkern_native.cpd_keep_mask(torch.empty(10), 3)
+        assert keep.dtype == torch.bool
+
+
+def test_native_opcheck():
+    """Schemas (incl. mutation annotations), fake kernels and AOT tracing of every native op."""
+    if not edfkern.backends()["native"]["available"]:
+        pytest.skip("native unavailable")
+    importlib.import_module("edfkern.native")
+
+    ops = torch.ops.edfkern_native
+    _, perm, offsets = groups("labels", 7, 4, seed=3)
+    x = torch.randn(7, 5, 3)
+    s, t, s0 = torch.randn(100), torch.randn(100), torch.randn(100)
+    fwd = ops.cpd_forward(s, t, s0, 30)
+    cases = [
+        (ops.cov_forward, (x, perm, offsets)),
+        (ops.cov_backward, (x, perm, offsets, torch.randn(4, 5, 3), torch.randn(4, 5, 5))),
+        (ops.seg_mean, (x.flatten(1), perm, offsets)),
+        (ops.cc_forward, (x.flatten(1), None, torch.tensor([0, 3, 7]))),
+        (ops.cc_backward, (torch.tensor(1.0), x.flatten(1), perm, offsets, torch.randn(4, 15), 0.1)),
+        (ops.cpd_forward, (s, t, s0, 30)),
+        (ops.cpd_backward, (torch.tensor(1.0), s, t, s0, fwd[2], fwd[3], fwd[1])),
+        (ops.cpd_keep_mask, (torch.randn(100), 30)),
+        (ops.dae_mask, (torch.rand(2, 3, 3), 1.0, None, 8, 8)),
+        (ops.dae_, (torch.randn(2, 3, 8, 8), torch.rand(2, 3, 3), 1.0, None)),
+        (ops.dae_sgd_step_, (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8),
+                             torch.rand(2, 3, 3), 0.1, 1.0, None, 0.5, 0.0, 0.0, False, False, False)),
+        (ops.grad_cam, (torch.rand(2, 4, 3, 3), torch.randn(2, 4, 3, 3), None, "gradcam++", True, [7, 7])),
+    ]
+    for op, args in cases:
+        res = torch.library.opcheck(op, args)
+        bad = {k: v for k, v in res.items() if v != "SUCCESS"}
+        assert not bad, f"{op}: {bad}"
+
+
+def _triton_registered_cases():
+    cam = rand(2, 4, 4, seed=1)
+    off = torch.tensor([0, 3, 6], device=DEVICE)
+    return [
+        ("dae_mask", (cam, 1.0, None, 9, 7)),
+        ("cpd_forward", (randn(300, seed=2), randn(300, seed=3), randn(300, seed=4), 100)),
+        ("cpd_keep_mask", (randn(300, seed=5), 100)),
+        ("cov_forward", (randn(6, 5, 3, seed=6), None, off)),
+        ("grad_cam", (rand(2, 5, 3, 3, seed=7), randn(2, 5, 3, 3, seed=8), None, "gradcam++", True, [7, 7])),
+        ("cc_forward", (randn(6, 5, seed=9), None, off)),
+    ]
+
+
+@pytest.mark.gpu
+def test_registered_triton_ops_opcheck_gpu():
+    """Fake-tensor / schema checks; under the CPU interpreter the fake pass touches data pointers, so GPU only."""
+    for name, args in _triton_registered_cases():
+        torch.library.opcheck(getattr(torch.ops.edfkern_triton, name), args)
+
+
+# ----------------------------------------------------------------------------- GPU only: big shapes
+
+
+@pytest.mark.gpu
+def test_dae_int64_offsets_gpu(K):
+    """N*C*H*W > 2^31: offsets must be int64 (bf16 keeps it at ~4.3 GB per tensor)."""
+    n, c, H, W = 2, 4, 16384, 16385
+    assert n * c * H * W > 2 ** 31
+    cam = torch.rand(n, 4, 4, device="cuda")
+    grad = torch.ones(n, c, H, W, device="cuda", dtype=torch.bfloat16)
+    K.dae_(grad, cam, 1.0, 0.5)
+    mask = R.dae_mask(cam, 1.0, 0.5, H, W)  # (n, 1, H, W) in fp32
+    last = (grad[-1, -1, -64:, -64:].float() - mask[-1, 0, -64:, -64:].to(torch.bfloat16).float()).abs().max()
+    assert last == 0
+
+
+@pytest.mark.gpu
+def test_dae_sgd_step_imagenette_gpu(K):
+    n, c, H, W = 500, 3, 128, 128
+    cam = torch.rand(n, 4, 4, device="cuda")
+    grad, param, buf = (torch.randn(n, c, H, W, device="cuda") for _ in range(3))
+    p1, p2, b1, b2 = param.clone(), param.clone(), buf.clone(), buf.clone()
+    K.dae_sgd_step_(p1, grad, b1, cam, 100.0, 1.0, None, 0.5, 0.0, 0.0, False, False, False)
+    R.dae_sgd_step_(p2, grad, b2, cam, 100.0, 1.0, None, 0.5, 0.0, 0.0, False, False, False)
+    assert ((p1 - p2).norm() / p2.norm()).item() < 1e-5  # relative norm: threshold pixels may flip
+    assert ((b1 - b2).norm() / b2.norm()).item() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [615_690, 11_200_000])
+def test_cpd_large_gpu(K, p):
+    student, target, start = (torch.randn(p, device="cuda") for _ in range(3))
+    k = int(0.375 * p)
+    got = K.cpd_forward(student, target, start, k)
+    exp = R.cpd_forward(student, target, start, k)
+    assert torch.equal(got[2], exp[2]) and torch.equal(got[3], exp[3])
+    vs_reference(got[0], "cpd_forward", student, target, start, k, name="sum_l", index=0)
+
+
+@pytest.mark.gpu
+def test_covariance_cifar10_ipc1000_gpu(K):
+    n, c, L, k = 10_000, 128, 16, 10
+    x = torch.randn(n, c, L, device="cuda")
+    offsets = torch.arange(k + 1, device="cuda") * (n // k)
+    sigma, mean = K.cov_forward(x, None, offsets)
+    vs_reference(sigma, "cov_forward", x, None, offsets, name="sigma", index=0)
+    M = torch.randn(k, c, c, device="cuda")
+    vs_reference(K.cov_backward(x, None, offsets, mean, M), "cov_backward", x, None, offsets, mean, M, name="grad")
