@@ -145,3 +145,22 @@ def test_bad_arguments():
     with CAMExtractor(WithSpare(), ["body.layer1", "spare"]) as ex:
         with pytest.raises(RuntimeError, match=r"position\(s\) \[1\]"):
             ex(x, 0)
+
+
+def test_matches_torchcam_multi_layer_smoothgradcampp():
+    """torchcam 0.4's SmoothGradCAMpp also takes a list of layers and shares its noisy passes."""
+    torchcam_methods = pytest.importorskip("torchcam.methods", reason="pip install --no-deps torchcam==0.4.0")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5)).eval()
+    x = torch.randn(6, 3, 16, 12, generator=torch.Generator().manual_seed(1))
+    cls = [0, 3, 1, 4, 2, 0]
+    with torchcam_methods.SmoothGradCAMpp(model, target_layer=["1", "4"], num_samples=4, std=0.3) as tc:
+        torch.manual_seed(123)
+        expected = tc(cls, model(x))
+    with CAMExtractor(model, ["1", "4"], num_samples=4, std=0.3) as ex:
+        got = ex(x, cls, generator=torch.Generator().manual_seed(123))
+    assert [tuple(g.shape) for g in got] == [(6, 16, 12), (6, 8, 6)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e.to(g.dtype), rtol=1e-5, atol=1e-6)

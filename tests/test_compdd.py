@@ -519,3 +519,18 @@ def test_python_dash_m(cli_setup):
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp / "o3" / "complexity.json").read_text())["layers"] == ["layer1", "layer2"]
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from edfkern.compdd import _score
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert _score._progress_bar(True, total=10, initial=0) is None
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert _score._progress_bar(False, total=10, initial=0) is None
+    pytest.importorskip("tqdm")
+    bar = _score._progress_bar(True, total=10, initial=4)
+    try:
+        assert bar.total == 10 and bar.n == 4 and bar.unit == "img"  # tqdm shows img/s
+    finally:
+        bar.close()

@@ -237,7 +237,8 @@ def load_maps(path: PathLike) -> dict[str, Any]:
             for name, (h, w), off in zip(layout["layers"], layout["shapes"], layout["offsets"])}
 
 
-def _open_maps(path: PathLike, n: int, layout: dict, create: bool, group: Optional[object], rank: int):
+def _open_maps(path: PathLike, n: int, layout: dict, create: bool, group: Optional[object], rank: int,
+               device: torch.device):
     from numpy.lib.format import open_memmap
 
     if create and rank == 0:
@@ -247,7 +248,8 @@ def _open_maps(path: PathLike, n: int, layout: dict, create: bool, group: Option
         del arr
         with open(f"{path}.json", "w") as f:
             json.dump(layout, f)
-    all_reduce_sum_([torch.zeros(1)], group=group, what="compdd save_maps barrier")  # the file exists for all
+    # A barrier (the file exists before any rank opens it), on the device so NCCL can carry it.
+    all_reduce_sum_([torch.zeros(1, device=device)], group=group, what="compdd save_maps barrier")
     arr = open_memmap(path, mode="r+")
     if arr.shape != (n, layout["pixels"]):
         raise ValueError(f"save_maps file {path} holds shape {arr.shape}, expected {(n, layout['pixels'])}")
@@ -392,7 +394,7 @@ def score(model: nn.Module, loader: Union[DataLoader, Dataset], *, layers: Seque
     maps_file = None
     if save_maps is not None:
         maps_file = _open_maps(save_maps, n, _maps_layout(names, shapes), create=resume is None, group=group,
-                               rank=rank)
+                               rank=rank, device=device)
     offsets = _maps_layout(names, shapes)["offsets"]
 
     todo = mine[start:]
