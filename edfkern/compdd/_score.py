@@ -165,7 +165,7 @@ def _num_classes(ds: Any, logits_width: int) -> int:
         return len(names)
     targets = getattr(ds, "targets", None)
     if targets is not None and len(targets):
-        return int(max(int(t) for t in targets)) + 1
+        return int(torch.as_tensor(targets).max()) + 1
     return logits_width
 
 
@@ -241,6 +241,9 @@ def _open_maps(path: PathLike, n: int, layout: dict, create: bool, group: Option
                device: torch.device):
     from numpy.lib.format import open_memmap
 
+    if not create and not os.path.exists(path):
+        raise FileNotFoundError(f"save_maps: resuming writes into the interrupted run's maps file, but {path} "
+                                "does not exist")
     if create and rank == 0:
         arr = open_memmap(path, mode="w+", dtype="float32", shape=(n, layout["pixels"]))
         arr[:] = float("nan")
