@@ -449,7 +449,7 @@ def build():
     m.add_module("pool", nn.AdaptiveAvgPool2d(1))
     m.add_module("flatten", nn.Flatten())
     m.add_module("fc", nn.Linear(8, 3))
-    return m
+    return m.double()  # float64: thresholded maps cannot flip with the batch composition
 '''
 
 

@@ -90,3 +90,37 @@ def test_two_ranks_equal_one_process(tmp_path):
     maps = compdd.load_maps(tmp_path / "maps.npy")
     assert all(not torch.isnan(torch.from_numpy(maps[n].copy())).any() for n in LAYERS)  # every row written once
     assert json.loads((tmp_path / "maps.npy.json").read_text())["layers"] == LAYERS
+
+
+def test_cli_under_torchrun(tmp_path):
+    """``torchrun --nproc_per_node 2 -m edfkern.compdd score ...`` writes one process's result."""
+    import subprocess
+    import sys
+
+    from test_compdd import MODEL_MODULE
+
+    (tmp_path / "compdd_test_models.py").write_text(MODEL_MODULE)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(9, 3, 8, 8, generator=g), torch.tensor([0, 1, 2] * 3)
+    torch.save({"images": images, "labels": labels}, tmp_path / "data.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), root]), OMP_NUM_THREADS="1",
+               EDFKERN_DIST_TIMEOUT="60")
+    args = ["score", "--data", str(tmp_path / "data.pt"), "--model", "compdd_test_models:build",
+            "--layers", "layer1,layer2", "--batch-size", "2", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "edfkern.compdd", *args,
+           "--out", str(tmp_path / "dist")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "on 2 rank(s)" in p.stdout
+    assert sorted(f.name for f in (tmp_path / "dist").glob("checkpoint*")) == [
+        "checkpoint.rank0-of-2.pt", "checkpoint.rank1-of-2.pt"]
+    sys.path.insert(0, str(tmp_path))
+    import compdd_test_models
+
+    single = compdd.score(compdd_test_models.build(), TensorImages(images, labels), layers=["layer1", "layer2"],
+                          progress=False)
+    res = compdd.ComplexityResult.from_json(tmp_path / "dist" / "complexity.json")
+    assert res.counts.tolist() == single.counts.tolist() == [3, 3, 3]
+    torch.testing.assert_close(res.complexity, single.complexity, rtol=0, atol=1e-12)
