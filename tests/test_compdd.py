@@ -534,3 +534,14 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
         assert bar.total == 10 and bar.n == 4 and bar.unit == "img"  # tqdm shows img/s
     finally:
         bar.close()
+
+
+def test_score_a_subset_keeps_its_imagenet_classes():
+    cls = compdd.classes("fish_easy")
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor(cls * 2 + [7, 999, 500])  # 3 images of other classes are filtered out
+    images = torch.randn(len(labels), 3, 12, 12, generator=g, dtype=torch.float64)
+    sub = compdd.subset(TensorImages(images, labels), "fish_easy")
+    res = compdd.score(small_model(), sub, layers=LAYERS, batch_size=6, progress=False)
+    assert res.class_names == cls and res.counts.tolist() == [2] * 10
+    assert json.loads(res.to_json())["classes"][0]["name"] == cls[0]
