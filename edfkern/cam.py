@@ -14,6 +14,14 @@ backward passes, each ``backward()`` writing into the parameters' ``.grad``.
 
 Noise convention (how to reproduce a run): for each noisy pass ``s = 0 .. S-1``, one
 draw ``torch.randn(images.shape, generator=generator) * std`` is added to all N images.
+``noise=`` replaces these draws by given standard-normal ones (still multiplied by ``std``).
+
+**Several layers at once.** Given a list of target layers, the extractor hooks them all and
+runs the clean and noisy passes once for all of them: the backward of each noisy pass gives
+the gradients at every hooked layer (one ``torch.autograd.grad`` call). So every layer sees
+the *same* noise draws. Separate torchcam runs, one per layer as EDF's Comp-DD scoring does,
+draw fresh noise for each layer; per layer, the maps are those of a single-layer extractor
+given the same noise, so the two agree in distribution but not draw for draw.
 """
 from __future__ import annotations
 
@@ -26,7 +34,8 @@ from .ops.gradcam import METHODS, grad_cam
 
 __all__ = ["CAMExtractor"]
 
-ClassIdx = Union[int, Sequence[int], Tensor]
+ClassIdx = Union[int, Sequence[int], Tensor, str]
+Layer = Union[nn.Module, str]
 
 
 class CAMExtractor:
@@ -35,7 +44,9 @@ class CAMExtractor:
     Args:
         model: a classifier returning pre-softmax logits ``(B, K)``.
         target_layer: the module whose output is explained, or its dotted name in
-            ``model.named_modules()`` (e.g. ``"layer4"``, ``"features.3"``).
+            ``model.named_modules()`` (e.g. ``"layer4"``, ``"features.3"``); or a list/tuple of
+            them, in which case a call returns a list of maps, one per layer, in that order, all
+            from one shared set of passes (the same noise for every layer).
         method: ``"gradcam"``, ``"gradcam++"`` or ``"smoothgradcam++"`` (EDF's choice, the default).
         num_samples: noisy passes for ``"smoothgradcam++"`` (torchcam's default is 4).
         std: standard deviation of the Gaussian input noise (torchcam: 0.3).
@@ -52,9 +63,13 @@ class CAMExtractor:
 
         with CAMExtractor(resnet, "layer4") as cam:
             maps = cam(image_syn, label_syn)          # (N, 4, 4) for 128 px ResNet-18
+
+        with CAMExtractor(resnet, ["layer1", "layer2", "layer3", "layer4"]) as cam:
+            m1, m2, m3, m4 = cam(images, "predicted")  # each layer at its own resolution
     """
 
-    def __init__(self, model: nn.Module, target_layer: Union[nn.Module, str], *, method: str = "smoothgradcam++",
+    def __init__(self, model: nn.Module, target_layer: Union[Layer, Sequence[Layer]], *,
+                 method: str = "smoothgradcam++",
                  num_samples: int = 4, std: float = 0.3, batch_size: Optional[int] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -68,20 +83,30 @@ class CAMExtractor:
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
         self.model = model
-        self.target_layer = self._resolve(model, target_layer)
+        self._multi = isinstance(target_layer, (list, tuple))
+        requested = list(target_layer) if self._multi else [target_layer]
+        if not requested:
+            raise ValueError("target_layer: give at least one layer, got an empty list")
+        self.target_layers: tuple[nn.Module, ...] = tuple(self._resolve(model, t) for t in requested)
+        for j, m in enumerate(self.target_layers):
+            for k in range(j):
+                if self.target_layers[k] is m:
+                    raise ValueError(f"target_layer: {requested[j]!r} (position {j}) names the same module as "
+                                     f"{requested[k]!r} (position {k})")
+        self.target_layer = self.target_layers[0]
         self.method = method
         self.num_samples = num_samples
         self.std = float(std)
         self.batch_size = batch_size
         self._closed = False
-        self._handle = None
-        self._grad_mode = False  # the hook's behaviour: False = capture only, True = cut and start a graph
-        self._captured: Optional[Tensor] = None
+        self._handles: list = []
+        self._grad_mode = False  # the hooks' behaviour: False = capture only, True = capture in a graph
+        self._captured: list[Optional[Tensor]] = [None] * len(self.target_layers)
 
     # ------------------------------------------------------------------ lifecycle
 
     @staticmethod
-    def _resolve(model: nn.Module, target_layer: Union[nn.Module, str]) -> nn.Module:
+    def _resolve(model: nn.Module, target_layer: Layer) -> nn.Module:
         if isinstance(target_layer, str):
             try:
                 return model.get_submodule(target_layer) if target_layer else model
@@ -111,59 +136,79 @@ class CAMExtractor:
                 f"batch_size={self.batch_size})")
 
     def _remove_hook(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self._captured = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._captured = [None] * len(self.target_layers)
 
-    def _hook(self, module: nn.Module, inputs, output):
+    def _make_hook(self, j: int):
+        def hook(module: nn.Module, inputs, output):
+            return self._hook(j, output)
+        return hook
+
+    def _hook(self, j: int, output):
         if not isinstance(output, Tensor):
             raise TypeError(f"CAMExtractor: target layer must output a Tensor, got {type(output).__name__}")
         if not self._grad_mode:
             # Clean pass: keep a copy (an in-place op after the layer must not change it).
-            self._captured = output.detach().clone()
+            self._captured[j] = output.detach().clone()
             return None
-        # Noisy pass: the activation becomes a leaf we differentiate against. Layers before the
-        # target ran without a graph; from here on the graph is built (restored by the caller).
+        if output.requires_grad:
+            # A hooked layer upstream already started the graph: differentiate against this
+            # (non-leaf) activation itself; the clone keeps later in-place ops off it.
+            self._captured[j] = output
+            return output.clone()
+        # The first hooked layer of the pass: its activation becomes a leaf we differentiate
+        # against. Layers before it ran without a graph; from here on the graph is built
+        # (restored by the caller).
         leaf = output.detach().requires_grad_(True)
-        self._captured = leaf
+        self._captured[j] = leaf
         torch.set_grad_enabled(True)
         return leaf.clone()  # a non-leaf, so an in-place op after the layer stays legal
 
     # ------------------------------------------------------------------ passes
 
-    def _forward(self, x: Tensor, grad: bool) -> tuple[Tensor, Tensor]:
-        """One pass: (logits, captured activation)."""
+    def _forward(self, x: Tensor, grad: bool) -> tuple[Tensor, list[Tensor]]:
+        """One pass: (logits, one captured activation per target layer)."""
         self._grad_mode = grad
-        self._captured = None
+        self._captured = [None] * len(self.target_layers)
         prev = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         try:
             out = self.model(x)
         finally:
             torch.set_grad_enabled(prev)
-        act = self._captured
-        self._captured = None
-        if act is None:
-            raise RuntimeError("CAMExtractor: the target layer was not called during the model's forward")
+        acts = self._captured
+        self._captured = [None] * len(self.target_layers)
+        missing = [j for j, a in enumerate(acts) if a is None]
+        if missing:
+            which = "the target layer was" if not self._multi else f"target layer(s) at position(s) {missing} were"
+            raise RuntimeError(f"CAMExtractor: {which} not called during the model's forward")
         if not isinstance(out, Tensor) or out.dim() != 2:
             raise TypeError("CAMExtractor: the model must return logits of shape (B, K), got "
                             f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
-        return out, act
+        return out, acts
 
-    def _grads(self, logits: Tensor, act: Tensor, cls: Tensor) -> Tensor:
+    def _grads(self, logits: Tensor, acts: list[Tensor], cls: Tensor) -> list[Tensor]:
         k = logits.shape[1]
         if int(cls.min()) < 0 or int(cls.max()) >= k:
             raise ValueError(f"class_idx must lie in [0, {k}) for a model with {k} outputs, "
                              f"got values in [{int(cls.min())}, {int(cls.max())}]")
         with torch.enable_grad():  # the caller may be under no_grad
             score = logits.gather(1, cls[:, None]).sum()  # images are independent in eval mode
-        (g,) = torch.autograd.grad(score, act, allow_unused=True)
-        if g is None:
-            raise RuntimeError("CAMExtractor: the class scores do not depend on the target layer's output")
-        return g
+        grads = torch.autograd.grad(score, acts, allow_unused=True)
+        for j, g in enumerate(grads):
+            if g is None:
+                which = "the target layer's output" if not self._multi else f"target layer {j}'s output"
+                raise RuntimeError(f"CAMExtractor: the class scores do not depend on {which}")
+        return list(grads)
 
-    def _class_tensor(self, class_idx: ClassIdx, n: int, device: torch.device) -> Tensor:
+    def _class_tensor(self, class_idx: ClassIdx, n: int, device: torch.device) -> Optional[Tensor]:
+        """The N classes to explain; ``None`` for ``"predicted"`` (resolved from each pass's logits)."""
+        if isinstance(class_idx, str):
+            if class_idx != "predicted":
+                raise ValueError(f"class_idx as a string must be 'predicted', got {class_idx!r}")
+            return None
         if isinstance(class_idx, bool):
             raise TypeError("class_idx must be an int, a sequence of ints or an integer tensor, got bool")
         if isinstance(class_idx, int):
@@ -188,18 +233,24 @@ class CAMExtractor:
     # ------------------------------------------------------------------ public call
 
     def __call__(self, images: Tensor, class_idx: ClassIdx, size: Optional[tuple[int, int]] = None, *,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None,
+                 noise: Optional[Tensor] = None) -> Union[Tensor, list[Tensor]]:
         """Maps for all N images.
 
         Args:
             images: ``(N, C, H, W)`` input batch (detached internally; its ``.grad`` is untouched).
-            class_idx: the class to explain, one int for all images or N ints (list or tensor).
+            class_idx: the class to explain, one int for all images or N ints (list or tensor), or
+                ``"predicted"``: each image's argmax logit on the clean input (``smoothgradcam++``;
+                the plain methods take the argmax of the one pass they run, also on the clean input).
             size: ``(H, W)`` to upsample the maps to (bilinear, ``align_corners=False``), e.g. the
                 image size as EDF does; ``None`` keeps the layer's ``(h, w)``.
             generator: RNG for the input noise (``smoothgradcam++``); ``None`` uses torch's global RNG.
+            noise: ``(num_samples, N, C, H, W)`` standard-normal draws to use instead of drawing
+                (``smoothgradcam++`` only); pass ``s`` adds ``noise[s] * std`` to the images.
 
         Returns:
-            ``(N, h, w)`` (or ``(N, H, W)``) maps in ``[0, 1]``, float32 (float64 for a float64 model).
+            ``(N, h, w)`` (or ``(N, H, W)``) maps in ``[0, 1]``, float32 (float64 for a float64 model);
+            with a list of target layers, a list of such maps, one per layer (each at its own ``(h, w)``).
         """
         if self._closed:
             raise RuntimeError("CAMExtractor is closed")
@@ -211,15 +262,27 @@ class CAMExtractor:
             raise ValueError("images must hold at least one image, got N=0")
         cls = self._class_tensor(class_idx, n, images.device)
         x = images.detach()
+        if noise is not None:
+            if self.method != "smoothgradcam++":
+                raise ValueError(f"noise is only used by method='smoothgradcam++', not {self.method!r}")
+            want = (self.num_samples,) + tuple(x.shape)
+            if not isinstance(noise, Tensor) or tuple(noise.shape) != want:
+                raise ValueError(f"noise must be a tensor of shape (num_samples, N, C, H, W) = {want}, got "
+                                 f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}")
+            if noise.dtype != x.dtype or noise.device != x.device:
+                raise ValueError(f"noise must have the images' dtype and device ({x.dtype}, {x.device}), "
+                                 f"got ({noise.dtype}, {noise.device})")
 
         modes = [(m, m.training) for m in self.model.modules()]
-        self._handle = self.target_layer.register_forward_hook(self._hook)
+        self._handles = [m.register_forward_hook(self._make_hook(j)) for j, m in enumerate(self.target_layers)]
         try:
             self.model.eval()
             with torch.inference_mode(False):  # the passes need autograd even if the caller is in inference mode
                 if self.method == "smoothgradcam++":
-                    return self._smooth(x, cls, size, generator)
-                return self._plain(x, cls, size)
+                    maps = self._smooth(x, cls, size, generator, noise)
+                else:
+                    maps = self._plain(x, cls, size)
+            return maps if self._multi else maps[0]
         finally:
             self._remove_hook()
             for m, t in modes:
@@ -230,27 +293,41 @@ class CAMExtractor:
         for r0 in range(0, total, step):
             yield r0, min(total, r0 + step)
 
-    def _plain(self, x: Tensor, cls: Tensor, size) -> Tensor:
-        acts, grads = [], []
+    def _plain(self, x: Tensor, cls: Optional[Tensor], size) -> list[Tensor]:
+        L = len(self.target_layers)
+        acts: list[list[Tensor]] = [[] for _ in range(L)]
+        grads: list[list[Tensor]] = [[] for _ in range(L)]
         for r0, r1 in self._chunks(x.shape[0]):
             logits, a = self._forward(x[r0:r1], grad=True)
-            grads.append(self._grads(logits, a, cls[r0:r1]))
-            acts.append(a.detach())
-        return grad_cam(torch.cat(acts), torch.cat(grads), method=self.method, size=size)
+            c = logits.detach().argmax(1) if cls is None else cls[r0:r1]
+            for j, g in enumerate(self._grads(logits, a, c)):
+                grads[j].append(g)
+                acts[j].append(a[j].detach())
+        return [grad_cam(torch.cat(acts[j]), torch.cat(grads[j]), method=self.method, size=size) for j in range(L)]
 
-    def _smooth(self, x: Tensor, cls: Tensor, size, generator: Optional[torch.Generator]) -> Tensor:
-        n, s_count = x.shape[0], self.num_samples
-        # Clean activations (alpha's denominator): forward only.
-        clean = []
+    def _smooth(self, x: Tensor, cls: Optional[Tensor], size, generator: Optional[torch.Generator],
+                given_noise: Optional[Tensor]) -> list[Tensor]:
+        n, s_count, L = x.shape[0], self.num_samples, len(self.target_layers)
+        # Clean activations (alpha's denominator): forward only; its logits give "predicted".
+        clean: list[list[Tensor]] = [[] for _ in range(L)]
+        predicted = []
         for r0, r1 in self._chunks(n):
-            clean.append(self._forward(x[r0:r1], grad=False)[1])
-        a_clean = torch.cat(clean)
+            logits, a = self._forward(x[r0:r1], grad=False)
+            for j in range(L):
+                clean[j].append(a[j])
+            if cls is None:
+                predicted.append(logits.argmax(1))
+        a_clean = [torch.cat(c) for c in clean]
+        if cls is None:
+            cls = torch.cat(predicted)
 
-        A = a_clean.new_empty((s_count,) + tuple(a_clean.shape))
-        G = torch.empty_like(A)
+        A = [a.new_empty((s_count,) + tuple(a.shape)) for a in a_clean]
+        G = [torch.empty_like(t) for t in A]
         noise: dict[int, Tensor] = {}
 
         def noise_for(s: int) -> Tensor:  # drawn in pass order, one (N, C, H, W) draw per pass
+            if given_noise is not None:
+                return given_noise[s] * self.std
             if s not in noise:
                 for old in [k for k in noise if k < s]:
                     del noise[old]
@@ -271,9 +348,11 @@ class CAMExtractor:
             rows_cls = torch.cat([cls[i0:i1] for _, i0, i1 in spans])
             logits, a = self._forward(batch, grad=True)
             g = self._grads(logits, a, rows_cls)
-            off = 0
-            for s, i0, i1 in spans:
-                A[s, i0:i1] = a.detach()[off:off + i1 - i0]
-                G[s, i0:i1] = g[off:off + i1 - i0]
-                off += i1 - i0
-        return grad_cam(A, G, method="smoothgradcam++", size=size, clean_activations=a_clean)
+            for j in range(L):
+                off = 0
+                for s, i0, i1 in spans:
+                    A[j][s, i0:i1] = a[j].detach()[off:off + i1 - i0]
+                    G[j][s, i0:i1] = g[j][off:off + i1 - i0]
+                    off += i1 - i0
+        return [grad_cam(A[j], G[j], method="smoothgradcam++", size=size, clean_activations=a_clean[j])
+                for j in range(L)]

@@ -1,0 +1,201 @@
+"""``python -m edfkern.compdd``: score class complexity from the command line (also under ``torchrun``).
+
+    python -m edfkern.compdd score --data DIR_OR_FILE --model MODULE:CALLABLE \\
+        --layers layer1,layer2,layer3,layer4 --out results/ [--resume]
+    python -m edfkern.compdd subsets
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["main", "TensorImages", "load_data", "load_model"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TensorImages(Dataset):
+    """Images ``(N, C, H, W)`` and integer labels ``(N,)`` held in memory; ``.targets`` is the labels."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+            raise ValueError("images must be a floating tensor (N, C, H, W), got "
+                             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+            raise ValueError(f"labels must be N={images.shape[0]} integers, got {labels.dtype} {tuple(labels.shape)}")
+        self.images, self.targets = images, labels.long()
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.targets[i])
+
+
+def load_data(path: str, image_size: int = 224) -> Dataset:
+    """A tensor file (``.pt``: ``{"images", "labels"}`` or ``(images, labels)``; ``.npz``: arrays
+    ``images`` and ``labels``), or an image folder (one sub-folder per class, torchvision
+    ``ImageFolder``; resized to ``image_size`` without crop, ImageNet normalisation, as the authors)."""
+    if os.path.isfile(path):
+        if path.endswith(".npz"):
+            import numpy as np
+
+            with np.load(path) as z:
+                if "images" not in z or "labels" not in z:
+                    raise ValueError(f"--data {path}: an .npz needs arrays 'images' and 'labels', has {list(z)}")
+                return TensorImages(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]))
+        if path.endswith(".pt"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and "images" in obj and "labels" in obj:
+                return TensorImages(obj["images"], obj["labels"])
+            if isinstance(obj, (tuple, list)) and len(obj) == 2:
+                return TensorImages(obj[0], obj[1])
+            raise ValueError(f"--data {path}: a .pt file must hold {{'images': ..., 'labels': ...}} or (images, labels)")
+        raise ValueError(f"--data {path}: a file must be .pt or .npz (images and labels); a folder is read as ImageFolder")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--data {path}: no such file or folder")
+    try:
+        from torchvision import datasets, transforms
+    except ImportError as e:
+        raise SystemExit("--data: reading an image folder needs torchvision (pip install torchvision); or pass "
+                         "a tensor file (.pt with {'images', 'labels'}, or .npz with arrays images and labels)") from e
+    tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return datasets.ImageFolder(path, transform=tf)
+
+
+def load_model(spec: str) -> nn.Module:
+    """``MODULE:CALLABLE`` (e.g. ``mypkg.models:pretrained_resnet18``): import, call with no arguments."""
+    if spec.count(":") != 1:
+        raise ValueError(f"--model must be MODULE:CALLABLE, got {spec!r}")
+    mod_name, attr = spec.split(":")
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"--model {spec!r}: cannot import module {mod_name!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--model {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"--model {spec!r}: {attr!r} is not callable")
+    model = obj() if not isinstance(obj, nn.Module) else obj
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {spec!r}: calling it returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _init_distributed() -> tuple[bool, torch.device]:
+    """Join ``torchrun``'s group when launched by it; the device for this rank."""
+    import torch.distributed as dist
+
+    from ..distributed._comm import DEFAULT_TIMEOUT
+
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=DEFAULT_TIMEOUT)
+        return True, device
+    return False, device
+
+
+def _score(args: argparse.Namespace) -> int:
+    from ._dataset import subset
+    from ._score import _rank_path, score
+    from ..distributed._comm import default_group, world
+
+    layers = [s for s in args.layers.split(",") if s]
+    data = load_data(args.data, args.image_size)
+    if args.subset:
+        data = subset(data, args.subset, dedupe=args.dedupe)
+    model = load_model(args.model)
+    started, device = _init_distributed()
+    try:
+        if args.device:
+            device = torch.device(args.device)
+        model.to(device)
+        rank, size = world(default_group())
+        os.makedirs(args.out, exist_ok=True)
+        ck = os.path.join(args.out, "checkpoint.pt")
+        resume = None
+        if args.resume:
+            if os.path.exists(_rank_path(ck, rank, size)):
+                resume = ck
+            elif rank == 0:
+                print(f"--resume: no checkpoint in {args.out}, starting from the beginning", file=sys.stderr)
+        loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.num_workers,
+                            pin_memory=device.type == "cuda")
+        result = score(model, loader, layers=layers, method=args.method, threshold=args.threshold,
+                       strict=not args.non_strict, num_samples=args.num_samples, std=args.std, seed=args.seed,
+                       checkpoint=ck, checkpoint_every=args.checkpoint_every, resume=resume,
+                       save_maps=os.path.join(args.out, "maps.npy") if args.save_maps else None,
+                       progress=not args.no_progress)
+        if rank == 0:
+            result.to_json(os.path.join(args.out, "complexity.json"))
+            result.to_csv(os.path.join(args.out, "complexity.csv"))
+            if args.plot:
+                result.plot(os.path.join(args.out, "complexity.png"))
+            scored = int((result.counts > 0).sum())
+            print(f"scored {int(result.counts.sum())} images over {scored} classes on {size} rank(s); "
+                  f"wrote {os.path.join(args.out, 'complexity.json')} and complexity.csv")
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def _subsets(args: argparse.Namespace) -> int:
+    from ._subsets import SUBSETS
+
+    for name, cls in SUBSETS.items():
+        print(f"{name:12s} {', '.join(map(str, cls))}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edfkern.compdd", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="per-class complexity of a labelled image set")
+    s.add_argument("--data", required=True, help="image folder (needs torchvision), or .pt/.npz of images and labels")
+    s.add_argument("--model", required=True, help="MODULE:CALLABLE returning the classifier (an nn.Module)")
+    s.add_argument("--layers", required=True, help="comma-separated module names, e.g. layer1,layer2,layer3,layer4")
+    s.add_argument("--out", required=True, help="output folder: complexity.json, complexity.csv, checkpoint.pt")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    s.add_argument("--method", default="smoothgradcam++", choices=["smoothgradcam++", "gradcam++", "gradcam"])
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--non-strict", action="store_true", help="count pixels >= threshold (default: >)")
+    s.add_argument("--num-samples", type=int, default=4)
+    s.add_argument("--std", type=float, default=0.3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--num-workers", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=224, help="folder data: resize to this square size")
+    s.add_argument("--subset", default=None, help="score only this Comp-DD subset's classes (labels 0..9)")
+    s.add_argument("--dedupe", action="store_true", help="with --subset music_hard: its 9 distinct classes")
+    s.add_argument("--checkpoint-every", type=int, default=100, help="batches between checkpoints")
+    s.add_argument("--save-maps", action="store_true", help="also write every map into OUT/maps.npy")
+    s.add_argument("--plot", action="store_true", help="also write OUT/complexity.png (needs matplotlib)")
+    s.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_score)
+    sub.add_parser("subsets", help="print the 16 Comp-DD subsets").set_defaults(func=_subsets)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

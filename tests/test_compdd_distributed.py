@@ -1,0 +1,126 @@
+"""edfkern.compdd.score under torch.distributed: 2 spawned gloo ranks give one process's result.
+
+7 images over 2 ranks: DistributedSampler pads rank 1's shard with a duplicate of image 0,
+which must not be counted. Each rank also writes its own checkpoint and its rows of one
+shared maps file. Every process has a wall-clock bound and every collective a timeout.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+
+import edfkern.compdd as compdd
+from edfkern.compdd._cli import TensorImages
+
+WORLD = 2
+LAYERS = ["layer1", "layer2", "layer3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup(n: int = 7):
+    from test_compdd import make_data, small_model  # same model and data as the single-process tests
+
+    return small_model(), make_data(n=n)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["EDFKERN_DIST_TIMEOUT"] = "60"
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=60))
+        model, ds = _setup()
+        res = compdd.score(model, ds, layers=LAYERS, batch_size=2, checkpoint=os.path.join(out_dir, "ck.pt"),
+                           save_maps=os.path.join(out_dir, "maps.npy"), progress=False)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            f.write(res.to_json())
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))  # the spawned ranks import test_compdd
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=240)
+    finally:
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join(5)
+    errors = {f.name: f.read_text() for f in tmp_path.glob("rank*.err")}
+    assert not hung, f"ranks did not finish within the bound; errors: {errors}"
+    assert not errors and all(p.exitcode == 0 for p in procs), errors
+
+    model, ds = _setup()
+    single = compdd.score(model, ds, layers=LAYERS, batch_size=3, progress=False)
+    for r in range(WORLD):
+        res = compdd.ComplexityResult.from_json(tmp_path / f"rank{r}.json")
+        assert res.counts.tolist() == single.counts.tolist()  # the padded duplicate is not counted
+        assert int(res.counts.sum()) == len(ds) == 7
+        torch.testing.assert_close(res.complexity, single.complexity, rtol=0, atol=1e-12)
+        assert res.config["world_size"] == WORLD
+    # per-rank checkpoints of each rank's shard (rank 0: images 0, 2, 4, 6; rank 1: 1, 3, 5)
+    done = [torch.load(tmp_path / f"ck.rank{r}-of-{WORLD}.pt", weights_only=True)["done"] for r in range(WORLD)]
+    assert done == [4, 3]
+    maps = compdd.load_maps(tmp_path / "maps.npy")
+    assert all(not torch.isnan(torch.from_numpy(maps[n].copy())).any() for n in LAYERS)  # every row written once
+    assert json.loads((tmp_path / "maps.npy.json").read_text())["layers"] == LAYERS
+
+
+def test_cli_under_torchrun(tmp_path):
+    """``torchrun --nproc_per_node 2 -m edfkern.compdd score ...`` writes one process's result."""
+    import subprocess
+    import sys
+
+    from test_compdd import MODEL_MODULE
+
+    (tmp_path / "compdd_test_models.py").write_text(MODEL_MODULE)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(9, 3, 8, 8, generator=g), torch.tensor([0, 1, 2] * 3)
+    torch.save({"images": images, "labels": labels}, tmp_path / "data.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), root]), OMP_NUM_THREADS="1",
+               EDFKERN_DIST_TIMEOUT="60")
+    args = ["score", "--data", str(tmp_path / "data.pt"), "--model", "compdd_test_models:build",
+            "--layers", "layer1,layer2", "--batch-size", "2", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "edfkern.compdd", *args,
+           "--out", str(tmp_path / "dist")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "on 2 rank(s)" in p.stdout
+    assert sorted(f.name for f in (tmp_path / "dist").glob("checkpoint*")) == [
+        "checkpoint.rank0-of-2.pt", "checkpoint.rank1-of-2.pt"]
+    sys.path.insert(0, str(tmp_path))
+    import compdd_test_models
+
+    single = compdd.score(compdd_test_models.build(), TensorImages(images, labels), layers=["layer1", "layer2"],
+                          progress=False)
+    res = compdd.ComplexityResult.from_json(tmp_path / "dist" / "complexity.json")
+    assert res.counts.tolist() == single.counts.tolist() == [3, 3, 3]
+    torch.testing.assert_close(res.complexity, single.complexity, rtol=0, atol=1e-12)
