@@ -6,8 +6,9 @@ Each op runs, on every rank:
    which the ranks agree on dtypes, shapes, the number of groups and the label ranges
    (:mod:`edfkern.distributed._agree`);
 2. the local part with the selected backend's kernels (reference, native or triton);
-3. the merge of :mod:`edfkern.distributed.stats` (per-class sums and counts, then the scatter about
-   the global mean), after which every rank holds bit-identical statistics and loss.
+3. the merge of :mod:`edfkern.distributed.stats`: one all-reduce of per-class sums and counts (the
+   global mean), then one of each rank's scatter about that global mean, after which every rank
+   holds bit-identical statistics and loss.
 
 Backward adds no collective: the gradient of a row needs only the global statistics saved in
 forward, because the rows of a class, centred on the global mean, sum to zero over all ranks.
@@ -25,7 +26,7 @@ from .. import _checks as C
 from .._dispatch import kernel
 from . import _comm
 from ._agree import Side, agree, float_bits
-from .stats import chan_scatter, global_mean, local_class_sums, require_nonempty
+from .stats import centred, global_mean, local_class_sums, require_nonempty, scatter_of_centred
 
 __all__ = ["local_covariance", "covariance_matching_loss", "class_centralization_loss", "mean_matching_loss"]
 
@@ -62,30 +63,25 @@ def _inv(n: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- covariance: two rounds, any sides
 
 
-def _cov_local(x: Tensor, g: C.Groups) -> tuple[Tensor, Tensor, Tensor]:
-    """This rank's ``(Sigma_r, mean_r, n_r)`` from the ``cov_forward`` kernel (zeros for empty groups)."""
-    k, (_, c, l), acc = g.num_groups, x.shape, C.acc_dtype(x.dtype)
-    n = g.offsets.diff().to(acc)
-    if x.shape[0] == 0:
-        return x.new_zeros((k, c, c), dtype=acc), x.new_zeros((k, c, l), dtype=acc), n
-    sigma, mean = kernel("cov_forward", x.device)(x.contiguous(), g.perm, g.offsets)
-    return sigma, mean, n
-
-
 def _cov_merge(xs: list[Tensor], gs: list[C.Groups], require: list[Optional[str]], group
                ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Global ``(Sigma, mu, n)`` of every side, in two all-reduces shared by the sides."""
-    local = [_cov_local(x, g) for x, g in zip(xs, gs)]
-    sums = [m * n[:, None, None] for _, m, n in local]
-    counts = [n.clone() for _, _, n in local]
-    _comm.all_reduce_sum_([t for pair in zip(sums, counts) for t in pair], group=group, what="class sums")
-    mus = [global_mean(s, n) for s, n in zip(sums, counts)]
-    for n, side in zip(counts, require):
+    local = [local_class_sums(s or "x", x, g) for x, g, s in zip(xs, gs, require)]
+    _comm.all_reduce_sum_([t for _, sums, n in local for t in (sums, n)], group=group, what="class sums")
+    mus = [global_mean(sums, n) for _, sums, n in local]
+    for (_, _, n), side in zip(local, require):
         if side is not None:
             require_nonempty(n, side)
-    scatter = [chan_scatter(sig, m, n_r, mu) for (sig, m, n_r), mu in zip(local, mus)]
+    scatter = []
+    for x, g, mu in zip(xs, gs, mus):
+        k, c = g.num_groups, x.shape[1]
+        if x.shape[0] == 0:
+            scatter.append(mu.new_zeros((k, c, c)))
+            continue
+        sigma_c, mean_c = kernel("cov_forward", x.device)(centred(x, g, mu).contiguous(), g.perm, g.offsets)
+        scatter.append(scatter_of_centred(sigma_c, mean_c, g.offsets.diff().to(mu.dtype)))
     _comm.all_reduce_sum_(scatter, group=group, what="class scatter")
-    return [(s * _inv(n)[:, None, None], mu, n) for s, mu, n in zip(scatter, mus, counts)]
+    return [(s * _inv(n)[:, None, None], mu, n) for s, mu, (_, _, n) in zip(scatter, mus, local)]
 
 
 def _cov_grad(x: Tensor, g: C.Groups, mu: Tensor, M: Tensor) -> Tensor:
@@ -136,22 +132,18 @@ class _CovMatching(torch.autograd.Function):
 class _CentralLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, weight, group):
-        acc = C.acc_dtype(x.dtype)
-        n = g.offsets.diff().to(acc)
-        if x.shape[0] == 0:
-            sq, mean = x.new_zeros((), dtype=acc), x.new_zeros((g.num_groups, x.shape[1]), dtype=acc)
-        else:
-            sq, mean = kernel("cc_forward", x.device)(x.contiguous(), g.perm, g.offsets)
-        sums, counts, sq_sum = mean * n[:, None], n.clone(), sq.reshape(1).clone()
-        _comm.all_reduce_sum_([sums, counts, sq_sum], group=group, what="class sums")
+        _, sums, counts = local_class_sums("feat", x, g)
+        _comm.all_reduce_sum_([sums, counts], group=group, what="class sums")
         require_nonempty(counts, "feat")
         mu = global_mean(sums, counts)
-        dev = (mean - mu) * (n > 0).to(acc)[:, None]
-        between = ((dev * dev).sum(1) * n).sum().reshape(1)  # Chan: sum_i ||f_i - mu||^2 = M2_r + n_r ||mean_r - mu||^2
-        _comm.all_reduce_sum_([between], group=group, what="class scatter")
+        total = mu.new_zeros(1)
+        if x.shape[0]:  # sum_i ||f_i - mu||^2 = M2 about the local mean of the centred rows + n_r ||m_c||^2
+            sq, mean_c = kernel("cc_forward", x.device)(centred(x, g, mu).contiguous(), g.perm, g.offsets)
+            total += sq + ((mean_c * mean_c).sum(1) * g.offsets.diff().to(mu.dtype)).sum()
+        _comm.all_reduce_sum_([total], group=group, what="class scatter")
         ctx.save_for_backward(x)
         ctx.g, ctx.mu, ctx.weight = g, mu, weight
-        return weight * (sq_sum + between)[0]
+        return weight * total[0]
 
     @staticmethod
     def backward(ctx, grad):
