@@ -50,6 +50,8 @@ def run_world(world_size: int, *, deadline_s: float = 240.0, collective_timeout_
                 p.kill()
             tails = [(p.communicate()[0] or "")[-3000:] for p in procs]
             raise AssertionError(f"world of {world_size} ran past {deadline_s} s; output tails:\n" + "\n---\n".join(tails))
+        if os.environ.get("EDFKERN_DIST_TEST_TIMES"):
+            print(logs[0])
         results: dict[str, list[str]] = {}
         for r, (p, log) in enumerate(zip(procs, logs)):
             path = os.path.join(out, f"rank{r}.json")

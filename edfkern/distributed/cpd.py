@@ -101,8 +101,8 @@ def _dropped(keys: Tensor, thr: int, tie: int) -> Tensor:
     return (keys < thr) | ((keys == thr) & (idx < tie))
 
 
-def _agree_chunks(n: int, dtype: torch.dtype, drop_ratio: float, numel: Optional[int], device, group
-                  ) -> tuple[int, int]:
+def _agree_chunks(n: int, dtype: torch.dtype, drop_ratio: float, numel: Optional[int], device, group,
+                  allow_empty: bool = False) -> tuple[int, int]:
     """Header: every rank's chunk length, dtype, ``drop_ratio`` and declared ``P``. Returns ``(P, offset)``."""
     words = [_DTYPE_CODE[dtype], n, -1 if numel is None else int(numel), float_bits(drop_ratio)]
     table = _comm.gather_ints(words, group=group, device=device, what="CPD header")
@@ -115,7 +115,7 @@ def _agree_chunks(n: int, dtype: torch.dtype, drop_ratio: float, numel: Optional
     if declared and declared != {p}:
         raise ValueError(f"the CPD chunks do not add up: chunk sizes {sizes} in rank order sum to {p}, but numel "
                          f"{sorted(declared)} was declared")
-    if p == 0:
+    if p == 0 and not allow_empty:
         raise ValueError("student must hold at least one parameter over all ranks (P >= 1), got empty chunks")
     rank, _ = _comm.world(group)
     return p, sum(sizes[:rank])
@@ -217,7 +217,7 @@ def cpd_keep_mask(l: Tensor, drop_ratio: float, *, process_group, numel: Optiona
         return one(l, drop_ratio)
     C.check_float_tensor("l", l)
     drop_ratio = _check_ratio(drop_ratio)
-    p, _ = _agree_chunks(l.numel(), l.dtype, drop_ratio, numel, l.device, process_group)
+    p, _ = _agree_chunks(l.numel(), l.dtype, drop_ratio, numel, l.device, process_group, allow_empty=True)
     flat = l.reshape(-1).to(C.acc_dtype(l.dtype))
     keys, thr, tie = _select_local(flat, _drop_count(drop_ratio, p), process_group)
     return (~_dropped(keys, thr, tie)).view(l.shape)
