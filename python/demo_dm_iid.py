@@ -19,6 +19,17 @@ accuracy of ConvNets trained on the distilled set vs on the random real images i
 
     python python/demo_dm_iid.py           # full run (a few minutes on 2 CPU cores)
     python python/demo_dm_iid.py --quick   # < 60 s smoke run (used as a test)
+
+Distributed (CPU, gloo; NCCL on GPUs): the same distillation over the ranks of a ``torchrun`` world,
+with the ops given a process group, checked on rank 0 against the single-process edfkern run:
+
+    torchrun --nproc-per-node 2 python/demo_dm_iid.py --distributed --quick                  # row-sharded
+    torchrun --nproc-per-node 2 python/demo_dm_iid.py --distributed --quick --layout classes # class-sharded
+
+``rows``: the synthetic images and the real batch of every class are split over the ranks (image j
+of a class on rank j mod W), so every class statistic crosses ranks. ``classes``: each rank owns
+whole classes (``edfkern.distributed.shard_classes``). Either way every rank steps only its own
+images, and the losses equal those of one process on the union.
 """
 from __future__ import annotations
 
@@ -85,6 +96,130 @@ class Distiller:
         self.last = float(loss.detach())
 
 
+# ----------------------------------------------------------------------------- distributed
+
+
+def _dist_op(name: str):
+    """``edfkern.<name>`` when it takes ``process_group=`` (the public way), else ``edfkern.distributed.<name>``."""
+    import inspect
+
+    import edfkern.distributed as ED
+
+    op = getattr(edfkern, name)
+    return op if "process_group" in inspect.signature(op).parameters else getattr(ED, name)
+
+
+class DistDistiller:
+    """The edfkern run of :class:`Distiller` on one rank of a world: the same RNG streams on every rank,
+    each rank keeping and stepping only its own synthetic images and real rows."""
+
+    def __init__(self, data: U.Digits, args, pg, layout: str) -> None:
+        from edfkern.distributed import shard_classes, world
+
+        self.args, self.pg = args, pg
+        self.rank, self.world = world(pg)
+        K, ipc = U.NUM_CLASSES, args.ipc
+        self.owned = set(shard_classes(K, group=pg)) if layout == "classes" else set(range(K))
+        self.layout = layout
+        full, labels = U.random_real_init(data, ipc, args.seed)
+        self.rows = torch.tensor([i for i in range(K * ipc) if self._mine(int(labels[i]), i % ipc)], dtype=torch.long)
+        self.labels = labels[self.rows]
+        self.image_syn = full[self.rows].clone().requires_grad_(True)
+        self.opt = torch.optim.SGD([self.image_syn], lr=args.lr_img, momentum=0.5)  # per element: as one process
+        self.g = torch.Generator().manual_seed(args.seed + 1)
+        self.by_class = data.by_class()
+        self.ops = {n: _dist_op(n) for n in ("mean_matching_loss", "class_centralization_loss",
+                                             "covariance_matching_loss")}
+        self.it_time = U.Stopwatch()
+        self.last = float("nan")
+
+    def _mine(self, k: int, j: int) -> bool:
+        return k in self.owned if self.layout == "classes" else j % self.world == self.rank
+
+    def step(self, it: int) -> None:
+        K, args, pg = U.NUM_CLASSES, self.args, self.pg
+        net = U.seeded_net(1_000_003 * args.seed + it)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        picks = [xc[torch.randperm(len(xc), generator=self.g)[:args.real_per_class]] for xc in self.by_class]
+        real = torch.cat([xb[j:j + 1] for k, xb in enumerate(picks) for j in range(len(xb)) if self._mine(k, j)])
+        y_real = torch.tensor([k for k, xb in enumerate(picks) for j in range(len(xb)) if self._mine(k, j)])
+        with self.it_time:
+            with torch.no_grad():
+                r = net.features(real).flatten(2)
+            loc_syn = net.features(self.image_syn)
+            f = loc_syn.detach().requires_grad_(True)
+            mm, cc, cm = (self.ops[n] for n in ("mean_matching_loss", "class_centralization_loss",
+                                                "covariance_matching_loss"))
+            loss = (mm(f.flatten(1), r.flatten(1), syn_groups=self.labels, real_groups=y_real, num_groups=K,
+                       process_group=pg)
+                    + cc(f.flatten(1), groups=self.labels, num_groups=K, weight=args.w_cc, process_group=pg)
+                    + cm(f.flatten(2), r, syn_groups=self.labels, real_groups=y_real, num_groups=K, weight=args.w_cm,
+                         process_group=pg))
+            loss.backward()
+            self.opt.zero_grad(set_to_none=True)
+            loc_syn.backward(f.grad)
+            self.opt.step()
+        self.last = float(loss.detach())
+
+    def full_images(self) -> torch.Tensor:
+        """The whole synthetic set on every rank (zero-padded rows summed over ranks: exact)."""
+        from edfkern.distributed import all_reduce_sum_
+
+        full = torch.zeros((U.NUM_CLASSES * self.args.ipc,) + tuple(self.image_syn.shape[1:]))
+        full[self.rows] = self.image_syn.detach()
+        return all_reduce_sum_([full], group=self.pg, what="demo image gather")[0]
+
+
+def run_distributed(args, data: U.Digits) -> int:
+    """Every rank steps its share; rank 0 also steps the single-process edfkern run and compares."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    pg = dist.group.WORLD
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = DistDistiller(data, args, pg, args.layout)
+    one = Distiller(loss_ops(edfkern), data, args) if rank == 0 else None
+    ctrl = Distiller(loss_ops(edfkern), data, args) if (rank == 0 and args.ulp_control) else None
+    if ctrl is not None:  # the rounding floor: the single-process run from initial images 1 ulp larger
+        U.nudge_one_ulp(ctrl)
+    init_x, _ = U.random_real_init(data, args.ipc, args.seed)
+    rel_first, trace = float("nan"), []
+    for it in U.progress(range(args.iters), desc=f"DM+IID on {world} ranks ({args.layout})", disable=rank != 0):
+        mine.step(it)
+        full = mine.full_images() if (it == 0 or it + 1 == args.iters) else None
+        if one is not None:
+            one.step(it)
+            if ctrl is not None:
+                ctrl.step(it)
+            trace.append((it + 1, one.last, mine.last))
+            if it == 0:
+                step = float((one.image_syn.detach() - init_x).norm())
+                rel_first = float((one.image_syn.detach() - full).norm()) / max(step, 1e-30)
+    full = mine.full_images() if args.iters == 0 else full
+    ok = True
+    if rank == 0:
+        print(f"distributed DM+IID: {world} ranks (gloo), layout {args.layout}; rank 0 holds "
+              f"{len(mine.rows)} of {U.NUM_CLASSES * args.ipc} synthetic images")
+        for it, l1, ld in trace:
+            if it in (1, 2, 10) or it == args.iters or it % 100 == 0:
+                print(f"iteration {it}: loss single-process {l1:.9g}, distributed {ld:.9g}")
+        diff = float((one.image_syn.detach() - full).abs().max())
+        print(f"max |image_syn(single process) - image_syn(distributed)| = {diff:.3e} after {args.iters} iterations; "
+              f"after the first iteration ||difference|| / ||update|| = {rel_first:.2e}")
+        if ctrl is not None:
+            print(f"control: max |image_syn(single process) - image_syn(single process, initial images +1 ulp)| = "
+                  f"{float((one.image_syn.detach() - ctrl.image_syn.detach()).abs().max()):.3e} after {args.iters} iterations")
+        print(f"ms / iteration (median): single process {one.it_time.median_ms:.2f}, distributed rank 0 "
+              f"{mine.it_time.median_ms:.2f}")
+        ok = rel_first < 1e-2 and all(l1 == l1 and ld == ld for _, l1, ld in trace)
+        print("RESULT:", "OK" if ok else "MISMATCH")
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a < 60 s smoke run")
@@ -95,12 +230,18 @@ def main(argv=None) -> int:
     p.add_argument("--w-cc", type=float, default=0.001,
                    help="CC weight (IID: 0.05 on pretrained ResNet-18 features; see the module docstring)")
     p.add_argument("--w-cm", type=float, default=0.01, help="CM weight (IID: 0.01; IDM+IID: 0.03)")
+    p.add_argument("--distributed", action="store_true",
+                   help="run under torchrun: the ops get a process group; rank 0 compares with one process")
+    p.add_argument("--layout", choices=("rows", "classes"), default="rows",
+                   help="--distributed: split every class over the ranks (rows) or give each rank whole classes")
     U.add_common_args(p)
     args = p.parse_args(argv)
     U.finish_common_args(args)
     args.iters = args.iters or (25 if args.quick else 500)
 
     data = U.load_digits_split()
+    if args.distributed:
+        return run_distributed(args, data)
     print(f"digits: {len(data.x_train)} train / {len(data.x_test)} test images, 1x16x16, 10 classes; "
           f"IPC {args.ipc}, {args.iters} iterations; torch threads {torch.get_num_threads()}")
 

@@ -69,3 +69,48 @@ def test_integration_guide_snippets():
             exec(compile(code, f"INTEGRATION.md[python block {i}]", "exec"), namespace)
         except Exception as e:  # pragma: no cover - the message names the block
             raise AssertionError(f"INTEGRATION.md python block {i} failed: {type(e).__name__}: {e}\n{code}") from e
+
+
+# ----------------------------------------------------------------------------- torchrun (gloo, 2 ranks)
+
+
+def run_torchrun(name: str, *extra: str, timeout: float = 420) -> str:
+    """``torchrun --nproc-per-node 2 python/<name> --distributed --quick ...`` on a free port, bounded."""
+    from tests._dist_launch import free_port
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", EDFKERN_DIST_TIMEOUT="120")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), os.path.join(ROOT, "python", name), "--distributed", "--quick", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (f"{name} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                                  f"stderr:\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def check_distributed(out: str) -> None:
+    """RESULT OK, and rank 0's losses equal the single-process run's to float32 rounding."""
+    assert out.count("RESULT: OK") == 1, out  # printed by rank 0 only
+    pairs = re.findall(r"iteration (\d+): .*?single-process (\S+), distributed (\S+)", out)
+    assert pairs and pairs[0][0] == "1", out
+    one, dist_ = float(pairs[0][1]), float(pairs[0][2])
+    assert abs(one - dist_) <= 1e-5 * abs(one), pairs[0]  # first iteration: same images, same loss
+    m = re.search(r"after the first iteration \|\|difference\|\| / \|\|update\|\| = (\S+)", out)
+    assert m and float(m.group(1)) < 1e-4, out
+
+
+def test_demo_dm_iid_torchrun_row_sharded():
+    out = run_torchrun("demo_dm_iid.py", "--layout", "rows")
+    assert "layout rows" in out
+    check_distributed(out)
+
+
+def test_demo_dm_iid_torchrun_class_sharded():
+    out = run_torchrun("demo_dm_iid.py", "--layout", "classes", "--iters", "6")
+    assert "layout classes" in out
+    check_distributed(out)
+
+
+def test_demo_mtt_edf_torchrun_chunked_cpd():
+    out = run_torchrun("demo_mtt_edf.py")
+    assert re.search(r"CPD sends \d+ bytes in 7 collectives per call", out), out
+    check_distributed(out)

@@ -1,7 +1,35 @@
-"""Scale-out on ``torch.distributed`` (work in progress: the collectives layer).
+"""Scale-out on ``torch.distributed``: the answer one process would give, from rows spread over ranks.
 
-See :mod:`edfkern.distributed._comm` for the rules every collective follows.
+Start processes with ``torchrun`` (NCCL on GPUs, gloo on CPUs) and pass a process group to the ops::
+
+    import torch.distributed as dist, edfkern
+    dist.init_process_group("gloo")                       # or "nccl"
+    pg = dist.group.WORLD
+    loss = edfkern.distributed.covariance_matching_loss(syn, real, syn_groups=ys, real_groups=yr,
+                                                        process_group=pg)
+
+``edfkern.<op>(..., process_group=pg)`` forwards to the functions here; ``process_group=None`` is one
+process, exactly the single-process op. See ``docs/distributed.md`` for the layouts and the costs.
+
+Modules, top-down:
+
+- :mod:`._comm`: the only module that calls ``torch.distributed`` (timeouts, one buffer per dtype,
+  byte accounting, class sharding);
+- :mod:`._agree`: the header every op exchanges first, so that bad input raises on every rank;
+- :mod:`.stats`: the stable merge of per-class statistics (sums and counts, then the scatter about
+  the global mean) and :func:`reduce_class_stats`;
+- :mod:`.features`: row-sharded ``local_covariance``, ``covariance_matching_loss``,
+  ``class_centralization_loss``, ``mean_matching_loss``;
+- :mod:`.cpd`: distributed CPD by an all-reduced radix select.
 """
-from ._comm import all_reduce_sum_, default_group, shard_classes, world
+from ._comm import (CommStats, all_reduce_sum_, default_group, last_call_stats, record, shard_classes,
+                    world)
+from .cpd import cpd_keep_mask, cpd_trajectory_loss
+from .features import class_centralization_loss, covariance_matching_loss, local_covariance, mean_matching_loss
+from .stats import reduce_class_stats
 
-__all__ = ["shard_classes", "all_reduce_sum_", "default_group", "world"]
+__all__ = [
+    "shard_classes", "default_group", "world", "all_reduce_sum_", "reduce_class_stats",
+    "local_covariance", "covariance_matching_loss", "class_centralization_loss", "mean_matching_loss",
+    "cpd_trajectory_loss", "cpd_keep_mask", "last_call_stats", "record", "CommStats",
+]

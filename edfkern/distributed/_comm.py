@@ -10,16 +10,20 @@ here), so that:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from typing import Optional, Sequence
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["DEFAULT_TIMEOUT", "is_active", "world", "default_group", "shard_classes", "all_reduce_sum_",
-           "all_gather_object_sizes"]
+           "all_gather_object_sizes", "gather_ints", "CommStats", "record", "recorded",
+           "last_call_stats"]
 
 #: Upper bound on one collective. ``EDFKERN_DIST_TIMEOUT`` (seconds) overrides it.
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("EDFKERN_DIST_TIMEOUT", "300")))
@@ -65,6 +69,63 @@ def _wait(work, what: str, timeout: datetime.timedelta) -> None:
         raise RuntimeError(f"edfkern.distributed: {what} did not complete within {timeout}")
 
 
+@dataclass
+class CommStats:
+    """What the collectives of one block cost *this* rank: ``calls`` collectives, ``bytes`` of
+    payload handed to them (the reduced buffers; a ring all-reduce puts about ``2 (W-1)/W`` times that
+    on the wire per rank), and ``seconds`` spent waiting for them."""
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+_RECORDERS: list[CommStats] = []
+
+
+@contextlib.contextmanager
+def record() -> Iterator[CommStats]:
+    """``with record() as st: ...`` adds every collective issued inside the block to ``st``."""
+    st = CommStats()
+    _RECORDERS.append(st)
+    try:
+        yield st
+    finally:
+        _RECORDERS.remove(st)
+
+
+_LAST: dict[str, CommStats] = {}
+
+
+def recorded(fn):
+    """Decorator of a distributed op: its collectives (header included) become :func:`last_call_stats`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with record() as st:
+            out = fn(*args, **kwargs)
+        _LAST[fn.__name__] = st
+        return out
+
+    return wrapper
+
+
+def last_call_stats(op: str) -> CommStats:
+    """Collectives, payload bytes and seconds of the last call of distributed ``op`` on this rank
+    (e.g. ``"cpd_trajectory_loss"``). Backward issues none."""
+    if op not in _LAST:
+        raise KeyError(f"{op!r} has not been called with a process group in this process")
+    return _LAST[op]
+
+
+def _account(nbytes: int, seconds: float) -> None:
+    for st in _RECORDERS:
+        st.calls += 1
+        st.bytes += nbytes
+        st.seconds += seconds
+
+
 def all_reduce_sum_(tensors: Sequence[Tensor], *, group: Optional[object],
                     timeout: Optional[datetime.timedelta] = None, what: str = "all_reduce") -> list[Tensor]:
     """Sum ``tensors`` over ``group`` in place, as one collective per dtype; returns them.
@@ -81,8 +142,10 @@ def all_reduce_sum_(tensors: Sequence[Tensor], *, group: Optional[object],
     for dtype in sorted(by_dtype, key=str):  # the same order on every rank
         idx = by_dtype[dtype]
         flat = torch.cat([tensors[i].reshape(-1) for i in idx]) if len(idx) > 1 else tensors[idx[0]].reshape(-1).clone()
+        t0 = time.perf_counter()
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
         _wait(work, f"{what} ({dtype}, {flat.numel()} elements)", timeout)
+        _account(flat.numel() * flat.element_size(), time.perf_counter() - t0)
         off = 0
         for i in idx:
             n = tensors[i].numel()
@@ -100,4 +163,22 @@ def all_gather_object_sizes(n: int, *, group: Optional[object],
     buf = torch.zeros(size, dtype=torch.int64)
     buf[rank] = int(n)
     all_reduce_sum_([buf], group=group, timeout=timeout, what="size exchange")
+    return buf.tolist()
+
+
+def gather_ints(values: Sequence[int], *, group: Optional[object], device: Optional[torch.device] = None,
+                timeout: Optional[datetime.timedelta] = None, what: str = "header") -> list[list[int]]:
+    """Every rank's list of ``F`` integers, in rank order (``W`` rows): one all-reduce of a ``(W, F)``
+    int64 table in which each rank fills its own row. With one process: ``[list(values)]``.
+
+    This is how the ops agree on shapes, dtypes and flags *before* the data collectives, so that every
+    rank sees the same table and raises the same ``ValueError`` together.
+    """
+    rank, size = world(group)
+    row = [int(v) for v in values]
+    if not is_active(group):
+        return [row]
+    buf = torch.zeros(size, len(row), dtype=torch.int64, device=device)
+    buf[rank] = torch.tensor(row, dtype=torch.int64)
+    all_reduce_sum_([buf], group=group, timeout=timeout, what=what)
     return buf.tolist()
