@@ -51,9 +51,20 @@ def _key(l, KEYBITS: tl.constexpr):
         u = l.to(tl.uint16, bitcast=True).to(tl.uint64)
     sign = tl.full([], 1, tl.uint64) << (KEYBITS - 1)
     full = sign | (sign - 1)
+    # NaN from the bits (magnitude above the infinity's), not l != l: the CPU interpreter compares
+    # bfloat16 values as their raw integers
+    if KEYBITS == 64:
+        inf_bits = tl.full([], 0x7FF0000000000000, tl.uint64)
+    elif KEYBITS == 32:
+        inf_bits = tl.full([], 0x7F800000, tl.uint64)
+    elif l.dtype == tl.bfloat16:
+        inf_bits = tl.full([], 0x7F80, tl.uint64)
+    else:
+        inf_bits = tl.full([], 0x7C00, tl.uint64)
+    is_nan = (u & (sign - 1)) > inf_bits
     u = tl.where(u == sign, 0, u)  # -0 compares equal to +0
     key = tl.where((u & sign) != 0, ~u & full, u | sign)
-    return tl.where(l != l, full, key)  # every NaN (either sign, any payload): one key above +inf
+    return tl.where(is_nan, full, key)  # every NaN (either sign, any payload): one key above +inf
 
 
 @triton.jit
