@@ -33,14 +33,21 @@ def _members(groups: Groups, n: int, num_groups: Optional[int] = None) -> list[T
 def create_soft_mask(cam: Tensor, size: tuple[int, int], beta: float, threshold: Optional[float] = None) -> Tensor:
     """EDF's per-image mask loop: upsample each CAM, threshold at its mean, ``cam + beta`` above, 1 below.
 
-    cam (N, h, w) or (N, 1, h, w) -> (N, 1, H, W).
+    cam (N, h, w) or (N, 1, h, w) -> (N, 1, H, W). One rule added to EDF's loop (docs/special-values.md):
+    a flat map (every value the same finite ``c``) upsamples to ``c`` exactly and its mean is ``c``, as
+    in exact arithmetic, so the mean threshold keeps every pixel (rounding in interpolate and mean
+    would otherwise flip an arbitrary subset of them).
     """
     if cam.dim() == 4:
         cam = cam[:, 0]
     masks = []
     for i in range(cam.shape[0]):
-        up = F.interpolate(cam[i][None, None].float(), size=size, mode="bilinear", align_corners=False)
+        c = cam[i].float()
+        up = F.interpolate(c[None, None], size=size, mode="bilinear", align_corners=False)
         tau = up.mean() if not threshold else threshold
+        if bool(c.min() == c.max()) and bool(c.min().isfinite()):
+            up = torch.full_like(up, c.min().item())
+            tau = c.min() if not threshold else threshold
         masks.append(torch.where(up >= tau, up + beta, torch.ones_like(up)))
     return torch.cat(masks, 0)
 

@@ -33,11 +33,14 @@ struct KeyOf<double> {
   using type = uint64_t;
 };
 
-// Monotone map float -> unsigned: a < b  <=>  key(a) < key(b), and -0 == +0.
+// Monotone map float -> unsigned: a < b  <=>  key(a) < key(b), and -0 == +0. Every NaN (either
+// sign, any payload) maps to the largest key, so NaNs sort after +inf and tie among themselves,
+// as in torch.sort (docs/special-values.md); from_key of that key is a NaN.
 template <typename acc_t>
 inline typename KeyOf<acc_t>::type to_key(acc_t v) {
   using U = typename KeyOf<acc_t>::type;
   constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
+  if (v != v) return ~U(0);
   if (v == acc_t(0)) return sign;
   U u;
   std::memcpy(&u, &v, sizeof(U));
@@ -201,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
         d_eq_kept += static_cast<double>(get_d(i));
       }
     }
-    sum_l += static_cast<double>(thr_a) * static_cast<double>(n_eq_kept);
+    if (n_eq_kept > 0) sum_l += static_cast<double>(thr_a) * static_cast<double>(n_eq_kept);  // no inf * 0
     sum_d += d_eq_kept;
     thr_v = static_cast<double>(thr_a);
   }
@@ -229,7 +232,8 @@ at::Tensor cpd_backward(const at::Tensor& grad_out, const at::Tensor& student, c
   const int64_t tie_i = tie.item<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "edfkern_cpd_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t thr_a = thr.item<acc_t>();
+    using U = typename KeyOf<acc_t>::type;
+    const U thr_k = to_key<acc_t>(thr.item<acc_t>());
     const acc_t scale = grad_out.item<acc_t>() / sum_d.item<acc_t>();
     const scalar_t* s = student.data_ptr<scalar_t>();
     const scalar_t* t = target.data_ptr<scalar_t>();
@@ -237,9 +241,11 @@ at::Tensor cpd_backward(const at::Tensor& grad_out, const at::Tensor& student, c
     at::parallel_for(0, P, kChunk, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const acc_t v = static_cast<acc_t>(s[i]) - static_cast<acc_t>(t[i]);
-        const acc_t l = v * v;
-        const bool dropped = l < thr_a || (l == thr_a && i < tie_i);
-        o[i] = static_cast<scalar_t>((dropped ? acc_t(0) : acc_t(2) * v) * scale);
+        const U key = to_key<acc_t>(v * v);
+        const bool dropped = key < thr_k || (key == thr_k && i < tie_i);
+        // dropped: 0 * 2v, i.e. 0, or NaN where s - t is not finite, as autograd through the loop's gather
+        const acc_t v2 = acc_t(2) * v;
+        o[i] = static_cast<scalar_t>(dropped ? v2 * acc_t(0) : v2 * scale);
       }
     });
   });

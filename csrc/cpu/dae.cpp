@@ -1,4 +1,5 @@
 // DAE (SPEC section 2) on CPU: mask = U(cam) + beta where U(cam) >= tau, else 1.
+// Flat CAMs and NaN / inf follow docs/special-values.md.
 //
 // One pass per image: the low-resolution CAM is upsampled on the fly into a per-thread
 // (H, W) scratch row block (never an (N, H, W) map), tau comes from the low-resolution map
@@ -14,6 +15,7 @@
 
 #include <edfkern/common.h>
 
+#include <cmath>
 #include <vector>
 
 namespace edfkern {
@@ -49,15 +51,31 @@ struct MaskMaker {
         thr(static_cast<m_t>(threshold.value_or(0.0))), beta(static_cast<m_t>(beta_)) {}
 
   void operator()(const m_t* cam, m_t* rows, m_t* mask) const {
+    const int64_t hw = h * w, HW = H * W;
+    m_t lo = cam[0], hi = cam[0];
+    bool finite = true;
+    for (int64_t p = 0; p < hw; ++p) {
+      const m_t v = cam[p];
+      finite = finite && std::isfinite(v);
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    const m_t b = beta;
+    if (finite && lo == hi) {  // flat map: U(cam) is the constant and so is its mean (docs/special-values.md)
+      const m_t tau = fixed ? thr : lo;
+      const m_t val = lo >= tau ? lo + b : m_t(1);
+      for (int64_t p = 0; p < HW; ++p) mask[p] = val;
+      return;
+    }
     m_t tau = thr;
-    if (!fixed) {  // mean of U(cam) = sum_ab cam[a,b] * mass_y[a] * mass_x[b] / (H*W)
+    if (!fixed && finite) {  // mean of U(cam) = sum_ab cam[a,b] * mass_y[a] * mass_x[b] / (H*W)
       double s = 0.0;
       for (int64_t a = 0; a < h; ++a) {
         double r = 0.0;
-        for (int64_t b = 0; b < w; ++b) r += static_cast<double>(cam[a * w + b]) * ax.mass[b];
+        for (int64_t j = 0; j < w; ++j) r += static_cast<double>(cam[a * w + j]) * ax.mass[j];
         s += r * ay.mass[a];
       }
-      tau = static_cast<m_t>(s / static_cast<double>(H * W));
+      tau = static_cast<m_t>(s / static_cast<double>(HW));
     }
     // horizontal pass: rows[a, x] = l0 * cam[a, x0] + l1 * cam[a, x1]
     for (int64_t a = 0; a < h; ++a) {
@@ -65,9 +83,22 @@ struct MaskMaker {
       m_t* r = rows + a * W;
       for (int64_t x = 0; x < W; ++x) r[x] = ax.l0[x] * c[ax.i0[x]] + ax.l1[x] * c[ax.i1[x]];
     }
+    if (!fixed && !finite) {
+      // NaN / inf in the CAM: the mean of the upsampled map itself, which is NaN or +-inf exactly
+      // when the loop's is (a zero weight on an infinite value gives NaN; unused pixels do nothing)
+      for (int64_t y = 0; y < H; ++y) {
+        const m_t* r0 = rows + ay.i0[y] * W;
+        const m_t* r1 = rows + ay.i1[y] * W;
+        for (int64_t x = 0; x < W; ++x) mask[y * W + x] = ay.l0[y] * r0[x] + ay.l1[y] * r1[x];
+      }
+      double s = 0.0;
+      for (int64_t p = 0; p < HW; ++p) s += static_cast<double>(mask[p]);
+      tau = static_cast<m_t>(s / static_cast<double>(HW));
+      for (int64_t p = 0; p < HW; ++p) mask[p] = mask[p] >= tau ? mask[p] + b : m_t(1);
+      return;
+    }
     // vertical pass and threshold (locals and restrict: a store to the mask must not be
     // assumed to alias beta or the rows, or the loop stays scalar)
-    const m_t b = beta;
     for (int64_t y = 0; y < H; ++y) {
       const m_t* __restrict__ r0 = rows + ay.i0[y] * W;
       const m_t* __restrict__ r1 = rows + ay.i1[y] * W;

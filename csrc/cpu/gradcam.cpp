@@ -16,6 +16,14 @@ namespace edfkern {
 namespace cpu {
 namespace {
 
+// torch.relu / amin / amax semantics: a NaN stays NaN (x > 0 ? x : 0 and std::min/max would drop it).
+template <typename T>
+inline T relu_nan(T v) { return v < T(0) ? T(0) : v; }
+template <typename T>
+inline T min_nan(T a, T b) { return (a != a || b != b) ? a + b : (b < a ? b : a); }
+template <typename T>
+inline T max_nan(T a, T b) { return (a != a || b != b) ? a + b : (b > a ? b : a); }
+
 enum class Method { GradCAM, GradCAMpp, Smooth };
 
 Method parse_method(const std::string& m) {
@@ -27,7 +35,7 @@ Method parse_method(const std::string& m) {
 
 template <typename scalar_t>
 void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A_clean, Method method,
-                   bool normalize, int64_t H, int64_t W, at::Tensor& out) {
+                   bool normalize, int64_t H, int64_t W, bool resize, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t eps = static_cast<acc_t>(1e-8);
   const bool smooth = method == Method::Smooth;
@@ -39,7 +47,9 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
   const int64_t slice = N * C * hw;                            // one noisy pass
   const scalar_t* a_last = a_all + (S - 1) * slice;           // weights and map from the last pass
   const scalar_t* g_last = g_all + (S - 1) * slice;
-  const bool up = H != h || W != w;
+  // Any explicit size interpolates, as F.interpolate does even at the same size: there an
+  // infinite value becomes NaN (inf * 1 + inf * 0), a finite one is unchanged.
+  const bool up = resize;
   std::vector<int64_t> y0(H), y1(H), x0(W), x1(W);
   std::vector<acc_t> wy0(H), wy1(H), wx0(W), wx1(W);
   for (int64_t y = 0; y < H; ++y) linear_src<acc_t>(y, h, H, y0[y], y1[y], wy0[y], wy1[y]);
@@ -86,7 +96,7 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
           for (int64_t p = 0; p < hw; ++p) {
             const acc_t alpha = d2[p] / (acc_t(2) * d2[p] + denom + eps);
             const acc_t gv = static_cast<acc_t>(g[p]);
-            wc += alpha * (gv > acc_t(0) ? gv : acc_t(0));
+            wc += alpha * relu_nan(gv);
           }
         }
         wts[c] = wc;
@@ -97,14 +107,14 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
         const acc_t wc = wts[c];
         for (int64_t p = 0; p < hw; ++p) cam[p] += wc * static_cast<acc_t>(act[p]);
       }
-      for (int64_t p = 0; p < hw; ++p) cam[p] = cam[p] > acc_t(0) ? cam[p] : acc_t(0);
+      for (int64_t p = 0; p < hw; ++p) cam[p] = relu_nan(cam[p]);
       if (normalize) {
         acc_t lo = cam[0];
-        for (int64_t p = 1; p < hw; ++p) lo = std::min(lo, cam[p]);
+        for (int64_t p = 1; p < hw; ++p) lo = min_nan(lo, cam[p]);
         acc_t hi = cam[0] - lo;
         for (int64_t p = 0; p < hw; ++p) {
           cam[p] = cam[p] - lo;
-          hi = std::max(hi, cam[p]);
+          hi = max_nan(hi, cam[p]);
         }
         const acc_t den = hi + eps;
         for (int64_t p = 0; p < hw; ++p) cam[p] = cam[p] / den;
@@ -137,7 +147,7 @@ at::Tensor grad_cam(const at::Tensor& A, const at::Tensor& G, const std::optiona
   if (N == 0) return out;
   const at::Tensor* clean = (m == Method::Smooth) ? &A_clean.value() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "edfkern_grad_cam", [&] {
-    grad_cam_impl<scalar_t>(A, G, clean, m, normalize, H, W, out);
+    grad_cam_impl<scalar_t>(A, G, clean, m, normalize, H, W, size.has_value(), out);
   });
   return out;
 }

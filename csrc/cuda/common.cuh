@@ -95,6 +95,18 @@ struct Max {
   template <typename A>
   __device__ A operator()(A a, A b) const { return b > a ? b : a; }
 };
+// torch.amin / amax semantics: NaN wins (Min / Max above drop a NaN in b).
+struct NanMin {
+  template <typename A>
+  __device__ A operator()(A a, A b) const { return (a != a || b != b) ? a + b : (b < a ? b : a); }
+};
+struct NanMax {
+  template <typename A>
+  __device__ A operator()(A a, A b) const { return (a != a || b != b) ? a + b : (b > a ? b : a); }
+};
+// torch.relu semantics: NaN stays NaN.
+template <typename A>
+__device__ __forceinline__ A relu_nan(A v) { return v < A(0) ? A(0) : v; }
 
 // Class of sorted row j: the k with offsets[k] <= j < offsets[k+1] (skips empty groups).
 __device__ __forceinline__ int64_t class_of(const int64_t* offsets, int64_t K, int64_t j) {

@@ -36,10 +36,13 @@ struct KeyT<double> {
   using type = unsigned long long;
 };
 
+// Order-preserving key, -0 == +0; every NaN maps to the largest key (sorts after +inf, NaNs tie),
+// as in torch.sort (docs/special-values.md).
 template <typename A>
 __device__ __forceinline__ typename KeyT<A>::type to_key(A v) {
   using U = typename KeyT<A>::type;
   constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
+  if (v != v) return ~U(0);
   if (v == A(0)) return sign;
   U u;
   if constexpr (sizeof(A) == 4) u = __float_as_uint(v);
@@ -248,13 +251,16 @@ template <typename T>
 __global__ void backward_kernel(const acc_of<T>* go, const T* __restrict__ s, const T* __restrict__ t, int64_t P,
                                 const acc_of<T>* thr, const int64_t* tie, const acc_of<T>* sum_d, T* __restrict__ out) {
   using A = acc_of<T>;
-  const A scale = *go / *sum_d, th = *thr;
+  using U = typename KeyT<A>::type;
+  const A scale = *go / *sum_d;
+  const U th = to_key<A>(*thr);
   const int64_t ti = *tie;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < P; i += (int64_t)gridDim.x * blockDim.x) {
     const A v = load<A>(s + i) - load<A>(t + i);
-    const A l = v * v;
-    const bool dropped = l < th || (l == th && i < ti);
-    out[i] = cast_to<T>((dropped ? A(0) : A(2) * v) * scale);
+    const U key = to_key<A>(v * v);
+    const bool dropped = key < th || (key == th && i < ti);
+    const A v2 = A(2) * v;  // dropped: 0 * 2v (0, or NaN where s - t is not finite), as the loop's autograd
+    out[i] = cast_to<T>(dropped ? v2 * A(0) : v2 * scale);
   }
 }
 

@@ -1,4 +1,4 @@
-// DAE (SPEC section 2) on CUDA. Kernel 1 (only when tau is the per-image mean): one block per image
+// DAE (SPEC section 2) on CUDA; flat CAMs and NaN / inf follow docs/special-values.md. Kernel 1 (only when tau is the per-image mean): one block per image
 // averages the upsampled map in float64. Kernel 2: one grid-stride pass over the gradient that
 // upsamples the CAM on the fly (4 cached loads per element), thresholds, and applies the mask
 // (dae_apply) or the fused SGD update (dae_sgd_step). No (N, H, W) map is ever written.
@@ -10,25 +10,41 @@ namespace edfkern {
 namespace cuda {
 namespace {
 
+// U(cam) at (y, x), as F.interpolate computes it, except that four equal finite taps give their
+// value exactly: so a flat map upsamples to itself (docs/special-values.md) without a per-image flag.
 template <typename m_t>
 __device__ __forceinline__ m_t upsampled(const m_t* cam, const DaeArgs& a, int64_t y, int64_t x) {
   int64_t y0, y1, x0, x1;
   m_t wy0, wy1, wx0, wx1;
   linear_src<m_t>(y, a.h, a.H, y0, y1, wy0, wy1);
   linear_src<m_t>(x, a.w, a.W, x0, x1, wx0, wx1);
-  return wy0 * (wx0 * cam[y0 * a.w + x0] + wx1 * cam[y0 * a.w + x1]) +
-         wy1 * (wx0 * cam[y1 * a.w + x0] + wx1 * cam[y1 * a.w + x1]);
+  const m_t c00 = cam[y0 * a.w + x0], c01 = cam[y0 * a.w + x1], c10 = cam[y1 * a.w + x0], c11 = cam[y1 * a.w + x1];
+  if (c00 == c01 && c00 == c10 && c00 == c11 && isfinite(c00)) return c00;
+  return wy0 * (wx0 * c00 + wx1 * c01) + wy1 * (wx0 * c10 + wx1 * c11);
 }
 
-// tau[n] = mean over H*W of U(cam_n).
+// tau[n] = mean over H*W of U(cam_n) (NaN / +-inf exactly when U holds them, as the loop's mean);
+// a flat map (all values equal and finite) is its own mean.
 template <typename m_t>
 __global__ void tau_kernel(const m_t* __restrict__ cam, DaeArgs a, m_t* __restrict__ tau) {
   const int64_t n = blockIdx.x;
   const m_t* c = cam + n * a.h * a.w;
+  const m_t big = static_cast<m_t>(INFINITY);
+  m_t lo = big, hi = -big;
+  int bad = 0;
+  for (int64_t p = threadIdx.x; p < a.h * a.w; p += blockDim.x) {
+    const m_t v = c[p];
+    bad |= !isfinite(v);
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  lo = block_reduce(lo, Min{}, big);
+  hi = block_reduce(hi, Max{}, -big);
+  bad = block_reduce(bad, Max{}, 0);
   double s = 0.0;
   for (int64_t p = threadIdx.x; p < a.H * a.W; p += blockDim.x) s += static_cast<double>(upsampled(c, a, p / a.W, p % a.W));
   s = block_reduce(s, Sum{}, 0.0);
-  if (threadIdx.x == 0) tau[n] = static_cast<m_t>(s / static_cast<double>(a.H * a.W));
+  if (threadIdx.x == 0) tau[n] = (!bad && lo == hi) ? lo : static_cast<m_t>(s / static_cast<double>(a.H * a.W));
 }
 
 template <typename m_t>

@@ -58,7 +58,7 @@ __global__ void weights_kernel(const T* __restrict__ Aall, const T* __restrict__
     moments(p, d2, d3);
     const A alpha = d2 / (A(2) * d2 + den + eps);
     const A gv = load<A>(g_last + p);
-    wsum += alpha * (gv > A(0) ? gv : A(0));
+    wsum += alpha * relu_nan(gv);
   }
   wsum = block_reduce(wsum, Sum{}, A(0));
   if (threadIdx.x == 0) wts[nc] = wsum;
@@ -66,7 +66,8 @@ __global__ void weights_kernel(const T* __restrict__ Aall, const T* __restrict__
 
 template <typename T, typename A>
 __global__ void map_kernel(const T* __restrict__ Alast, const A* __restrict__ wts, int64_t C, int64_t h, int64_t w,
-                           int64_t H, int64_t W, bool normalize, A* __restrict__ cam_ws, A* __restrict__ out) {
+                           int64_t H, int64_t W, bool normalize, bool resize, A* __restrict__ cam_ws,
+                           A* __restrict__ out) {
   const int64_t n = blockIdx.x, hw = h * w;
   A* cam = cam_ws + n * hw;
   A lo = A(0), hi = A(0);
@@ -74,21 +75,26 @@ __global__ void map_kernel(const T* __restrict__ Alast, const A* __restrict__ wt
   for (int64_t p = threadIdx.x; p < hw; p += blockDim.x) {
     A v = 0;
     for (int64_t c = 0; c < C; ++c) v += wts[n * C + c] * load<A>(Alast + (n * C + c) * hw + p);
-    v = v > A(0) ? v : A(0);
+    v = relu_nan(v);
     cam[p] = v;
-    lo = first ? v : (v < lo ? v : lo);
-    hi = first ? v : (v > hi ? v : hi);
+    lo = first ? v : NanMin{}(lo, v);
+    hi = first ? v : NanMax{}(hi, v);
     first = false;
   }
-  if (normalize) {
-    const A big = A(3.0e38);
-    lo = block_reduce(first ? big : lo, Min{}, big);
-    hi = block_reduce(first ? -big : hi, Max{}, -big);
-    const A den = (hi - lo) + static_cast<A>(1e-8);
-    for (int64_t p = threadIdx.x; p < hw; p += blockDim.x) cam[p] = (cam[p] - lo) / den;
+  if (normalize) {  // as the loop: cam - amin, then / (amax of that + eps); a NaN anywhere spreads to the map
+    const A big = static_cast<A>(INFINITY);
+    lo = block_reduce(first ? big : lo, NanMin{}, big);
+    for (int64_t p = threadIdx.x; p < hw; p += blockDim.x) cam[p] = cam[p] - lo;
+    hi = block_reduce(first ? -big : hi - lo, NanMax{}, -big);
+    const A den = hi + static_cast<A>(1e-8);
+    for (int64_t p = threadIdx.x; p < hw; p += blockDim.x) cam[p] = cam[p] / den;
   }
   __syncthreads();
   A* o = out + n * H * W;
+  if (!resize) {
+    for (int64_t q = threadIdx.x; q < hw; q += blockDim.x) o[q] = cam[q];
+    return;
+  }
   for (int64_t q = threadIdx.x; q < H * W; q += blockDim.x) {
     const int64_t y = q / W, x = q % W;
     int64_t y0, y1, x0, x1;
@@ -104,8 +110,9 @@ __global__ void map_kernel(const T* __restrict__ Alast, const A* __restrict__ wt
 
 int grad_cam(const void* A, const void* G, const void* A_clean, DType dt, CamMethod method, bool normalize,
              int64_t S, int64_t N, int64_t C, int64_t h, int64_t w, int64_t H, int64_t W, void* out, void* ws,
-             CUstream_st* stream) {
+             CUstream_st* stream, int resize) {
   if (N == 0) return cudaSuccess;
+  const bool up = resize < 0 ? (H != h || W != w) : resize != 0;
   return dispatch(dt, [&](auto tt) -> cudaError_t {
     using T = decltype(tt);
     using Acc = acc_of<T>;
@@ -117,7 +124,7 @@ int grad_cam(const void* A, const void* G, const void* A_clean, DType dt, CamMet
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     map_kernel<T, Acc><<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(
-        a + (S - 1) * N * C * h * w, wts, C, h, w, H, W, normalize, cam, static_cast<Acc*>(out));
+        a + (S - 1) * N * C * h * w, wts, C, h, w, H, W, normalize, up, cam, static_cast<Acc*>(out));
     return cudaGetLastError();
   });
 }

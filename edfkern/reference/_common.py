@@ -27,10 +27,24 @@ def ieee_matmul() -> Iterator[None]:
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear, align_corners=False, no antialias: (N,h,w) -> (N,H,W); identity when sizes agree."""
+    """Bilinear, align_corners=False, no antialias: (N,h,w) -> (N,H,W).
+
+    At the same size this is ``maps * 1 + maps * 0``, exactly what F.interpolate computes there:
+    finite values unchanged, an infinity turned into NaN (docs/special-values.md).
+    """
     if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
+        return maps + maps * 0
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def flat_values(maps: Tensor) -> Tensor:
+    """(N,h,w) -> (N,): the value of each map whose entries are all equal and finite, else NaN.
+
+    A flat map upsamples to itself exactly and is its own mean (docs/special-values.md).
+    """
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(1), flat.amax(1)
+    return torch.where((lo == hi) & lo.isfinite(), lo, torch.full_like(lo, float("nan")))
 
 
 def class_means(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tensor, Tensor]:

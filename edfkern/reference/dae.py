@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._checks import acc_dtype
-from ._common import upsample
+from ._common import flat_values, upsample
 
 
 def _mask(cam: Tensor, beta: float, threshold: Optional[float], size: tuple[int, int],
@@ -19,10 +19,15 @@ def _mask(cam: Tensor, beta: float, threshold: Optional[float], size: tuple[int,
     """(N,H,W) mask in acc: U(cam)+beta where U(cam) >= tau, else 1.
 
     acc is float64 when the CAM or the tensor it scales (``like``) is float64, else float32.
+    A flat map (all values equal and finite) upsamples to that value exactly and is its own mean.
     """
     acc = torch.promote_types(acc_dtype(cam.dtype), acc_dtype(like.dtype if like is not None else cam.dtype))
-    u = upsample(cam.to(acc), size)
-    tau = u.mean(dim=(1, 2), keepdim=True) if threshold is None else threshold
+    c = cam.to(acc)
+    u = upsample(c, size)
+    fv = flat_values(c)[:, None, None]
+    is_flat = fv == fv
+    tau = threshold if threshold is not None else torch.where(is_flat, fv, u.mean(dim=(1, 2), keepdim=True))
+    u = torch.where(is_flat, fv, u)
     return torch.where(u >= tau, u + beta, torch.ones_like(u))
 
 

@@ -2,7 +2,8 @@
 
 The order of floats is the order of their *keys*: the bit pattern with the sign bit
 set for non-negative values and all bits flipped for negative ones (-0 maps to +0),
-read as an unsigned integer. The k-th smallest key is found digit by digit, 8 bits
+read as an unsigned integer; every NaN maps to the all-ones key, so NaNs sort last and
+tie among themselves, as in torch.sort (docs/special-values.md). The k-th smallest key is found digit by digit, 8 bits
 per pass, high to low:
 
     _cpd_hist_kernel      histogram of the current digit over the entries whose higher
@@ -50,8 +51,20 @@ def _key(l, KEYBITS: tl.constexpr):
         u = l.to(tl.uint16, bitcast=True).to(tl.uint64)
     sign = tl.full([], 1, tl.uint64) << (KEYBITS - 1)
     full = sign | (sign - 1)
+    # NaN from the bits (magnitude above the infinity's), not l != l: the CPU interpreter compares
+    # bfloat16 values as their raw integers
+    if KEYBITS == 64:
+        inf_bits = tl.full([], 0x7FF0000000000000, tl.uint64)
+    elif KEYBITS == 32:
+        inf_bits = tl.full([], 0x7F800000, tl.uint64)
+    elif l.dtype == tl.bfloat16:
+        inf_bits = tl.full([], 0x7F80, tl.uint64)
+    else:
+        inf_bits = tl.full([], 0x7C00, tl.uint64)
+    is_nan = (u & (sign - 1)) > inf_bits
     u = tl.where(u == sign, 0, u)  # -0 compares equal to +0
-    return tl.where((u & sign) != 0, ~u & full, u | sign)
+    key = tl.where((u & sign) != 0, ~u & full, u | sign)
+    return tl.where(is_nan, full, key)  # every NaN (either sign, any payload): one key above +inf
 
 
 @triton.jit
@@ -240,12 +253,16 @@ def _cpd_backward_kernel(
     valid = offs < P
     s = tl.load(s_ptr + offs, mask=valid, other=0.0).to(ACC)
     t = tl.load(t_ptr + offs, mask=valid, other=0.0).to(ACC)
-    thr = tl.load(thr_ptr)
     tie = tl.load(tie_ptr)
     scale = tl.load(gout_ptr).to(ACC) / tl.load(sumd_ptr)
     l = (s - t) * (s - t)
-    dropped = (l < thr) | ((l == thr) & (offs < tie))
-    g = tl.where(dropped, 0.0, 2 * (s - t)) * scale
+    thr = tl.load(thr_ptr) + tl.zeros_like(l)  # a block: the interpreter cannot mix 0-d and block bools
+    t_nan = thr != thr  # torch.sort's order: NaN above +inf, all NaNs equal
+    less = (l < thr) | (t_nan & (l == l))
+    equal = (l == thr) | (t_nan & (l != l))
+    dropped = less | (equal & (offs < tie))
+    v2 = 2 * (s - t)
+    g = tl.where(dropped, v2 * 0.0, v2 * scale)  # dropped: 0, or NaN where s - t is not finite (as the loop)
     tl.store(out_ptr + offs, cast_to(g, out_ptr.dtype.element_ty), mask=valid)
 
 

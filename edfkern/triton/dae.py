@@ -1,8 +1,9 @@
 """DAE (SPEC section 2) in Triton: the mask is computed on the fly from the low-res CAM.
 
 Kernels, top-down:
-    _dae_tau_kernel    per image, tau_i = mean of U(cam_i), computed exactly from the
-                       (h, w) map with separable row/column weight sums (no (H, W) map).
+    _dae_stats_kernel  per image, tau_i = mean of U(cam_i), computed from the (h, w) map
+                       with separable row/column weight sums (no (H, W) map; NaN / inf in
+                       the CAM take the mean of U itself), and the value of a flat map.
     _dae_apply_kernel  one program per (pixel tile, image): U(cam) and the mask for the
                        tile, then, by MODE, store the mask / scale grad / one SGD step
                        over all C channels of the tile.
@@ -10,7 +11,8 @@ Launchers: dae_mask, dae_, dae_sgd_step_ (the backend contract).
 
 Bytes (fp32, N*C*H*W = E elements): dae_ reads+writes grad (8E); dae_sgd_step_ reads
 grad, param, buf and writes param, buf (20E). The CAM (N*h*w) and tau (N) are noise.
-Workspace: tau, N elements.
+Workspace: tau and the flat values, 2N elements. Special values and flat maps:
+docs/special-values.md.
 """
 from __future__ import annotations
 
@@ -45,37 +47,68 @@ def _axis_weight_sums(n_in, n_out, a, BLOCK_O: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["h", "w", "H", "W"])
-def _dae_tau_kernel(
-    cam_ptr,  # (N, h, w) low-res CAMs, any float dtype
-    tau_ptr,  # (N,) out: per-image mean of the upsampled map, ACC
+def _dae_stats_kernel(
+    cam_ptr,   # (N, h, w) low-res CAMs, any float dtype
+    tau_ptr,   # (N,) out: per-image mean of the upsampled map, ACC (not written when FIXED_THR)
+    flat_ptr,  # (N,) out: the value of a flat map (all entries equal and finite), else NaN, ACC
     h, w, H, W,
-    IDENTITY: tl.constexpr,  # (h, w) == (H, W): U is the identity
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
+    FIXED_THR: tl.constexpr,  # a fixed threshold: only the flat values are needed
+    IDENTITY: tl.constexpr,   # (h, w) == (H, W): U is the identity (up to inf -> NaN)
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
     ACC: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     base = cam_ptr + n * h * w
     total = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    lo = tl.full([BLOCK_A, BLOCK_B], float("inf"), ACC)
+    hi = tl.full([BLOCK_A, BLOCK_B], float("-inf"), ACC)
+    nonfinite = tl.zeros([BLOCK_A, BLOCK_B], tl.int32)
     for a0 in range(0, h, BLOCK_A):
         a = a0 + tl.arange(0, BLOCK_A)
-        if not IDENTITY:
+        if not IDENTITY and not FIXED_THR:
             rw = _axis_weight_sums(h, H, a, BLOCK_O, ACC)
         for b0 in range(0, w, BLOCK_B):
             b = b0 + tl.arange(0, BLOCK_B)
             m = (a[:, None] < h) & (b[None, :] < w)
             c = tl.load(base + a[:, None] * w + b[None, :], mask=m, other=0.0).to(ACC)
-            if IDENTITY:
-                total += c
-            else:
-                cw = _axis_weight_sums(w, W, b, BLOCK_O, ACC)
-                total += c * rw[:, None] * cw[None, :]
-    tl.store(tau_ptr + n, tl.sum(tl.sum(total, axis=1), axis=0) / (H * W).to(ACC))
+            nonfinite += tl.where(m & ((c - c) != 0.0), 1, 0)  # NaN or +-inf
+            lo = tl.minimum(lo, tl.where(m, c, float("inf")))
+            hi = tl.maximum(hi, tl.where(m, c, float("-inf")))
+            if not FIXED_THR:
+                if IDENTITY:
+                    total += c
+                else:
+                    cw = _axis_weight_sums(w, W, b, BLOCK_O, ACC)
+                    total += c * rw[:, None] * cw[None, :]
+    n_bad = tl.sum(tl.sum(nonfinite, axis=1), axis=0)
+    lo_s = tl.min(tl.min(lo, axis=1), axis=0)
+    hi_s = tl.max(tl.max(hi, axis=1), axis=0)
+    flat = (n_bad == 0) & (lo_s == hi_s)
+    tl.store(flat_ptr + n, tl.where(flat, lo_s, float("nan")))
+    if not FIXED_THR:
+        tau = tl.sum(tl.sum(total, axis=1), axis=0) / (H * W).to(ACC)
+        if n_bad > 0:
+            # NaN / inf in the CAM: the mean of the upsampled map itself, which is NaN or +-inf exactly
+            # when the loop's is (a zero weight on an infinity gives NaN; unused pixels do nothing)
+            full = tl.zeros([BLOCK_F], ACC)
+            for o0 in range(0, H * W, BLOCK_F):
+                q = o0 + tl.arange(0, BLOCK_F)
+                qv = q < H * W
+                if IDENTITY:
+                    u = tl.load(base + q, mask=qv, other=0.0).to(ACC)
+                    u = u + u * 0.0
+                else:
+                    u = bilinear(base, q // W, q % W, h, w, H, W, ACC)
+                full += tl.where(qv, u, 0.0)
+            tau = tl.sum(full, axis=0) / (H * W).to(ACC)
+        tl.store(tau_ptr + n, tl.where(flat, lo_s, tau))
 
 
 @triton.jit(do_not_specialize=["C", "h", "w", "H", "W"])
 def _dae_apply_kernel(
     cam_ptr,    # (N, h, w) low-res CAMs
     tau_ptr,    # (N,) per-image thresholds, ACC (unused when FIXED_THR)
+    flat_ptr,   # (N,) value of each flat map, else NaN, ACC: a flat map upsamples to its value exactly
     out_ptr,    # MODE_MASK: (N, 1, H, W) mask out; MODE_SCALE: (N, C, H, W) grad, in/out
     grad_ptr,   # MODE_SGD: (N, C, H, W) gradient, read only
     param_ptr,  # MODE_SGD: (N, C, H, W) parameter, in/out
@@ -98,8 +131,11 @@ def _dae_apply_kernel(
     cam = cam_ptr + n * h * w
     if IDENTITY:
         u = tl.load(cam + p, mask=valid, other=0.0).to(ACC)
+        u = u + u * 0.0  # what F.interpolate computes at the same size: inf -> NaN
     else:
         u = bilinear(cam, y, x, h, w, H, W, ACC)
+    fv = tl.load(flat_ptr + n)
+    u = tl.where(fv == fv, fv, u)
     if FIXED_THR:
         tau = as_acc(thr, ACC)
     else:
@@ -149,19 +185,18 @@ def _acc_dtype(cam: Tensor, data: Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (cam.dtype, data.dtype) else torch.float32
 
 
-def _tau(cam: Tensor, H: int, W: int, threshold: Optional[float], acc: torch.dtype) -> Tensor:
-    """Per-image thresholds (N,) in acc, or a 1-element dummy when the threshold is fixed."""
+def _stats(cam: Tensor, H: int, W: int, threshold: Optional[float], acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-image thresholds (N,) (a 1-element dummy when the threshold is fixed) and flat values (N,), in acc."""
     n, h, w = cam.shape
-    if threshold is not None:
-        return torch.empty(1, dtype=acc, device=cam.device)
-    tau = torch.empty(n, dtype=acc, device=cam.device)
-    wrap_triton(_dae_tau_kernel)[(n,)](
-        cam, tau, h, w, H, W,
-        IDENTITY=(h, w) == (H, W),
+    ws = torch.empty(2 * n if threshold is None else n + 1, dtype=acc, device=cam.device)
+    flat, tau = ws[:n], ws[n:]
+    wrap_triton(_dae_stats_kernel)[(n,)](
+        cam, tau, flat, h, w, H, W,
+        FIXED_THR=threshold is not None, IDENTITY=(h, w) == (H, W),
         BLOCK_A=min(64, next_pow2(h)), BLOCK_B=min(64, next_pow2(w)), BLOCK_O=min(128, next_pow2(max(H, W))),
-        ACC=acc_tl(acc),
+        BLOCK_F=min(1024, next_pow2(H * W)), ACC=acc_tl(acc),
     )
-    return tau
+    return tau, flat
 
 
 def _launch(mode: int, cam: Tensor, H: int, W: int, C: int, beta: float, threshold: Optional[float],
@@ -172,11 +207,11 @@ def _launch(mode: int, cam: Tensor, H: int, W: int, C: int, beta: float, thresho
     if n == 0 or H * W == 0 or C == 0:
         return
     acc = _acc_dtype(cam, param)
-    tau = _tau(cam, H, W, threshold, acc)
+    tau, flat = _stats(cam, H, W, threshold, acc)
     block, warps = calculate_settings(H * W, max_block=1024, lo=16)
     grid = (triton.cdiv(H * W, block), n)
     wrap_triton(_dae_apply_kernel)[grid](
-        cam, tau, out, grad, param, buf if buf is not None else param,
+        cam, tau, flat, out, grad, param, buf if buf is not None else param,
         C, h, w, H, W,
         float(beta), float(threshold) if threshold is not None else 0.0,
         float(lr), float(momentum), float(1.0 - dampening), float(weight_decay),

@@ -29,6 +29,12 @@ from ._utils import acc_tl, acc_torch, bilinear, next_pow2, register, wrap_trito
 METHODS = {"gradcam": 0, "gradcam++": 1, "smoothgradcam++": 2}
 
 
+@triton.jit
+def _relu(x):
+    """torch.relu: max(x, 0), and NaN stays NaN (tl.maximum may return the 0)."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
 @triton.jit(do_not_specialize=["S", "N", "C", "hw", "h", "w", "H", "W"])
 def _grad_cam_kernel(
     a_ptr,       # (N, C, h, w) activations, or (S, N, C, h, w) for smoothgradcam++
@@ -37,7 +43,7 @@ def _grad_cam_kernel(
     low_ptr,     # (N, h, w) out, fp32 or fp64: the low-res map (the result, or the scratch when UPSAMPLE)
     out_ptr,     # (N, H, W) out, low_ptr's dtype, when UPSAMPLE
     S, N, C, hw, h, w, H, W,
-    METHOD: tl.constexpr, NORMALIZE: tl.constexpr, UPSAMPLE: tl.constexpr,
+    METHOD: tl.constexpr, NORMALIZE: tl.constexpr, UPSAMPLE: tl.constexpr, SAME_SIZE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_OUT: tl.constexpr, ACC: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -59,7 +65,7 @@ def _grad_cam_kernel(
             g3 = g2 * G
             s = tl.sum(A * g3, axis=1)
             alpha = g2 / (2 * g2 + s[:, None] + 1e-8)
-            wc = tl.sum(tl.where(m, alpha * tl.maximum(G, 0.0), 0.0), axis=1)
+            wc = tl.sum(tl.where(m, alpha * _relu(G), 0.0), axis=1)
         else:  # smoothgradcam++: moments over the S noisy passes, clean activations in the denominator
             d2 = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
             d3 = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
@@ -73,12 +79,16 @@ def _grad_cam_kernel(
             Ac = tl.load(aclean_ptr + offs, mask=m, other=0.0).to(ACC)
             s = tl.sum(Ac * d3, axis=1)
             alpha = d2 / (2 * d2 + s[:, None] + 1e-8)
-            wc = tl.sum(tl.where(m, alpha * tl.maximum(G, 0.0), 0.0), axis=1)
+            wc = tl.sum(tl.where(m, alpha * _relu(G), 0.0), axis=1)
         cam += tl.sum(wc[:, None] * A, axis=0)
-    cam = tl.maximum(cam, 0.0)
-    if NORMALIZE:
-        cam = cam - tl.min(tl.where(pvalid, cam, float("inf")), axis=0)
+    cam = _relu(cam)
+    if NORMALIZE:  # as torch's amin / amax: a NaN anywhere in the map makes the whole map NaN
+        any_nan = tl.sum(tl.where(pvalid & (cam != cam), 1, 0), axis=0) > 0
+        lo = tl.min(tl.where(pvalid, cam, float("inf")), axis=0)
+        cam = cam - tl.where(any_nan, float("nan"), lo)
         cam = cam / (tl.max(tl.where(pvalid, cam, float("-inf")), axis=0) + 1e-8)
+    if SAME_SIZE:  # F.interpolate to the map's own size: inf * 1 + inf * 0 turns an infinity into NaN
+        cam = cam + cam * 0.0
     tl.store(low_ptr + n * hw + p, cam.to(low_ptr.dtype.element_ty), mask=pvalid)
     if UPSAMPLE:
         tl.debug_barrier()  # the whole map must be visible before the gathers below
@@ -120,6 +130,7 @@ def grad_cam(A: Tensor, G: Tensor, A_clean: Optional[Tensor], method: str, norma
         A, G, A_clean if smooth else A, low, out,
         S, N, C, hw, h, w, H, W,
         METHOD=METHODS[method], NORMALIZE=bool(normalize), UPSAMPLE=upsample,
+        SAME_SIZE=size is not None and not upsample,
         BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_OUT=min(1024, next_pow2(H * W)), ACC=acc_tl(A.dtype),
         num_warps=4,
     )
