@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_tl, acc_torch, cast_to, dot_precision, interpreting, next_pow2, register, wrap_triton
+from ._utils import acc_tl, acc_torch, cast_to, device_sm_count, dot_precision, next_pow2, register, wrap_triton
 from .features import _split, seg_mean
 
 
@@ -138,9 +138,8 @@ def _tiles(C: int, fp64: bool) -> tuple[int, int]:
 def _min_programs() -> int:
     """Programs a launch should have to fill the device: 2 per SM on CUDA; 8 under the
     interpreter, which is enough to exercise the split-K path in the CPU tests."""
-    if interpreting() or not torch.cuda.is_available():
-        return 8
-    return 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = device_sm_count()
+    return 8 if sms is None else 2 * sms
 
 
 def _fwd_split(cols: int, K: int, tiles: int, bt: int) -> int:
