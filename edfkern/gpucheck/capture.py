@@ -183,8 +183,17 @@ def scenarios(cfg: Config, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[
                 _e((), acc), f, perm, off, _e((K, cfg.cc_dim), acc), 0.1)
 
 
-def capture(configs: Optional[list[str]] = None, dtypes=DTYPES, sm_count: int = H200_SMS) -> dict[Spec, list[str]]:
-    """Every distinct specialisation, with the ``config dtype scenario`` labels that chose it."""
+#: tl.dot input precisions captured besides the default: "tf32" is what ``edfkern.config.allow_tf32``
+#: selects; "tf32x3" (three TF32 products, near-fp32 accuracy) is a candidate CUDA default.
+VARIANT_PRECISIONS = ("tf32", "tf32x3")
+
+
+def capture(configs: Optional[list[str]] = None, dtypes=DTYPES, sm_count: int = H200_SMS,
+            precision: Optional[str] = None, only: Optional[tuple[str, ...]] = None) -> dict[Spec, list[str]]:
+    """Every distinct specialisation, with the ``config dtype scenario`` labels that chose it.
+
+    ``precision`` runs the launchers with that tl.dot input precision; ``only`` keeps the
+    scenarios whose label starts with one of these prefixes (e.g. ``("cov_",)``)."""
     from ..triton._utils import capture_launches
 
     found: dict[Spec, list[str]] = {}
@@ -192,7 +201,9 @@ def capture(configs: Optional[list[str]] = None, dtypes=DTYPES, sm_count: int = 
         cfg = CONFIGS[name]
         for dtype in dtypes:
             for label, thunk in scenarios(cfg, dtype):
-                with capture_launches(sm_count=sm_count) as log:
+                if only and not label.startswith(only):
+                    continue
+                with capture_launches(sm_count=sm_count, precision=precision) as log:
                     thunk()
                 for kernel, _grid, args, kwargs in log:
                     spec = spec_of(kernel, args, kwargs)

@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Optional
 
-from .capture import DTYPE_PREFIX, Spec, capture
+from .capture import DTYPE_PREFIX, VARIANT_PRECISIONS, Spec, capture
 
 SMEM_LIMIT = 227 * 1024   # bytes of shared memory one block may use on sm_90 (opt-in maximum)
 REG_CAP = 255
@@ -162,20 +162,15 @@ def _allowed(fn, marker: str) -> bool:
         return False
 
 
-def triton_variants(specs: list[Spec]) -> list[tuple[Spec, str]]:
-    """The tl.dot kernels again with input_precision tf32 (reachable: ``edfkern.config.allow_tf32``)
-    and tf32x3 (a candidate default): one per kernel, dtypes and HAS_PERM, at the first split seen."""
-    seen, out = set(), []
-    for s in specs:
-        cx = dict(s.constexprs)
-        if cx.get("USE_DOT") is not True or "PRECISION" not in cx:
-            continue
-        key = (s.name, tuple(t for _, t in s.signature), cx.get("HAS_PERM"))
-        if key in seen:
-            continue
-        seen.add(key)
-        for prec in ("tf32", "tf32x3"):
-            out.append((s.with_constexpr("PRECISION", prec), prec))
+def triton_variants(configs: Optional[list[str]], known: set) -> list[tuple[Spec, str, list[str]]]:
+    """The tl.dot kernels as the launchers specialise them with input_precision tf32 (reachable:
+    ``edfkern.config.allow_tf32``) and tf32x3 (a candidate default): (spec, precision, used_by)."""
+    out = []
+    for prec in VARIANT_PRECISIONS:
+        for spec, labels in capture(configs, precision=prec, only=("cov_",)).items():
+            cx = dict(spec.constexprs)
+            if spec not in known and cx.get("PRECISION") == prec and cx.get("USE_DOT") is True:
+                out.append((spec, prec, labels))
     return out
 
 
@@ -185,26 +180,26 @@ def check_triton(configs: Optional[list[str]] = None, jobs: int = 0, variants: b
     t0 = time.perf_counter()
     found = capture(configs)
     specs = list(found)
-    jobs_list: list[tuple[Spec, str]] = [(s, "default") for s in specs]
+    jobs_list: list[tuple[Spec, str, list[str]]] = [(s, "default", found[s]) for s in specs]
     if variants:
-        jobs_list += triton_variants(specs)
+        jobs_list += triton_variants(configs, set(specs))
     log(f"triton: {len(specs)} specialisations of {len({s.name for s in specs})} kernels captured in "
         f"{time.perf_counter() - t0:.1f} s; compiling {len(jobs_list)} for sm_90")
     n = jobs or max(1, os.cpu_count() or 1)
     env_saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         if n == 1:
-            results = [_triton_job(s) for s, _ in jobs_list]
+            results = [_triton_job(s) for s, _, _ in jobs_list]
         else:
             import multiprocessing as mp
 
             with ProcessPoolExecutor(n, mp_context=mp.get_context("fork")) as ex:
-                results = list(ex.map(_triton_job, [s for s, _ in jobs_list]))
+                results = list(ex.map(_triton_job, [s for s, _, _ in jobs_list]))
     finally:
         if env_saved is not None:
             os.environ["TRITON_INTERPRET"] = env_saved
     rows = []
-    for (spec, variant), res in zip(jobs_list, results):
+    for (spec, variant, used_by), res in zip(jobs_list, results):
         fn = _kernel_fn(spec)
         spill = (res.get("spill_stores") or 0) + (res.get("spill_loads") or 0)
         problems = []
@@ -214,9 +209,9 @@ def check_triton(configs: Optional[list[str]] = None, jobs: int = 0, variants: b
             problems.append(f"spills {res['spill_stores']} B stores / {res['spill_loads']} B loads")
         if (res.get("shared") or 0) > SMEM_LIMIT and not _allowed(fn, ALLOW_SMEM):
             problems.append(f"shared {res['shared']} B > {SMEM_LIMIT}")
-        enforced = variant in ("default", "tf32")
+        enforced = variant in ("default", "tf32")  # tf32x3 is not reachable today: reported only
         rows.append({"kernel": spec.name, "variant": variant, "spec": spec.describe(), "spec_json": spec.to_json(),
-                     "used_by": found.get(spec, [])[:4], "n_used_by": len(found.get(spec, [])), **res,
+                     "used_by": used_by[:4], "n_used_by": len(used_by), **res,
                      "problems": problems, "fails": bool(problems) and enforced})
     return {"kind": "triton", "n_specs": len(specs), "n_compiled": len(rows), "rows": rows,
             "seconds": time.perf_counter() - t0}

@@ -56,7 +56,12 @@ def acc_tl(dtype: torch.dtype):
 
 
 def dot_precision() -> str:
-    """IEEE fp32 products unless the caller opted into TF32 (``edfkern.config.allow_tf32``)."""
+    """IEEE fp32 products unless the caller opted into TF32 (``edfkern.config.allow_tf32``).
+
+    Inside ``capture_launches(precision=...)`` the given ``input_precision`` instead (how the
+    sm_90 compile check records the tf32 and tf32x3 variants of the tl.dot kernels)."""
+    if _CAPTURE_PRECISION is not None:
+        return _CAPTURE_PRECISION
     return "tf32" if config.allow_tf32 else "ieee"
 
 
@@ -144,6 +149,8 @@ except ImportError:  # older torch: launch directly, register nothing
 _CAPTURE: Optional[list] = None
 #: Multiprocessor count the launch heuristics assume while capturing (None: the local device's).
 _CAPTURE_SMS: Optional[int] = None
+#: tl.dot input precision the launchers pass while capturing (None: ``dot_precision``'s rule).
+_CAPTURE_PRECISION: Optional[str] = None
 
 
 class _CapturedLaunch:
@@ -166,20 +173,21 @@ def wrap_triton(kernel):
 
 
 @contextlib.contextmanager
-def capture_launches(sm_count: Optional[int] = None) -> Iterator[list]:
+def capture_launches(sm_count: Optional[int] = None, precision: Optional[str] = None) -> Iterator[list]:
     """Record every Triton launch of the launchers instead of running it (results are garbage).
 
     Yields the list of ``(kernel, grid, args, kwargs)``. ``sm_count`` makes the launch
     heuristics size grids for a device with that many multiprocessors (e.g. 132, an H200)
-    instead of the local one. Works with meta tensors, so real sizes cost no memory.
+    instead of the local one; ``precision`` (``"tf32"``, ``"tf32x3"``, ...) replaces the tl.dot
+    input precision. Works with meta tensors, so real sizes cost no memory.
     """
-    global _CAPTURE, _CAPTURE_SMS
-    saved = (_CAPTURE, _CAPTURE_SMS)
-    _CAPTURE, _CAPTURE_SMS = [], sm_count
+    global _CAPTURE, _CAPTURE_SMS, _CAPTURE_PRECISION
+    saved = (_CAPTURE, _CAPTURE_SMS, _CAPTURE_PRECISION)
+    _CAPTURE, _CAPTURE_SMS, _CAPTURE_PRECISION = [], sm_count, precision
     try:
         yield _CAPTURE
     finally:
-        _CAPTURE, _CAPTURE_SMS = saved
+        _CAPTURE, _CAPTURE_SMS, _CAPTURE_PRECISION = saved
 
 
 def device_sm_count() -> Optional[int]:
