@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_tl, acc_torch, cast_to, dot_precision, interpreting, next_pow2, register, wrap_triton
+from ._utils import acc_tl, acc_torch, cast_to, device_sm_count, dot_precision, next_pow2, register, wrap_triton
 from .features import _split, seg_mean
 
 
@@ -56,15 +56,15 @@ def _centred_tile(x_ptr, perm_ptr, mean_ptr, k, lo, n_k, c, t, C, L,
     return x - mu  # zero outside the class / channel range
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT"])
 def _cov_fwd_kernel(
     x_ptr,      # (N, C, L) features, any float dtype
     perm_ptr,   # (N,) int64 sorted row -> input row (unused unless HAS_PERM)
     off_ptr,    # (K+1,) int64 class offsets
     mean_ptr,   # (K, C, L) ACC class means
     sigma_ptr,  # (SPLIT, K, C, C) ACC out: Sigma, or SPLIT partial sums of it (added up by the launcher)
-    C, L, K,
-    HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    C, L, K, SPLIT,
+    HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, ACC: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
@@ -88,7 +88,7 @@ def _cov_fwd_kernel(
     tl.store(sigma_ptr + (split * K + k) * C * C + cm[:, None] * C + cn[None, :], sigma, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT"])
 def _cov_bwd_kernel(
     x_ptr,     # (N, C, L) features
     perm_ptr,  # (N,) int64 sorted row -> input row (unused unless HAS_PERM)
@@ -96,8 +96,8 @@ def _cov_bwd_kernel(
     mean_ptr,  # (K, C, L) ACC class means
     M_ptr,     # (K, C, C) ACC per-class matrices
     out_ptr,   # (N, C, L) out: gradient, x's dtype
-    C, L,
-    HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    C, L, SPLIT,
+    HAS_PERM: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, ACC: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
@@ -135,12 +135,35 @@ def _tiles(C: int, fp64: bool) -> tuple[int, int]:
     return min(64, next_pow2(C, 16)), 32
 
 
+def _num_warps(fp64: bool) -> int:
+    """4 warps for the tl.dot path. The fp64 broadcast path holds BM*BN*BT = 16384 fp64 products
+    per program: over 4 warps that is 128 doubles (256 registers) a thread, past the 255 cap, and
+    ptxas spilled ~900 B a thread on sm_90; over 8 warps it is half that (forward 246, backward 194
+    registers, no spill). The interpreter ignores num_warps, so CPU results are unchanged."""
+    return 8 if fp64 else 4
+
+
+#: Software-pipelining depth of the backward's inner loop over C chunks. That loop runs only
+#: C/BK = 2 times at C=128, so pipelining has nothing to overlap, and with num_stages=3 the staged
+#: tiles pushed _cov_bwd_kernel to the 255-register cap with ~1.2 KB of spill traffic a thread on
+#: sm_90 (fp32/fp16/bf16, BM=BK=64, BT=32); with 1 stage it uses 96 registers and no spill.
+#: Checked by ``python -m edfkern.gpucheck compile-sm90``.
+_BWD_STAGES = 1
+
+
+def _fwd_stages(x: Tensor, gathered: bool, precision: str) -> int:
+    """Pipelining depth of the forward. 3, except for 16-bit inputs gathered through ``perm`` on the
+    tensor-core path (tf32, tf32x3): there Triton 3.9's pipeliner turns the row gather into 2-byte
+    cp.async copies, which sm_90 rejects ("cp.async does not support transfers smaller than 4
+    bytes": a compile error on the GPU, invisible to the interpreter), so those load unpipelined."""
+    return 1 if gathered and x.element_size() < 4 and precision != "ieee" else 3
+
+
 def _min_programs() -> int:
     """Programs a launch should have to fill the device: 2 per SM on CUDA; 8 under the
     interpreter, which is enough to exercise the split-K path in the CPU tests."""
-    if interpreting() or not torch.cuda.is_available():
-        return 8
-    return 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = device_sm_count()
+    return 8 if sms is None else 2 * sms
 
 
 def _fwd_split(cols: int, K: int, tiles: int, bt: int) -> int:
@@ -168,10 +191,12 @@ def cov_forward(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Ten
     tiles = triton.cdiv(C, bm)
     split = _fwd_split(n * L, K, tiles * tiles, bt)
     sigma = torch.empty((split, K, C, C), dtype=acc, device=x.device)
+    precision = dot_precision()
     wrap_triton(_cov_fwd_kernel)[(K, tiles * tiles, split)](
-        x, perm if perm is not None else offsets, offsets, mean, sigma, C, L, K,
-        HAS_PERM=perm is not None, USE_DOT=not fp64, PRECISION=dot_precision(), SPLIT=split,
-        BM=bm, BN=bm, BT=bt, ACC=acc_tl(x.dtype), num_warps=4)
+        x, perm if perm is not None else offsets, offsets, mean, sigma, C, L, K, split,
+        HAS_PERM=perm is not None, USE_DOT=not fp64, PRECISION=precision,
+        BM=bm, BN=bm, BT=bt, ACC=acc_tl(x.dtype), num_warps=_num_warps(fp64),
+        num_stages=_fwd_stages(x, perm is not None, precision))
     return (sigma[0] if split == 1 else sigma.sum(0)), mean
 
 
@@ -187,9 +212,9 @@ def cov_backward(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tenso
     tiles = triton.cdiv(C, bm)
     split = _split(n * L // bt if n * L >= bt else 1, K, tiles)
     wrap_triton(_cov_bwd_kernel)[(K, tiles, split)](
-        x, perm if perm is not None else offsets, offsets, mean.contiguous(), M.contiguous(), out, C, L,
-        HAS_PERM=perm is not None, USE_DOT=not fp64, PRECISION=dot_precision(), SPLIT=split,
-        BM=bm, BK=bk, BT=bt, ACC=acc_tl(mean.dtype), num_warps=4)
+        x, perm if perm is not None else offsets, offsets, mean.contiguous(), M.contiguous(), out, C, L, split,
+        HAS_PERM=perm is not None, USE_DOT=not fp64, PRECISION=dot_precision(),
+        BM=bm, BK=bk, BT=bt, ACC=acc_tl(mean.dtype), num_warps=_num_warps(fp64), num_stages=_BWD_STAGES)
     return out
 
 

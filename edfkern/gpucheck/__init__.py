@@ -1,0 +1,11 @@
+"""GPU proof for edfkern: an sm_90 compile check that runs without a GPU, and the one
+prepared validation run for a lent H100/H200 (see docs/gpu.md).
+
+* :mod:`.capture`: the Triton specialisations the launchers choose at the named configs;
+* :mod:`.sm90`: compile them (and csrc/cuda/*.cu) for sm_90, registers / spills / shared memory;
+* :mod:`.validate`: the timed steps of ``benchmarks/gpu/validate.sh`` and their ``--dry-run``;
+* :mod:`.driver`: every native kernel at small odd shapes (compute-sanitizer's workload);
+* :mod:`.auto_table`: bench JSON -> the ``AUTO_CUDA`` table of edfkern/_dispatch.py.
+
+Entry point: ``python -m edfkern.gpucheck --help``.
+"""
