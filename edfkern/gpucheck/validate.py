@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 BENCH_CONFIGS = ("imagenette-ipc50", "cifar100-ipc50", "cifar10-ipc1000", "in1k-ipc50")
 #: Test files that exercise the kernels on the selected device (the rest test pure-Python parts).
-TEST_FILES = ("tests/test_triton_kernels.py", "tests/test_native_kernels.py", "tests/test_dae.py",
+TEST_FILES = ("tests/test_kernel_contract.py", "tests/test_special_values.py", "tests/test_dae.py",
               "tests/test_gradcam.py", "tests/test_cpd.py", "tests/test_covariance.py", "tests/test_features.py",
               "tests/test_cam.py", "tests/test_dispatch.py")
 TEST_SELECT = "triton or native or gpu or cuda"
