@@ -37,6 +37,11 @@ template <typename scalar_t>
 void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A_clean, Method method,
                    bool normalize, int64_t H, int64_t W, bool resize, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
+  // The channel weights and the weighted channel sum are accumulated in double: gradcam++'s alpha
+  // divides by 2G^2 + sum(A G^3), which nearly cancels on some channels, and a sequential float sum
+  // there lands several times farther from the exact map than torch's own float32 reductions.
+  // The map is then rounded to acc and normalised and upsampled in acc, as the reference does.
+  using sum_t = double;
   const acc_t eps = static_cast<acc_t>(1e-8);
   const bool smooth = method == Method::Smooth;
   const int64_t S = smooth ? A.size(0) : 1;
@@ -57,56 +62,58 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
   acc_t* o = out.data_ptr<acc_t>();
 
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<acc_t> wts(C), cam(hw), d2(hw), d3(hw), rows(h * W);
+    std::vector<sum_t> wts(C), csum(hw), d2(hw), d3(hw);
+    std::vector<acc_t> cam(hw), rows(h * W);
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t base = (n * C + c) * hw;
         const scalar_t* g = g_last + base;
-        acc_t wc = 0;
+        sum_t wc = 0;
         if (method == Method::GradCAM) {
-          for (int64_t p = 0; p < hw; ++p) wc += static_cast<acc_t>(g[p]);
-          wc = wc / static_cast<acc_t>(hw);
+          for (int64_t p = 0; p < hw; ++p) wc += static_cast<sum_t>(g[p]);
+          wc = wc / static_cast<sum_t>(hw);
         } else {
           const scalar_t* act = smooth ? a_clean + base : a_last + base;
           if (smooth) {  // D2, D3: moments over the S passes
-            std::fill(d2.begin(), d2.end(), acc_t(0));
-            std::fill(d3.begin(), d3.end(), acc_t(0));
+            std::fill(d2.begin(), d2.end(), sum_t(0));
+            std::fill(d3.begin(), d3.end(), sum_t(0));
             for (int64_t s = 0; s < S; ++s) {
               const scalar_t* gs = g_all + s * slice + base;
               for (int64_t p = 0; p < hw; ++p) {
-                const acc_t v = static_cast<acc_t>(gs[p]);
-                const acc_t v2 = v * v;
+                const sum_t v = static_cast<sum_t>(gs[p]);
+                const sum_t v2 = v * v;
                 d2[p] += v2;
                 d3[p] += v2 * v;
               }
             }
             for (int64_t p = 0; p < hw; ++p) {
-              d2[p] = d2[p] / static_cast<acc_t>(S);
-              d3[p] = d3[p] / static_cast<acc_t>(S);
+              d2[p] = d2[p] / static_cast<sum_t>(S);
+              d3[p] = d3[p] / static_cast<sum_t>(S);
             }
           } else {
             for (int64_t p = 0; p < hw; ++p) {
-              const acc_t v = static_cast<acc_t>(g[p]);
+              const sum_t v = static_cast<sum_t>(g[p]);
               d2[p] = v * v;
               d3[p] = v * v * v;
             }
           }
-          acc_t denom = 0;
-          for (int64_t p = 0; p < hw; ++p) denom += static_cast<acc_t>(act[p]) * d3[p];
+          sum_t denom = 0;
+          for (int64_t p = 0; p < hw; ++p) denom += static_cast<sum_t>(act[p]) * d3[p];
           for (int64_t p = 0; p < hw; ++p) {
-            const acc_t alpha = d2[p] / (acc_t(2) * d2[p] + denom + eps);
-            const acc_t gv = static_cast<acc_t>(g[p]);
+            const sum_t alpha = d2[p] / (sum_t(2) * d2[p] + denom + sum_t(1e-8));
+            const sum_t gv = static_cast<sum_t>(g[p]);
             wc += alpha * relu_nan(gv);
           }
         }
         wts[c] = wc;
       }
-      std::fill(cam.begin(), cam.end(), acc_t(0));
+      std::fill(csum.begin(), csum.end(), sum_t(0));
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* act = a_last + (n * C + c) * hw;
-        const acc_t wc = wts[c];
-        for (int64_t p = 0; p < hw; ++p) cam[p] += wc * static_cast<acc_t>(act[p]);
+        const sum_t wc = wts[c];
+        for (int64_t p = 0; p < hw; ++p) csum[p] += wc * static_cast<sum_t>(act[p]);
       }
+      for (int64_t p = 0; p < hw; ++p) cam[p] = static_cast<acc_t>(csum[p]);
       for (int64_t p = 0; p < hw; ++p) cam[p] = relu_nan(cam[p]);
       if (normalize) {
         acc_t lo = cam[0];
