@@ -11,6 +11,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,7 +67,7 @@ def check_shape(name: str, t: Tensor, shape: Sequence[int], layout: str) -> None
 
 def _is_real(v: object) -> bool:
     """Python and numpy real numbers (``numbers.Real``); never bools, tensors or strings."""
-    if isinstance(v, bool) or type(v).__name__ == "bool_":  # numpy.bool_ is no number either
+    if isinstance(v, (bool, np.bool_)):  # numpy's bool is no number either
         return False
     return isinstance(v, numbers.Real)
 
@@ -85,7 +86,8 @@ def check_number(name: str, v: object, *, lo: Optional[float] = None, hi: Option
     try:
         f = float(v)
     except OverflowError:
-        raise ValueError(f"{name} must be finite, got an integer too large for a float ({v:.3e})") from None
+        raise ValueError(f"{name} must be finite, got an integer of {len(str(abs(int(v))))} digits, too large "
+                         "for a float") from None
     if not math.isfinite(f):
         raise ValueError(f"{name} must be finite, got {f}")
     if lo is not None and (f < lo or (lo_open and f == lo)):
@@ -97,14 +99,14 @@ def check_number(name: str, v: object, *, lo: Optional[float] = None, hi: Option
 
 def check_bool(name: str, v: object) -> bool:
     """A flag: ``True``/``False`` (or a numpy bool). Strings such as ``"no"`` are refused, not read as true."""
-    if isinstance(v, bool) or type(v).__name__ == "bool_":
+    if isinstance(v, (bool, np.bool_)):
         return bool(v)
     raise TypeError(f"{name} must be a bool, got {type(v).__name__} {v!r}")
 
 
 def check_int(name: str, v: object, *, lo: int = 1, hi: int = MAX_DIM) -> int:
     """An integer in ``[lo, hi]`` (Python or numpy integer; bools and floats refused)."""
-    if isinstance(v, bool) or type(v).__name__ == "bool_" or not isinstance(v, numbers.Integral):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
     i = int(v)
     if not lo <= i <= hi:
@@ -127,7 +129,7 @@ def check_numel(name: str, shape: Sequence[int]) -> None:
     """Refuse an output of more than ``MAX_NUMEL`` elements before asking the allocator for it."""
     n = math.prod(int(s) for s in shape)
     if n > MAX_NUMEL:
-        raise ValueError(f"{name} of shape {tuple(shape)} would hold {n:.3e} elements, more than {MAX_NUMEL:.3e}")
+        raise ValueError(f"{name} must hold at most {MAX_NUMEL:.3e} elements; shape {tuple(shape)} would hold {n:.3e}")
 
 
 def check_optional_tensor(name: str, t: object) -> Optional[Tensor]:
@@ -228,7 +230,7 @@ MAX_SPARSE_GROUPS = 2**16
 def _infer_k(name: str, groups: GroupsArg, num_groups: Optional[int]) -> Optional[int]:
     if isinstance(groups, Tensor):
         return num_groups
-    if isinstance(groups, bool) or type(groups).__name__ == "bool_" or not isinstance(groups, numbers.Integral):
+    if isinstance(groups, (bool, np.bool_)) or not isinstance(groups, numbers.Integral):
         raise TypeError(f"{name} must be an int K or a 1-D integer label tensor, got {type(groups).__name__}")
     k = int(groups)
     if k <= 0:
@@ -311,8 +313,7 @@ def _build(name: str, groups: GroupsArg, n: int, k: Optional[int], device: torch
 def _check_num_groups(num_groups: Optional[int]) -> Optional[int]:
     if num_groups is None:
         return None
-    if isinstance(num_groups, bool) or type(num_groups).__name__ == "bool_" \
-            or not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
+    if isinstance(num_groups, (bool, np.bool_)) or not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
         raise ValueError(f"num_groups must be a positive int or None, got {num_groups!r}")
     return int(num_groups)
 
@@ -420,6 +421,8 @@ def check_csr(op: str, n: int, perm: Optional[Tensor], offsets: Tensor, device: 
     p = f"{side}perm" if side else "perm"
     o = f"{side}offsets" if side else "offsets"
     check_tensor_arg(op, o, offsets, dims=(1,), dtypes=(torch.int64,), device=device)
+    if not offsets.is_contiguous() or (perm is not None and isinstance(perm, Tensor) and not perm.is_contiguous()):
+        raise ValueError(f"{op}: {o} and {p} must be contiguous")
     if offsets.shape[0] < 1 or (n > 0 and offsets.shape[0] < 2):
         raise ValueError(f"{op}: {o} must have K+1 >= 2 entries, got shape {tuple(offsets.shape)}")
     k = offsets.shape[0] - 1

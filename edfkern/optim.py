@@ -62,6 +62,14 @@ class DAESGD(Optimizer):
         super().__init__(params, defaults)
         self._cams: dict[int, Tensor] = {}  # id(param) -> stored CAM
 
+    @staticmethod
+    def _check_beta(beta: Any) -> float:
+        return C.check_number("beta", beta)
+
+    @staticmethod
+    def _check_threshold(threshold: Any) -> Optional[float]:
+        return None if threshold is None else C.check_number("threshold", threshold)
+
     _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "beta", "threshold")
 
     @classmethod

@@ -26,8 +26,8 @@ def _check_x_csr(op: str, x: Tensor, perm: Optional[Tensor], offsets: Tensor, si
     return C.check_rows_csr(op, side or "x", x, 3, perm, offsets, side)
 
 
-def _check_cov_backward_args(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor) -> None:
-    op = "edfkern::covariance_backward"
+def _check_cov_backward_args(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor,
+                             op: str = "edfkern::covariance_backward") -> None:
     k = _check_x_csr(op, x, perm, offsets)
     _, c, l = x.shape
     C.check_tensor_arg(op, "mean", mean, device=x.device)

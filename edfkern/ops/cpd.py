@@ -39,6 +39,19 @@ def _check_vectors(op: str, student: Tensor, target: Tensor, start: Tensor) -> N
         raise ValueError(f"{op}: student must hold at least one parameter")
 
 
+def _check_backward_args(op: str, grad: Tensor, student: Tensor, target: Tensor, start: Tensor, thr: Tensor,
+                         tie: Tensor, sum_d: Tensor) -> None:
+    _check_vectors(op, student, target, start)
+    for name, v in (("grad", grad), ("thr", thr), ("sum_d", sum_d)):
+        _check_scalar_arg(op, name, v, student.device)
+    _check_scalar_arg(op, "tie", tie, student.device, dtypes=(torch.int64,))
+
+
+def _check_k(op: str, p: int, k: object) -> int:
+    """The kernels' ``k`` (entries to drop): an int in [0, P)."""
+    return C.check_int(f"{op}: k", k, lo=0, hi=max(p - 1, 0))
+
+
 def _check_scalar_arg(op: str, name: str, t: Tensor, device: torch.device, dtypes=C.FLOAT_DTYPES) -> None:
     C.check_tensor_arg(op, name, t, dtypes=dtypes, device=device)
     if t.numel() != 1:
@@ -65,11 +78,7 @@ def _(student, target, start, drop_ratio):
 @torch.library.custom_op("edfkern::cpd_trajectory_loss_backward", mutates_args=())
 def _cpd_backward(grad: Tensor, student: Tensor, target: Tensor, start: Tensor, thr: Tensor, tie: Tensor,
                   sum_d: Tensor) -> Tensor:
-    op = "edfkern::cpd_trajectory_loss_backward"
-    _check_vectors(op, student, target, start)
-    for name, v in (("grad", grad), ("thr", thr), ("sum_d", sum_d)):
-        _check_scalar_arg(op, name, v, student.device)
-    _check_scalar_arg(op, "tie", tie, student.device, dtypes=(torch.int64,))
+    _check_backward_args("edfkern::cpd_trajectory_loss_backward", grad, student, target, start, thr, tie, sum_d)
     s, t, s0 = (v.reshape(-1).contiguous() for v in (student, target, start))
     g = kernel("cpd_backward", s.device)(grad, s, t, s0, thr, tie, sum_d)
     return g.view(student.shape)

@@ -32,15 +32,19 @@ def _(feat, perm, offsets, weight):
     return feat.new_empty((), dtype=acc), feat.new_empty((offsets.shape[0] - 1, feat.shape[1]), dtype=acc)
 
 
-@torch.library.custom_op("edfkern::class_centralization_backward", mutates_args=())
-def _cc_backward(grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor,
-                 coef: float) -> Tensor:
-    """coef * grad * (f_i - mu_k), (N,D) in feat.dtype."""
-    op = "edfkern::class_centralization_backward"
+def _check_cc_backward_args(op: str, grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor,
+                            mean: Tensor) -> None:
     k = C.check_rows_csr(op, "feat", feat, 2, perm, offsets)
     C.check_tensor_arg(op, "grad", grad, dims=(0,), device=feat.device)
     C.check_tensor_arg(op, "mean", mean, device=feat.device)
     C.check_shape_arg(op, "mean", mean, (k, feat.shape[1]))
+
+
+@torch.library.custom_op("edfkern::class_centralization_backward", mutates_args=())
+def _cc_backward(grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor,
+                 coef: float) -> Tensor:
+    """coef * grad * (f_i - mu_k), (N,D) in feat.dtype."""
+    _check_cc_backward_args("edfkern::class_centralization_backward", grad, feat, perm, offsets, mean)
     return kernel("cc_backward", feat.device)(grad, feat.contiguous(), perm, offsets, mean, coef)
 
 
