@@ -24,7 +24,10 @@ if [ ! -e "$ASAN_LIB" ]; then
 fi
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:alloc_dealloc_mismatch=0:${ASAN_OPTIONS:-}"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87:${UBSAN_OPTIONS:-}"
-export LD_PRELOAD="$ASAN_LIB${LD_PRELOAD:+:$LD_PRELOAD}"
+# libstdc++ preloaded with it: ASan must see the real __cxa_throw at start-up, or the first C++
+# exception (every TORCH_CHECK of a bad-input test) dies in its interceptor.
+STDCXX_LIB="$(${CXX:-c++} -print-file-name=libstdc++.so)"
+export LD_PRELOAD="$ASAN_LIB:$STDCXX_LIB${LD_PRELOAD:+:$LD_PRELOAD}"
 
 # 1. build (the compilers run with the runtime preloaded too; harmless, and the build's own
 #    import of the sanitized module needs it)
