@@ -1,13 +1,14 @@
 // CUDA implementations of the edfkern_native schemas (declared in edfkern.cpp). Compiled only when
 // the extension is built with CUDA. Each wrapper: device guard, outputs and workspace from the
 // caching allocator, early return on empty input, launch on the current stream, check the launch.
-// Arguments were validated by edfkern/ops; TORCH_CHECKs here guard only against misuse.
+// Every wrapper checks its arguments first (csrc/checks.h): the ops are callable directly.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "cpu/kernels.h"
 #include <edfkern/covariance.h>
 #include <edfkern/cpd.h>
@@ -19,6 +20,7 @@ namespace {
 
 using edfkern::DType;
 namespace kc = edfkern::cuda;
+namespace ck = edfkern::checks;
 
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -51,6 +53,7 @@ kc::DaeArgs dae_args(int64_t N, int64_t C, const at::Tensor& cam, int64_t H, int
 
 at::Tensor dae_mask_cuda(const at::Tensor& cam, double beta, std::optional<double> threshold, int64_t H, int64_t W) {
   const c10::cuda::CUDAGuard guard(cam.device());
+  ck::dae_mask_args(cam, H, W);
   const int64_t N = cam.size(0);
   auto out = at::empty({N, 1, H, W}, cam.options());
   if (out.numel() == 0) return out;
@@ -64,6 +67,7 @@ at::Tensor dae_mask_cuda(const at::Tensor& cam, double beta, std::optional<doubl
 
 void dae_cuda(at::Tensor& grad, const at::Tensor& cam, double beta, std::optional<double> threshold) {
   const c10::cuda::CUDAGuard guard(grad.device());
+  ck::dae_args(grad, cam);
   if (grad.numel() == 0) return;
   TORCH_CHECK(grad.is_contiguous(), "edfkern_native.dae_: grad must be contiguous");
   auto cam_m = cam.to(edfkern::dae_mask_in_double(cam, grad) ? at::kDouble : at::kFloat).contiguous();
@@ -79,6 +83,7 @@ void dae_sgd_step_cuda(at::Tensor& param, const at::Tensor& grad, const std::opt
                        double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                        bool first_step) {
   const c10::cuda::CUDAGuard guard(param.device());
+  ck::dae_sgd_args(param, grad, buf, cam, momentum);
   if (param.numel() == 0) return;
   TORCH_CHECK(param.is_contiguous(), "edfkern_native.dae_sgd_step_: param must be contiguous");
   const bool has_buf = momentum != 0.0 && buf.has_value() && buf->defined();
@@ -106,6 +111,7 @@ at::Tensor grad_cam_cuda(const at::Tensor& A, const at::Tensor& G, const std::op
   else TORCH_CHECK(false, "edfkern_native.grad_cam: unknown method ", std::string(method.data(), method.size()));
   const bool smooth = m == kc::CamMethod::Smooth;
   TORCH_CHECK(!smooth || (A_clean.has_value() && A_clean->defined()), "smoothgradcam++ needs clean activations");
+  ck::grad_cam_args(A, G, A_clean, smooth, size);
   const int64_t S = smooth ? A.size(0) : 1, N = A.size(-4), C = A.size(-3), h = A.size(-2), w = A.size(-1);
   const int64_t H = size.has_value() ? (*size)[0] : h, W = size.has_value() ? (*size)[1] : w;
   auto a = A.contiguous(), g = G.contiguous();
@@ -125,6 +131,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpd_forward_cuda(cons
                                                                             const at::Tensor& target,
                                                                             const at::Tensor& start, int64_t k) {
   const c10::cuda::CUDAGuard guard(student.device());
+  ck::cpd_vectors("cpd_forward", student, target, start);
+  ck::cpd_k("cpd_forward", student.numel(), k);
   const int64_t P = student.numel();
   const auto opts = student.options().dtype(acc_of(student));
   auto sum_l = at::empty({}, opts), sum_d = at::empty({}, opts), thr = at::empty({}, opts);  // no aliasing outputs
@@ -141,6 +149,7 @@ at::Tensor cpd_backward_cuda(const at::Tensor& grad_out, const at::Tensor& stude
                              const at::Tensor& start, const at::Tensor& thr, const at::Tensor& tie,
                              const at::Tensor& sum_d) {
   const c10::cuda::CUDAGuard guard(student.device());
+  ck::cpd_backward_args(grad_out, student, target, start, thr, tie, sum_d);
   const auto acc = acc_of(student);
   auto go = grad_out.to(acc).contiguous();
   auto th = thr.to(acc).contiguous();
@@ -155,6 +164,8 @@ at::Tensor cpd_backward_cuda(const at::Tensor& grad_out, const at::Tensor& stude
 
 at::Tensor cpd_keep_mask_cuda(const at::Tensor& l, int64_t k) {
   const c10::cuda::CUDAGuard guard(l.device());
+  ck::float_arg("cpd_keep_mask", "l", l);
+  ck::cpd_k("cpd_keep_mask", l.numel(), k);
   const int64_t P = l.numel();
   auto out = at::empty({P}, l.options().dtype(at::kBool));
   auto ws = at::empty({static_cast<int64_t>(kc::cpd_workspace_bytes(P))}, l.options().dtype(at::kByte));
@@ -168,6 +179,7 @@ at::Tensor cpd_keep_mask_cuda(const at::Tensor& l, int64_t k) {
 std::tuple<at::Tensor, at::Tensor> cov_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& perm,
                                                     const at::Tensor& offsets) {
   const c10::cuda::CUDAGuard guard(x.device());
+  ck::rows_csr("cov_forward", x, 3, perm, offsets);
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2), K = offsets.numel() - 1;
   auto sigma = at::zeros({K, C, C}, x.options().dtype(acc_of(x)));
   auto mean = at::zeros({K, C, L}, x.options().dtype(acc_of(x)));
@@ -180,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor> cov_forward_cuda(const at::Tensor& x, const s
 at::Tensor cov_backward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& perm, const at::Tensor& offsets,
                              const at::Tensor& mean, const at::Tensor& M) {
   const c10::cuda::CUDAGuard guard(x.device());
+  ck::cov_backward_args(x, perm, offsets, mean, M);
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2), K = offsets.numel() - 1;
   auto out = at::empty_like(x);
   auto m = mean.to(acc_of(x)).contiguous();
@@ -194,6 +207,7 @@ at::Tensor cov_backward_cuda(const at::Tensor& x, const std::optional<at::Tensor
 
 at::Tensor seg_mean_cuda(const at::Tensor& x, const std::optional<at::Tensor>& perm, const at::Tensor& offsets) {
   const c10::cuda::CUDAGuard guard(x.device());
+  ck::rows_csr("seg_mean", x, 2, perm, offsets);
   const int64_t N = x.size(0), D = x.size(1), K = offsets.numel() - 1;
   auto mean = at::zeros({K, D}, x.options().dtype(acc_of(x)));
   check(kc::seg_mean(x.data_ptr(), dtype_of(x), perm_ptr(perm), offsets.data_ptr<int64_t>(), N, K, D,
@@ -205,6 +219,7 @@ at::Tensor seg_mean_cuda(const at::Tensor& x, const std::optional<at::Tensor>& p
 std::tuple<at::Tensor, at::Tensor> cc_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& perm,
                                                    const at::Tensor& offsets) {
   const c10::cuda::CUDAGuard guard(x.device());
+  ck::rows_csr("cc_forward", x, 2, perm, offsets);
   const int64_t N = x.size(0), D = x.size(1), K = offsets.numel() - 1;
   auto mean = at::zeros({K, D}, x.options().dtype(acc_of(x)));
   auto sq = at::zeros({}, x.options().dtype(acc_of(x)));
@@ -218,6 +233,7 @@ std::tuple<at::Tensor, at::Tensor> cc_forward_cuda(const at::Tensor& x, const st
 at::Tensor cc_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& perm,
                             const at::Tensor& offsets, const at::Tensor& mean, double coef) {
   const c10::cuda::CUDAGuard guard(x.device());
+  ck::cc_backward_args(grad_out, x, perm, offsets, mean);
   const int64_t N = x.size(0), D = x.size(1), K = offsets.numel() - 1;
   auto out = at::empty_like(x);
   auto go = grad_out.to(acc_of(x)).contiguous();

@@ -7,7 +7,8 @@ sources just in time with ninja into a cache that survives across runs:
 ``$TORCH_EXTENSIONS_DIR/edfkern-<tag>`` or ``~/.cache/edfkern/<tag>``, where ``<tag>`` names the
 torch version and CUDA flavour. The result (module or reason) is memoised, so later calls are
 instant. On failure the reason is returned, one warning is issued, and dispatch falls back to
-the next backend. ``EDFKERN_NO_NATIVE=1`` disables the extension.
+the next backend. ``EDFKERN_NO_NATIVE=1`` disables the extension; ``EDFKERN_SANITIZE=1`` builds the
+CPU kernels with AddressSanitizer and UBSan into a cache directory of their own (``.ci/sanitize.sh``).
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ def _tag(with_cuda: bool) -> str:
 
     ver = torch.__version__.split("+")[0]
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
-    arch = f"-native{_cpu_fingerprint()}" if _build.host_arch_flags() else ""
-    return f"torch{ver}-{flavour}{arch}-py{sys.version_info[0]}{sys.version_info[1]}"
+    arch = f"-native{_cpu_fingerprint()}" if _build.host_arch_flags() and not _build.sanitize() else ""
+    san = "-asan-ubsan" if _build.sanitize() else ""  # its own build directory, never mixed with release builds
+    return f"torch{ver}-{flavour}{arch}{san}-py{sys.version_info[0]}{sys.version_info[1]}"
 
 
 def _want_cuda() -> tuple[bool, str]:
@@ -119,12 +121,12 @@ def _jit(verbose: bool) -> ModuleType:
               "this happens once", file=sys.stderr, flush=True)
     os.environ.setdefault("MAX_JOBS", _build.max_jobs())
     kw = {}
-    cflags = list(_build.CXX_FLAGS) + _build.host_arch_flags()
+    cflags = _build.cxx_flags()
     if with_cuda:
         cflags.append("-DEDFKERN_WITH_CUDA")
         kw["extra_cuda_cflags"] = _build.NVCC_FLAGS + _build.nvcc_arch_flags(jit=True) + ["-DEDFKERN_WITH_CUDA"]
     mod = _load(name="edfkern_C", sources=_build.sources(root, with_cuda), extra_cflags=cflags,
-                extra_ldflags=list(_build.LD_FLAGS), extra_include_paths=_build.include_dirs(root),
+                extra_ldflags=_build.ld_flags(), extra_include_paths=_build.include_dirs(root),
                 build_directory=bdir, verbose=verbose, with_cuda=with_cuda, is_python_module=True, **kw)
     sys.modules.setdefault("edfkern._C", mod)
     return mod
@@ -141,7 +143,7 @@ def load(verbose: bool = False) -> tuple[Optional[ModuleType], Optional[str]]:
         if os.environ.get("EDFKERN_NO_NATIVE", "0") not in ("", "0"):
             why = "EDFKERN_NO_NATIVE=1 set"
         else:
-            mod = _import_prebuilt()
+            mod = None if _build.sanitize() else _import_prebuilt()  # a wheel's build has no sanitizers
             if mod is None:
                 why = _compiler_reason()
                 if why is None:

@@ -19,6 +19,26 @@ from typing import Optional
 CXX_FLAGS = ["-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG"]
 LD_FLAGS = ["-fopenmp"]
+# EDFKERN_SANITIZE=1 (CPU only, just-in-time builds): AddressSanitizer + UndefinedBehaviorSanitizer, every
+# finding fatal, frame pointers kept for readable stacks, into a build directory of its own. Load it
+# with LD_PRELOAD=$(c++ -print-file-name=libasan.so) (python itself is not instrumented); .ci/sanitize.sh.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+def sanitize() -> bool:
+    """Whether ``EDFKERN_SANITIZE=1`` asks for the sanitizer build."""
+    return os.environ.get("EDFKERN_SANITIZE", "0") not in ("", "0")
+
+
+def cxx_flags() -> list[str]:
+    """Host compiler flags of a just-in-time build: the release flags, or -O1 plus the sanitizers."""
+    if sanitize():
+        return [f for f in CXX_FLAGS if f not in ("-O3", "-DNDEBUG")] + ["-O1"] + SANITIZE_FLAGS
+    return list(CXX_FLAGS) + host_arch_flags()
+
+
+def ld_flags() -> list[str]:
+    return list(LD_FLAGS) + (["-fsanitize=address,undefined"] if sanitize() else [])
 CUDA_ARCHS = ("80", "90")
 
 
@@ -57,6 +77,8 @@ def cuda_reason() -> Optional[str]:
     """None when the CUDA part can be built against this torch, else why not."""
     if os.environ.get("EDFKERN_NO_CUDA", "0") == "1":
         return "EDFKERN_NO_CUDA=1 set"
+    if sanitize():
+        return "EDFKERN_SANITIZE=1 builds the CPU kernels only"
     import torch
 
     if torch.version.cuda is None:

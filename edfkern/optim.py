@@ -23,7 +23,8 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd_functional
 
 from . import _checks as C
-from .ops.dae import dae_sgd_step_
+from .ops.dae import _check_cam as _check_cam_tensor
+from .ops.dae import _check_step_tensors, dae_sgd_step_
 
 __all__ = ["DAESGD"]
 
@@ -56,12 +57,8 @@ class DAESGD(Optimizer):
     def __init__(self, params, lr: float, momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
                  nesterov: bool = False, *, maximize: bool = False, beta: float = 1.0,
                  threshold: Optional[float] = None) -> None:
-        if isinstance(lr, Tensor):
-            raise TypeError("lr must be a float (a Tensor lr is not supported by DAESGD)")
-        lr, momentum, dampening, weight_decay = C.check_sgd_args(lr, momentum, dampening, weight_decay, nesterov)
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=bool(nesterov), maximize=bool(maximize), beta=self._check_beta(beta),
-                        threshold=self._check_threshold(threshold))
+        defaults = self._check_group(dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                          nesterov=nesterov, maximize=maximize, beta=beta, threshold=threshold))
         super().__init__(params, defaults)
         self._cams: dict[int, Tensor] = {}  # id(param) -> stored CAM
 
@@ -73,6 +70,23 @@ class DAESGD(Optimizer):
     def _check_threshold(threshold: Any) -> Optional[float]:
         return None if threshold is None else C.check_number("threshold", threshold)
 
+    _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "beta", "threshold")
+
+    @classmethod
+    def _check_group(cls, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The hyper-parameters of one group (or of the defaults), checked and normalised.
+
+        The constructor, :meth:`add_param_group` and every :meth:`step` (``param_groups`` may have
+        been edited since) apply these same rules.
+        """
+        if isinstance(group.get("lr"), Tensor):
+            raise TypeError("lr must be a float (a Tensor lr is not supported by DAESGD)")
+        lr, momentum, dampening, weight_decay = C.check_sgd_args(
+            group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"])
+        return dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                    nesterov=bool(group["nesterov"]), maximize=C.check_bool("maximize", group["maximize"]),
+                    beta=cls._check_beta(group["beta"]), threshold=cls._check_threshold(group["threshold"]))
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # e.g. a torch.optim.SGD state dict loaded into DAESGD
@@ -82,10 +96,14 @@ class DAESGD(Optimizer):
             group.setdefault("threshold", self.defaults.get("threshold", None))
 
     def add_param_group(self, param_group: dict) -> None:
-        for key, check in (("beta", self._check_beta), ("threshold", self._check_threshold),
-                           ("lr", lambda v: C.check_number("lr", v, lo=0.0))):
+        """As ``torch.optim.SGD.add_param_group``, with the constructor's checks on the merged group."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k in self._HYPER}}
+        checked = self._check_group(merged)
+        for key in self._HYPER:
             if key in param_group:
-                param_group[key] = check(param_group[key])
+                param_group[key] = checked[key]
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ CAMs
@@ -108,15 +126,11 @@ class DAESGD(Optimizer):
 
     @staticmethod
     def _check_cam(p: Tensor, cam: Tensor) -> Tensor:
-        C.check_float_tensor("cam", cam)
+        if not isinstance(cam, Tensor):
+            raise TypeError(f"cam must be a torch.Tensor or None, got {type(cam).__name__}")
         if p.dim() != 4:
             raise ValueError(f"a CAM needs an image parameter of shape (N, C, H, W), got {tuple(p.shape)}")
-        c = cam[:, 0] if cam.dim() == 4 and cam.shape[1] == 1 else cam
-        if c.dim() != 3 or c.shape[0] != p.shape[0]:
-            raise ValueError(f"cam must have shape (N, h, w) or (N, 1, h, w) with N={p.shape[0]}, "
-                             f"got {tuple(cam.shape)}")
-        if cam.device != p.device:
-            raise ValueError(f"cam must be on the parameter's device ({p.device}), got {cam.device}")
+        _check_cam_tensor(cam, p.shape[0], p.device)  # float, (N, h, w) or (N, 1, h, w), non-empty
         return cam.detach()
 
     def set_cam(self, param_or_index: ParamRef, cam: Optional[Tensor]) -> None:
@@ -158,16 +172,56 @@ class DAESGD(Optimizer):
 
     # ------------------------------------------------------------------ step
 
+    def _check_state(self, groups: list[dict]) -> None:
+        """Loaded momentum buffers must be tensors like their parameter."""
+        for group in groups:
+            if group["momentum"] == 0:
+                continue
+            for p in group["params"]:
+                buf = self.state.get(p, {}).get("momentum_buffer") if p in self.state else None
+                if buf is None:
+                    continue
+                if not isinstance(buf, Tensor):
+                    raise TypeError(f"state momentum_buffer of a parameter {tuple(p.shape)} must be a tensor, "
+                                    f"got {type(buf).__name__}")
+                if buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                    raise ValueError(f"state momentum_buffer must match its parameter {tuple(p.shape)} {p.dtype} "
+                                     f"{p.device}, got {tuple(buf.shape)} {buf.dtype} {buf.device}")
+
+    def _plan(self, groups: list[dict], step_cams: dict[int, Optional[Tensor]]) -> None:
+        """Every check that needs this step's gradients, for every parameter, before the first write."""
+        for group in groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                cam = step_cams.get(id(p))
+                if cam is None:
+                    if p.grad.shape != p.shape:
+                        raise ValueError(f"the gradient of a parameter {tuple(p.shape)} has shape {tuple(p.grad.shape)}")
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("DAESGD: a parameter with a CAM cannot have a sparse gradient")
+                buf = self.state[p].get("momentum_buffer") if p in self.state else None
+                _check_step_tensors(p, p.grad, buf, cam, group["momentum"] if buf is not None else 0.0)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, *, cams: CamsArg = None):
-        """One optimisation step; returns ``closure()``'s value when a closure is given."""
+        """One optimisation step; returns ``closure()``'s value when a closure is given.
+
+        All or nothing: every group's hyper-parameters, every CAM, every loaded momentum buffer and
+        every (param, grad, buffer, CAM) combination is checked before the first parameter is
+        written, so a rejected step leaves parameters and state exactly as they were.
+        """
+        groups = [{**g, **self._check_group(g)} for g in self.param_groups]
         flat = self._flat_params()
-        step_cams = self._step_cams(cams, flat)  # all checks before anything is written
+        step_cams = self._step_cams(cams, flat)
+        self._check_state(groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        self._plan(groups, step_cams)
+        for group in groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
             bufs: list[Optional[Tensor]] = []
@@ -184,17 +238,16 @@ class DAESGD(Optimizer):
                     if momentum != 0:
                         bufs.append(self.state[p].get("momentum_buffer"))
                     continue
-                if p.grad.is_sparse:
-                    raise ValueError("DAESGD: a parameter with a CAM cannot have a sparse gradient")
                 buf, first = None, False
                 if momentum != 0:
                     buf = self.state[p].get("momentum_buffer")
                     if buf is None:  # torch creates it on the first step; the op fills it
-                        buf, first = torch.empty_like(p), True
-                        self.state[p]["momentum_buffer"] = buf
+                        buf, first = torch.empty_like(p, memory_format=torch.contiguous_format), True
                 dae_sgd_step_(p, p.grad, buf, cam, lr=group["lr"], beta=group["beta"], threshold=group["threshold"],
                               momentum=momentum, dampening=group["dampening"], weight_decay=group["weight_decay"],
                               nesterov=group["nesterov"], maximize=group["maximize"], first_step=first)
+                if first:  # stored only once filled: a failed step never leaves an uninitialised buffer
+                    self.state[p]["momentum_buffer"] = buf
             if params:
                 _sgd_functional(params, grads, bufs, weight_decay=group["weight_decay"], momentum=momentum,
                                 lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],

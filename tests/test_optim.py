@@ -273,3 +273,157 @@ def test_bad_arguments():
     for a, b in zip(before, p):
         assert torch.equal(a, b.detach())
     assert len(opt.state) == 0
+
+
+# ----------------------------------------------------------------------------- all or nothing
+
+
+def _two_group_setup(momentum=0.5):
+    """Two groups, each with an image parameter under a CAM and a plain one; grads set."""
+    g = torch.Generator().manual_seed(7)
+    imgs = [torch.randn(3, 2, 6, 6, generator=g).requires_grad_() for _ in range(2)]
+    plain = [torch.randn(5, generator=g).requires_grad_() for _ in range(2)]
+    opt = DAESGD([{"params": [imgs[0], plain[0]]}, {"params": [imgs[1], plain[1]], "lr": 0.3}], lr=0.1,
+                 momentum=momentum)
+    for p in imgs + plain:
+        p.grad = torch.randn(p.shape, generator=g)
+    cams = [torch.rand(3, 2, 2, generator=g) for _ in range(2)]
+    opt.set_cam(imgs[0], cams[0])
+    opt.set_cam(imgs[1], cams[1])
+    return opt, imgs + plain, cams
+
+
+def _break_lr(opt, params, cams):
+    opt.param_groups[1]["lr"] = -1.0
+
+
+def _break_momentum(opt, params, cams):
+    opt.param_groups[1]["momentum"] = float("nan")
+
+
+def _break_beta(opt, params, cams):
+    opt.param_groups[1]["beta"] = "junk"
+
+
+def _break_threshold(opt, params, cams):
+    opt.param_groups[1]["threshold"] = 10**400
+
+
+def _break_nesterov(opt, params, cams):
+    opt.param_groups[1]["nesterov"] = "yes"
+
+
+def _empty_cam(opt, params, cams):
+    return {"cams": {params[1]: torch.rand(3, 0, 2)}}
+
+
+def _empty_cam_w(opt, params, cams):
+    return {"cams": [None, None, torch.rand(3, 2, 0), None]}
+
+
+def _cam_wrong_n(opt, params, cams):
+    return {"cams": {1: torch.rand(2, 2, 2)}}
+
+
+def _cam_is_param(opt, params, cams):
+    return {"cams": {params[1]: params[1].detach()[:, 0]}}
+
+
+def _bad_loaded_buffer_shape(opt, params, cams):
+    opt.state[params[1]]["momentum_buffer"] = torch.zeros(3, 2, 6, 5)
+
+
+def _bad_loaded_buffer_type(opt, params, cams):
+    opt.state[params[3]]["momentum_buffer"] = "junk"
+
+
+def _loaded_buffer_is_param(opt, params, cams):
+    opt.state[params[1]]["momentum_buffer"] = params[1].detach()
+
+
+def _cam_integer(opt, params, cams):
+    return {"cams": {params[1]: torch.ones(3, 2, 2, dtype=torch.long)}}
+
+
+BREAKERS = [_break_lr, _break_momentum, _break_beta, _break_threshold, _break_nesterov, _empty_cam, _empty_cam_w,
+            _cam_wrong_n, _cam_is_param, _bad_loaded_buffer_shape, _bad_loaded_buffer_type, _loaded_buffer_is_param,
+            _cam_integer]
+
+
+@pytest.mark.parametrize("breaker", BREAKERS, ids=[b.__name__.strip("_") for b in BREAKERS])
+def test_daesgd_all_or_nothing(breaker):
+    """A step rejected for any group, CAM or state writes nothing; fixing the cause and retrying equals one clean step."""
+    opt, params, cams = _two_group_setup()
+    clean, clean_params, _ = _two_group_setup()
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    kwargs = breaker(opt, params, cams) or {}
+    state_before = {id(p): dict(s) for p, s in opt.state.items()}
+    before = [p.detach().clone() for p in params]
+    with pytest.raises((ValueError, TypeError)):
+        opt.step(**kwargs)
+    for i, (a, p) in enumerate(zip(before, params)):
+        assert torch.equal(a, p.detach()), f"parameter {i} was written by a rejected step"
+    assert {id(p): dict(s) for p, s in opt.state.items()} == state_before, "state changed by a rejected step"
+    # retry after undoing the cause: exactly one clean step, no stale (uninitialised) buffer
+    for g, saved in zip(opt.param_groups, groups_before):
+        g.update(saved)
+    for p in params:
+        opt.state.pop(p, None)
+    params[1].grad = clean_params[1].grad.clone()
+    opt.step()
+    clean.step()
+    for i, (a, b) in enumerate(zip(params, clean_params)):
+        assert_equal(a.detach(), b.detach(), f"param {i} after retry")
+        assert_equal(opt.state[a]["momentum_buffer"], clean.state[b]["momentum_buffer"], f"buffer {i} after retry")
+
+
+def test_daesgd_rejected_first_step_leaves_no_buffer():
+    """The bug class behind 'a retry is off by 1e16': a failed first step must not store an empty buffer."""
+    for bad in ({0: torch.rand(3, 2, 0)}, {0: torch.rand(4, 2, 2)}, {0: torch.ones(3, 2, 2, dtype=torch.long)}):
+        opt, params, cams = _two_group_setup()
+        with pytest.raises((ValueError, TypeError)):
+            opt.step(cams=bad)
+        assert len(opt.state) == 0
+        clean, clean_params, _ = _two_group_setup()
+        opt.step()
+        clean.step()
+        for a, b in zip(params, clean_params):
+            assert_equal(a.detach(), b.detach(), "retry")
+
+
+@pytest.mark.parametrize("group,exc", [
+    ({"lr": -1.0}, ValueError), ({"lr": torch.tensor(0.1)}, TypeError), ({"momentum": -0.5}, ValueError),
+    ({"momentum": "0.5"}, TypeError), ({"weight_decay": float("inf")}, ValueError), ({"beta": "x"}, TypeError),
+    ({"beta": 10**400}, ValueError), ({"threshold": "mean"}, TypeError), ({"nesterov": "yes"}, TypeError),
+    ({"nesterov": True, "momentum": 0.0}, ValueError), ({"maximize": "no"}, TypeError),
+    ({"dampening": float("nan")}, ValueError),
+], ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}={v[k]!r}"[:20] for k in v))
+def test_daesgd_add_param_group_validated_like_constructor(group, exc):
+    p0 = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    opt = DAESGD([p0], lr=0.1, momentum=0.5)
+    with pytest.raises(exc):
+        DAESGD([torch.zeros(3, requires_grad=True)], **{"lr": 0.1, "momentum": 0.5, **group})
+    with pytest.raises(exc):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], **group})
+    assert len(opt.param_groups) == 1
+    # and the same value edited into an existing group is refused at the next step, writing nothing
+    p0.grad = torch.ones_like(p0)
+    for k, v in group.items():
+        opt.param_groups[0][k] = v
+    with pytest.raises(exc):
+        opt.step()
+    assert torch.equal(p0.detach(), torch.zeros_like(p0)) and len(opt.state) == 0
+
+
+def test_daesgd_accepts_numpy_hyper_parameters():
+    import numpy as np
+
+    p_ref, p_np = make_params(seed=9), make_params(seed=9)
+    ref = DAESGD(p_ref, lr=0.25, momentum=0.5, beta=2.0)
+    opt = DAESGD(p_np, lr=np.float32(0.25), momentum=np.float64(0.5), beta=np.int64(2), maximize=np.bool_(False))
+    fake_grads(p_ref, 0)
+    fake_grads(p_np, 0)
+    ref.step()
+    opt.step()
+    for a, b in zip(p_ref, p_np):
+        assert_equal(b.detach(), a.detach())

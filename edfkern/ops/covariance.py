@@ -17,11 +17,29 @@ from .._dispatch import kernel
 from ._util import no_double_backward
 
 # ----------------------------------------------------------------------------- registered ops
+#
+# Each registered op checks every argument that indexes memory (shapes, dtypes, devices and the
+# CSR group tensors) itself: it may be called directly, with tensors no public function built.
+
+
+def _check_x_csr(op: str, x: Tensor, perm: Optional[Tensor], offsets: Tensor, side: str = "") -> int:
+    return C.check_rows_csr(op, side or "x", x, 3, perm, offsets, side)
+
+
+def _check_cov_backward_args(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor,
+                             op: str = "edfkern::covariance_backward") -> None:
+    k = _check_x_csr(op, x, perm, offsets)
+    _, c, l = x.shape
+    C.check_tensor_arg(op, "mean", mean, device=x.device)
+    C.check_tensor_arg(op, "M", M, device=x.device)
+    C.check_shape_arg(op, "mean", mean, (k, c, l))
+    C.check_shape_arg(op, "M", M, (k, c, c))
 
 
 @torch.library.custom_op("edfkern::local_covariance", mutates_args=())
 def _local_cov(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tensor, Tensor]:
     """Returns (sigma (K,C,C), mean (K,C,L)); ``mean`` is kept for backward."""
+    _check_x_csr("edfkern::local_covariance", x, perm, offsets)
     return kernel("cov_forward", x.device)(x.contiguous(), perm, offsets)
 
 
@@ -35,6 +53,7 @@ def _(x, perm, offsets):
 @torch.library.custom_op("edfkern::covariance_backward", mutates_args=())
 def _cov_backward(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor) -> Tensor:
     """grad_i = M_k (x_i - mean_k) for every row i of group k: (N,C,L) in x.dtype."""
+    _check_cov_backward_args(x, perm, offsets, mean, M)
     return kernel("cov_backward", x.device)(x.contiguous(), perm, offsets, mean.contiguous(), M.contiguous())
 
 
@@ -74,6 +93,12 @@ def _cm_loss(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets: Tensor, real:
              real_perm: Optional[Tensor], real_offsets: Tensor, weight: float
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, sigma_syn, sigma_real, mean_syn, mean_real); only ``loss`` is public."""
+    op = "edfkern::covariance_matching_loss"
+    ks = _check_x_csr(op, syn, syn_perm, syn_offsets, "syn")
+    kr = _check_x_csr(op, real, real_perm, real_offsets, "real")
+    if ks != kr or syn.shape[1:] != real.shape[1:] or syn.device != real.device:
+        raise ValueError(f"{op}: syn and real must share K, (C, L) and device, got K={ks} {tuple(syn.shape)} "
+                         f"{syn.device} and K={kr} {tuple(real.shape)} {real.device}")
     fwd = kernel("cov_forward", syn.device)
     s_syn, m_syn = fwd(syn.contiguous(), syn_perm, syn_offsets)
     s_real, m_real = fwd(real.contiguous(), real_perm, real_offsets)

@@ -23,11 +23,46 @@ def _k(drop_ratio: float, p: int) -> int:
 
 
 # ----------------------------------------------------------------------------- registered ops
+#
+# Each registered op checks its own arguments (it may be called directly): the three vectors agree
+# in size, dtype and device, the scalars are 0-d tensors on that device, and ``drop_ratio`` keeps
+# k = floor(drop_ratio * P) inside [0, P).
+
+
+def _check_vectors(op: str, student: Tensor, target: Tensor, start: Tensor) -> None:
+    for name, v in (("student", student), ("target", target), ("start", start)):
+        C.check_tensor_arg(op, name, v, device=student.device)
+        if v.numel() != student.numel() or v.dtype != student.dtype:
+            raise ValueError(f"{op}: {name} must have student's size {student.numel()} and dtype {student.dtype}, "
+                             f"got {v.numel()} {v.dtype}")
+    if student.numel() == 0:
+        raise ValueError(f"{op}: student must hold at least one parameter")
+
+
+def _check_backward_args(op: str, grad: Tensor, student: Tensor, target: Tensor, start: Tensor, thr: Tensor,
+                         tie: Tensor, sum_d: Tensor) -> None:
+    _check_vectors(op, student, target, start)
+    for name, v in (("grad", grad), ("thr", thr), ("sum_d", sum_d)):
+        _check_scalar_arg(op, name, v, student.device)
+    _check_scalar_arg(op, "tie", tie, student.device, dtypes=(torch.int64,))
+
+
+def _check_k(op: str, p: int, k: object) -> int:
+    """The kernels' ``k`` (entries to drop): an int in [0, P)."""
+    return C.check_int(f"{op}: k", k, lo=0, hi=max(p - 1, 0))
+
+
+def _check_scalar_arg(op: str, name: str, t: Tensor, device: torch.device, dtypes=C.FLOAT_DTYPES) -> None:
+    C.check_tensor_arg(op, name, t, dtypes=dtypes, device=device)
+    if t.numel() != 1:
+        raise ValueError(f"{op}: {name} must hold one value, got shape {tuple(t.shape)}")
 
 
 @torch.library.custom_op("edfkern::cpd_trajectory_loss", mutates_args=())
 def _cpd_loss(student: Tensor, target: Tensor, start: Tensor, drop_ratio: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, thr, tie, sum_d); only ``loss`` is public."""
+    _check_vectors("edfkern::cpd_trajectory_loss", student, target, start)
+    drop_ratio = _check_ratio(drop_ratio)
     s, t, s0 = (v.reshape(-1).contiguous() for v in (student, target, start))
     sum_l, sum_d, thr, tie = kernel("cpd_forward", s.device)(s, t, s0, _k(drop_ratio, s.numel()))
     return sum_l / sum_d, thr, tie, sum_d
@@ -43,6 +78,7 @@ def _(student, target, start, drop_ratio):
 @torch.library.custom_op("edfkern::cpd_trajectory_loss_backward", mutates_args=())
 def _cpd_backward(grad: Tensor, student: Tensor, target: Tensor, start: Tensor, thr: Tensor, tie: Tensor,
                   sum_d: Tensor) -> Tensor:
+    _check_backward_args("edfkern::cpd_trajectory_loss_backward", grad, student, target, start, thr, tie, sum_d)
     s, t, s0 = (v.reshape(-1).contiguous() for v in (student, target, start))
     g = kernel("cpd_backward", s.device)(grad, s, t, s0, thr, tie, sum_d)
     return g.view(student.shape)
@@ -74,6 +110,8 @@ torch.library.register_autograd(
 
 @torch.library.custom_op("edfkern::cpd_keep_mask", mutates_args=())
 def _cpd_keep_mask(l: Tensor, drop_ratio: float) -> Tensor:
+    C.check_tensor_arg("edfkern::cpd_keep_mask", "l", l)
+    drop_ratio = _check_ratio(drop_ratio)
     flat = l.reshape(-1).contiguous()
     return kernel("cpd_keep_mask", flat.device)(flat, _k(drop_ratio, flat.numel())).view(l.shape)
 

@@ -21,6 +21,8 @@ from ._util import keep_context, not_differentiable
 
 @torch.library.custom_op("edfkern::dae_mask", mutates_args=())
 def _dae_mask(cam: Tensor, beta: float, threshold: Optional[float], H: int, W: int) -> Tensor:
+    cam = _check_cam(cam, None, None)
+    _check_mask_size(cam.shape[0], H, W)
     return kernel("dae_mask", cam.device)(cam.contiguous(), beta, threshold, H, W)
 
 
@@ -38,6 +40,7 @@ torch.library.register_autograd(
 
 @torch.library.custom_op("edfkern::dae_", mutates_args=("grad",))
 def _dae_(grad: Tensor, cam: Tensor, beta: float, threshold: Optional[float]) -> None:
+    cam = _check_dae_args(grad, cam)
     fn = kernel("dae_", grad.device)
     if grad.is_contiguous():
         fn(grad, cam.contiguous(), beta, threshold)
@@ -56,6 +59,7 @@ def _(grad, cam, beta, threshold):
 def _dae_sgd_step_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], cam: Tensor, lr: float,
                    beta: float, threshold: Optional[float], momentum: float, dampening: float,
                    weight_decay: float, nesterov: bool, maximize: bool, first_step: bool) -> None:
+    cam, momentum_buffer = _check_step_tensors(param, grad, momentum_buffer, cam, momentum)
     fn = kernel("dae_sgd_step_", param.device)
     p = param if param.is_contiguous() else param.contiguous()
     b = momentum_buffer
@@ -106,6 +110,48 @@ def _check_grad(name: str, grad: Tensor) -> None:
     C.check_rank(name, grad, (4,), "(N, C, H, W)")
 
 
+def _check_mask_size(n: int, H: int, W: int) -> None:
+    H, W = C.check_size("size", (H, W))
+    C.check_numel("the mask", (n, 1, H, W))
+
+
+def _check_dae_args(grad: Tensor, cam: Tensor) -> Tensor:
+    """``dae_``'s tensors: grad (N,C,H,W) with memory of its own, cam (N,h,w) apart from it; returns cam as (N,h,w)."""
+    _check_grad("grad", grad)
+    cam = _check_cam(cam, grad.shape[0], grad.device)
+    C.check_writable("grad", grad)
+    C.check_no_alias(("grad",), grad=grad, cam=cam)
+    return cam
+
+
+def _check_step_tensors(param: Tensor, grad: Tensor, momentum_buffer: object, cam: Tensor,
+                        momentum: float) -> tuple[Tensor, Optional[Tensor]]:
+    """``dae_sgd_step_``'s tensors; returns (cam as (N,h,w), the buffer or None when momentum == 0).
+
+    The written tensors (param, buffer) each own their memory and share none with grad or cam.
+    """
+    _check_grad("param", param)
+    C.check_float_tensor("grad", grad)
+    C.check_shape("grad", grad, param.shape, "(N, C, H, W) like param")
+    C.check_same_device(param=param, grad=grad)
+    C.check_same_dtype(param=param, grad=grad)
+    C.check_optional_tensor("momentum_buffer", momentum_buffer)
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError("momentum_buffer must be a tensor like param when momentum != 0, got None")
+    if momentum_buffer is not None:
+        C.check_float_tensor("momentum_buffer", momentum_buffer)
+        C.check_shape("momentum_buffer", momentum_buffer, param.shape, "(N, C, H, W) like param")
+        C.check_same_device(param=param, momentum_buffer=momentum_buffer)
+        C.check_same_dtype(param=param, momentum_buffer=momentum_buffer)
+    cam = _check_cam(cam, param.shape[0], param.device)
+    buf = momentum_buffer if momentum != 0 else None
+    C.check_writable("param", param)
+    if buf is not None:
+        C.check_writable("momentum_buffer", buf)
+    C.check_no_alias(("param", "momentum_buffer"), param=param, grad=grad, momentum_buffer=buf, cam=cam)
+    return cam, buf
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -126,6 +172,7 @@ def dae_mask(cam: Tensor, *, beta: float, threshold: Optional[float] = None,
     beta = C.check_number("beta", beta)
     threshold = _check_threshold(threshold)
     H, W = C.check_size("size", size) if size is not None else tuple(cam.shape[-2:])
+    _check_mask_size(cam.shape[0], H, W)
     return _dae_mask(cam, beta, threshold, H, W)
 
 
@@ -140,8 +187,7 @@ def dae_(grad: Tensor, cam: Tensor, *, beta: float, threshold: Optional[float] =
     Returns:
         ``grad``.
     """
-    _check_grad("grad", grad)
-    cam = _check_cam(cam, grad.shape[0], grad.device)
+    cam = _check_dae_args(grad, cam)
     beta = C.check_number("beta", beta)
     threshold = _check_threshold(threshold)
     if grad.requires_grad and torch.is_grad_enabled():
@@ -169,22 +215,9 @@ def dae_sgd_step_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor]
     Returns:
         ``param``.
     """
-    _check_grad("param", param)
-    C.check_float_tensor("grad", grad)
-    C.check_shape("grad", grad, param.shape, "(N, C, H, W) like param")
-    C.check_same_device(param=param, grad=grad)
-    C.check_same_dtype(param=param, grad=grad)
     lr, momentum, dampening, weight_decay = C.check_sgd_args(lr, momentum, dampening, weight_decay, nesterov)
-    if momentum != 0:
-        if momentum_buffer is None:
-            raise ValueError("momentum_buffer must be a tensor like param when momentum != 0, got None")
-        C.check_float_tensor("momentum_buffer", momentum_buffer)
-        C.check_shape("momentum_buffer", momentum_buffer, param.shape, "(N, C, H, W) like param")
-        C.check_same_device(param=param, momentum_buffer=momentum_buffer)
-        C.check_same_dtype(param=param, momentum_buffer=momentum_buffer)
-    else:
-        momentum_buffer = None
-    cam = _check_cam(cam, param.shape[0], param.device)
+    maximize, first_step = C.check_bool("maximize", maximize), C.check_bool("first_step", first_step)
+    cam, momentum_buffer = _check_step_tensors(param, grad, momentum_buffer, cam, momentum)
     beta = C.check_number("beta", beta)
     threshold = _check_threshold(threshold)
     if param.numel() > 0:

@@ -21,6 +21,7 @@ from ._util import no_double_backward
 @torch.library.custom_op("edfkern::class_centralization_loss", mutates_args=())
 def _cc_loss(feat: Tensor, perm: Optional[Tensor], offsets: Tensor, weight: float) -> tuple[Tensor, Tensor]:
     """Returns (loss, mean (K,D)); ``mean`` is kept for backward."""
+    C.check_rows_csr("edfkern::class_centralization_loss", "feat", feat, 2, perm, offsets)
     sq, mean = kernel("cc_forward", feat.device)(feat.contiguous(), perm, offsets)
     return weight * sq, mean
 
@@ -31,10 +32,19 @@ def _(feat, perm, offsets, weight):
     return feat.new_empty((), dtype=acc), feat.new_empty((offsets.shape[0] - 1, feat.shape[1]), dtype=acc)
 
 
+def _check_cc_backward_args(op: str, grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor,
+                            mean: Tensor) -> None:
+    k = C.check_rows_csr(op, "feat", feat, 2, perm, offsets)
+    C.check_tensor_arg(op, "grad", grad, dims=(0,), device=feat.device)
+    C.check_tensor_arg(op, "mean", mean, device=feat.device)
+    C.check_shape_arg(op, "mean", mean, (k, feat.shape[1]))
+
+
 @torch.library.custom_op("edfkern::class_centralization_backward", mutates_args=())
 def _cc_backward(grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor,
                  coef: float) -> Tensor:
     """coef * grad * (f_i - mu_k), (N,D) in feat.dtype."""
+    _check_cc_backward_args("edfkern::class_centralization_backward", grad, feat, perm, offsets, mean)
     return kernel("cc_backward", feat.device)(grad, feat.contiguous(), perm, offsets, mean, coef)
 
 
@@ -66,6 +76,12 @@ torch.library.register_autograd("edfkern::class_centralization_backward",
 def _mm_loss(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets: Tensor, real: Tensor,
              real_perm: Optional[Tensor], real_offsets: Tensor, weight: float) -> tuple[Tensor, Tensor]:
     """Returns (loss, mean_syn - mean_real (K,D)); the difference is kept for backward."""
+    op = "edfkern::mean_matching_loss"
+    ks = C.check_rows_csr(op, "syn", syn, 2, syn_perm, syn_offsets, "syn")
+    kr = C.check_rows_csr(op, "real", real, 2, real_perm, real_offsets, "real")
+    if ks != kr or syn.shape[1] != real.shape[1] or syn.device != real.device:
+        raise ValueError(f"{op}: syn and real must share K, D and device, got K={ks} {tuple(syn.shape)} "
+                         f"{syn.device} and K={kr} {tuple(real.shape)} {real.device}")
     mean = kernel("seg_mean", syn.device)
     diff = mean(syn.contiguous(), syn_perm, syn_offsets) - mean(real.contiguous(), real_perm, real_offsets)
     return weight * (diff * diff).sum(), diff
@@ -88,6 +104,14 @@ def _mm_setup(ctx, inputs, output):
 def _mm_backward(grad: Tensor, diff: Tensor, perm: Optional[Tensor], offsets: Tensor, n: int, coef: float,
                  dtype: torch.dtype) -> Tensor:
     """Row i of group k gets ``coef * grad * diff_k / n_k``: (n, D) in ``dtype``."""
+    op = "edfkern::mean_matching_backward"
+    if dtype not in C.FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be a floating dtype, got {dtype}")
+    n = C.check_int("n", n, lo=0, hi=C.MAX_NUMEL)
+    C.check_tensor_arg(op, "diff", diff, dims=(2,))
+    C.check_tensor_arg(op, "grad", grad, dims=(0,), device=diff.device)
+    k = C.check_csr(op, n, perm, offsets, diff.device)
+    C.check_shape_arg(op, "diff", diff, (k, diff.shape[1]))
     per_class = diff * (coef * grad) / offsets.diff().clamp_min(1).to(diff.dtype)[:, None]
     return per_class.index_select(0, C.row_labels(perm, offsets, n)).to(dtype)
 
@@ -145,7 +169,7 @@ def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: 
     """
     x = _as_rows("feat", feat)
     weight = C.check_number("weight", weight)
-    g = C.resolve_groups(groups, x.shape[0], x.device, num_groups)
+    g = C.resolve_groups(groups, x.shape[0], x.device, num_groups, k_max=x.shape[0])
     C.require_nonempty(g, "feat")
     return _cc_loss(x, g.perm, g.offsets, weight)[0]
 

@@ -21,6 +21,7 @@ METHODS = ("gradcam", "gradcam++", "smoothgradcam++")
 @torch.library.custom_op("edfkern::grad_cam", mutates_args=())
 def _grad_cam(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str,
               normalize: bool, size: Optional[list[int]]) -> Tensor:
+    _check_args(activations, gradients, clean_activations, method, normalize, size)
     clean = None if clean_activations is None else clean_activations.contiguous()
     return kernel("grad_cam", activations.device)(
         activations.contiguous(), gradients.contiguous(), clean, method, normalize,
@@ -41,28 +42,12 @@ torch.library.register_autograd(
 )
 
 
-def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam", size: Optional[tuple[int, int]] = None,
-             normalize: bool = True, clean_activations: Optional[Tensor] = None) -> Tensor:
-    """Class activation maps for a batch, in one fused op.
-
-    Args:
-        activations: target-layer activations ``A``, ``(N, C, h, w)``; ``(S, N, C, h, w)`` for
-            ``"smoothgradcam++"`` (one slice per noisy pass).
-        gradients: gradients of the class scores w.r.t. ``A``, same shape as ``activations``.
-        method: ``"gradcam"`` (``w = mean_hw G``), ``"gradcam++"`` (``alpha = G^2 / (2G^2 +
-            sum_hw(A G^3) + 1e-8)``, ``w = sum_hw alpha ReLU(G)``) or ``"smoothgradcam++"`` (the same with
-            ``G^2``, ``G^3`` averaged over the S passes and ``A_clean`` in the denominator; weights and
-            map from the last pass, as torchcam 0.4 does).
-        size: ``(H, W)`` to upsample the normalised map to (bilinear, ``align_corners=False``).
-        normalize: per-map ``cam -= min; cam /= max + 1e-8`` (torchcam's order).
-        clean_activations: ``(N, C, h, w)`` activations of the clean input; required for
-            ``"smoothgradcam++"``, rejected otherwise.
-
-    Returns:
-        ``(N, h, w)``, or ``(N, H, W)`` with ``size``; float32 (float64 for float64 inputs).
-    """
-    if method not in METHODS:
+def _check_args(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str,
+                normalize: bool, size) -> Optional[list[int]]:
+    """Every check of :func:`grad_cam`, shared with the registered op; returns ``size`` as a list."""
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    C.check_bool("normalize", normalize)
     C.check_float_tensor("activations", activations)
     C.check_float_tensor("gradients", gradients)
     smooth = method == "smoothgradcam++"
@@ -85,4 +70,30 @@ def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam",
     if activations.shape[-2] == 0 or activations.shape[-1] == 0 or activations.shape[-3] == 0:
         raise ValueError(f"activations must have C, h, w >= 1, got shape {tuple(activations.shape)}")
     hw = list(C.check_size("size", size)) if size is not None else None
+    n = activations.shape[-4]
+    C.check_numel("the CAMs", (n,) + (tuple(hw) if hw else tuple(activations.shape[-2:])))
+    return hw
+
+
+def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam", size: Optional[tuple[int, int]] = None,
+             normalize: bool = True, clean_activations: Optional[Tensor] = None) -> Tensor:
+    """Class activation maps for a batch, in one fused op.
+
+    Args:
+        activations: target-layer activations ``A``, ``(N, C, h, w)``; ``(S, N, C, h, w)`` for
+            ``"smoothgradcam++"`` (one slice per noisy pass).
+        gradients: gradients of the class scores w.r.t. ``A``, same shape as ``activations``.
+        method: ``"gradcam"`` (``w = mean_hw G``), ``"gradcam++"`` (``alpha = G^2 / (2G^2 +
+            sum_hw(A G^3) + 1e-8)``, ``w = sum_hw alpha ReLU(G)``) or ``"smoothgradcam++"`` (the same with
+            ``G^2``, ``G^3`` averaged over the S passes and ``A_clean`` in the denominator; weights and
+            map from the last pass, as torchcam 0.4 does).
+        size: ``(H, W)`` to upsample the normalised map to (bilinear, ``align_corners=False``).
+        normalize: per-map ``cam -= min; cam /= max + 1e-8`` (torchcam's order).
+        clean_activations: ``(N, C, h, w)`` activations of the clean input; required for
+            ``"smoothgradcam++"``, rejected otherwise.
+
+    Returns:
+        ``(N, h, w)``, or ``(N, H, W)`` with ``size``; float32 (float64 for float64 inputs).
+    """
+    hw = _check_args(activations, gradients, clean_activations, method, normalize, size)
     return _grad_cam(activations, gradients, clean_activations, method, bool(normalize), hw)

@@ -18,3 +18,22 @@ __all__ = [
     "dae_mask", "dae_", "dae_sgd_step_", "grad_cam", "cpd_forward", "cpd_backward", "cpd_keep_mask",
     "cov_forward", "cov_backward", "seg_mean", "cc_forward", "cc_backward",
 ]
+
+
+def _check_registered_ops() -> None:
+    """``torch.ops.edfkern_triton.*`` are callable directly: give each one the contract's argument
+    checks (edfkern/ops/_contract.py) as its eager CPU/CUDA kernel, so bad offsets, perms or shapes
+    raise ``ValueError``/``TypeError`` instead of reaching a kernel. Under torch.compile the op is
+    traced into its Triton kernels as before."""
+    import torch
+
+    from ..ops._contract import checked
+
+    ns = getattr(torch.ops, "edfkern_triton", None)
+    for name in __all__:
+        if ns is None or not hasattr(ns, name):
+            continue
+        torch.library.register_kernel(f"edfkern_triton::{name}", ("cpu", "cuda"), checked(name, globals()[name]))
+
+
+_check_registered_ops()
