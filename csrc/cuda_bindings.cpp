@@ -120,7 +120,7 @@ at::Tensor grad_cam_cuda(const at::Tensor& A, const at::Tensor& G, const std::op
   auto ws = at::empty({kc::grad_cam_ws_elems(N, C, h, w)}, out.options());
   at::Tensor clean = smooth ? A_clean->contiguous() : at::Tensor();
   check(kc::grad_cam(a.data_ptr(), g.data_ptr(), smooth ? clean.data_ptr() : nullptr, dtype_of(a), m, normalize, S,
-                     N, C, h, w, H, W, out.data_ptr(), ws.data_ptr(), stream()),
+                     N, C, h, w, H, W, out.data_ptr(), ws.data_ptr(), stream(), size.has_value() ? 1 : 0),
         "grad_cam");
   return out;
 }
