@@ -503,6 +503,36 @@ def header_words_are_one_collective():
     assert st.calls == 3 and st.bytes == expect, (st, expect)
 
 
+@case
+def public_keyword_is_the_distributed_op():
+    """``edfkern.<op>(..., process_group=pg)`` is the one obvious way: it gives the distributed op's result."""
+    if WORLD != 2:
+        raise Skip("checked at world size 2 (the public ops' first call is slow)")
+    gen = torch.Generator().manual_seed(40 + RANK)
+    syn, real = torch.randn(6, 3, 4, generator=gen), torch.randn(5 + RANK, 3, 4, generator=gen)
+    ls, lr = torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(5 + RANK) % 3
+    pairs = [
+        (edfkern.local_covariance(syn, groups=ls, num_groups=3, process_group=PG),
+         ED.local_covariance(syn, groups=ls, num_groups=3, process_group=PG)),
+        (edfkern.covariance_matching_loss(syn, real, syn_groups=ls, real_groups=lr, num_groups=3, process_group=PG),
+         ED.covariance_matching_loss(syn, real, syn_groups=ls, real_groups=lr, num_groups=3, process_group=PG)),
+        (edfkern.class_centralization_loss(syn.flatten(1), groups=3, process_group=PG),
+         ED.class_centralization_loss(syn.flatten(1), groups=3, process_group=PG)),
+        (edfkern.mean_matching_loss(syn.flatten(1), real.flatten(1), syn_groups=ls, real_groups=lr, num_groups=3,
+                                    process_group=PG),
+         ED.mean_matching_loss(syn.flatten(1), real.flatten(1), syn_groups=ls, real_groups=lr, num_groups=3,
+                               process_group=PG)),
+    ]
+    s, t, s0 = (torch.randn(101 + 7 * RANK, generator=gen) for _ in range(3))
+    pairs.append((edfkern.cpd_trajectory_loss(s, t, s0, drop_ratio=0.4, process_group=PG),
+                  ED.cpd_trajectory_loss(s, t, s0, drop_ratio=0.4, process_group=PG)))
+    pairs.append((edfkern.cpd_keep_mask(s, 0.4, process_group=PG), ED.cpd_keep_mask(s, 0.4, process_group=PG)))
+    for i, (a, b) in enumerate(pairs):
+        assert torch.equal(a, b), f"pair {i}: the public op with process_group differs from edfkern.distributed"
+    # and the global statistics differ from this rank's own, so the keyword really reached the collectives
+    assert not torch.equal(pairs[0][0], edfkern.local_covariance(syn, groups=ls, num_groups=3))
+
+
 def main() -> int:
     global RANK, WORLD, PG
     RANK, WORLD, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]

@@ -157,25 +157,33 @@ def _as_ncl(name: str, x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- public API
 
 
-def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None) -> Tensor:
+def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None,
+                     process_group: Optional[object] = None) -> Tensor:
     """Per-class local covariance of conv features: the ``Sigma_k`` of IID's covariance matching constraint.
 
     Args:
         x: ``(N, C, L)`` features (``L = h*w``); ``(N, C, h, w)`` is flattened, ``(N, D)`` read as ``(N, D, 1)``.
         groups: ``int`` K (N rows in K equal contiguous blocks) or ``(N,)`` integer labels in ``[0, K)``.
         num_groups: K for label groups (default: max label + 1).
+        process_group: a ``torch.distributed`` process group over which the rows are sharded; the
+            result is then that of the union of every rank's rows, identical on every rank (see
+            docs/distributed.md). ``None`` (the default): this process's rows only.
 
     Returns:
         ``(K, C, C)`` with ``Sigma_k = 1/n_k sum_{i in k} (X_i - Xbar_k)(X_i - Xbar_k)^T`` (divided by
         ``n_k``, not ``n_k - 1`` or ``L``); zeros for an empty group. float32 (float64 for float64 input).
     """
+    if process_group is not None:
+        from ..distributed import local_covariance as sharded
+        return sharded(x, groups=groups, num_groups=num_groups, process_group=process_group)
     x = _as_ncl("x", x)
     g = C.resolve_groups(groups, x.shape[0], x.device, num_groups)
     return _local_cov(x, g.perm, g.offsets)[0]
 
 
 def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, real_groups: C.GroupsArg,
-                             num_groups: Optional[int] = None, weight: float = 0.01) -> Tensor:
+                             num_groups: Optional[int] = None, weight: float = 0.01,
+                             process_group: Optional[object] = None) -> Tensor:
     """IID's covariance matching constraint L_CM: ``weight * sum_k ||Sigma_k(real) - Sigma_k(syn)||_F^2``.
 
     Args:
@@ -184,6 +192,9 @@ def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsA
         syn_groups, real_groups: ``int`` K or ``(N,)`` labels for each side.
         num_groups: K when both sides are labels (default: max label over both + 1).
         weight: IID uses 0.01 (DM+IID) and 0.03 (IDM+IID).
+        process_group: a ``torch.distributed`` process group over which the rows are sharded; the
+            result is then that of the union of every rank's rows, identical on every rank (see
+            docs/distributed.md). ``None`` (the default): this process's rows only.
 
     Returns:
         Scalar loss, float32 (float64 for float64 inputs). Gradients reach whichever inputs need them.
@@ -191,6 +202,10 @@ def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsA
     Raises:
         ValueError: a group is empty on either side, or shapes disagree.
     """
+    if process_group is not None:
+        from ..distributed import covariance_matching_loss as sharded
+        return sharded(syn, real, syn_groups=syn_groups, real_groups=real_groups, num_groups=num_groups,
+                       weight=weight, process_group=process_group)
     syn, real = _as_ncl("syn", syn), _as_ncl("real", real)
     weight, gs, gr = C.check_matching_pair(syn, real, syn_groups, real_groups, num_groups, weight, "(C, L)")
     return _cm_loss(syn, gs.perm, gs.offsets, real, gr.perm, gr.offsets, weight)[0]

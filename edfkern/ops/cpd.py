@@ -9,6 +9,7 @@ rebuilds the keep-set with no P-sized mask in memory.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -128,7 +129,8 @@ def _check_ratio(drop_ratio: float) -> float:
     return C.check_number("drop_ratio", drop_ratio, lo=0.0, hi=1.0, hi_open=True)
 
 
-def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_ratio: float) -> Tensor:
+def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_ratio: float,
+                        process_group: Optional[object] = None) -> Tensor:
     """EDF's trajectory-matching loss with Common Pattern Dropout.
 
     Args:
@@ -138,11 +140,17 @@ def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_
         start: ``(P,)`` expert parameters at epoch ``t``.
         drop_ratio: fraction in ``[0, 1)`` of the smallest ``l`` entries to drop (EDF: 0.25–0.5;
             0 keeps everything).
+        process_group: a ``torch.distributed`` process group; each rank then holds one contiguous
+            chunk of the flat vector, in rank order (FSDP's layout), and the kept set is exactly that
+            of a stable sort over the whole vector (see docs/distributed.md). ``None``: one process.
 
     Returns:
         Scalar ``sum_K l / sum_K d`` (float32; float64 for float64 inputs). The gradient flows to
         ``student`` only: ``2 (student - target) 1_K / sum_K d``.
     """
+    if process_group is not None:
+        from ..distributed import cpd_trajectory_loss as sharded
+        return sharded(student, target, start, drop_ratio=drop_ratio, process_group=process_group)
     for name, v in (("student", student), ("target", target), ("start", start)):
         C.check_float_tensor(name, v)
     C.check_shape("target", target, student.shape, "(P,) like student")
@@ -155,7 +163,7 @@ def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_
     return _cpd_loss(student, target, start, drop_ratio)[0]
 
 
-def cpd_keep_mask(l: Tensor, drop_ratio: float) -> Tensor:
+def cpd_keep_mask(l: Tensor, drop_ratio: float, *, process_group: Optional[object] = None) -> Tensor:
     """Keep-set of CPD: ``False`` for the ``floor(drop_ratio * numel)`` smallest entries of ``l``.
 
     Ties are broken as a stable ascending sort breaks them (lower indices are dropped first).
@@ -163,10 +171,16 @@ def cpd_keep_mask(l: Tensor, drop_ratio: float) -> Tensor:
     Args:
         l: per-element losses, any shape (read flat, row-major).
         drop_ratio: fraction in ``[0, 1)``.
+        process_group: a ``torch.distributed`` process group; each rank then holds one contiguous
+            chunk of the flat vector, in rank order (FSDP's layout), and the kept set is exactly that
+            of a stable sort over the whole vector (see docs/distributed.md). ``None``: one process.
 
     Returns:
         bool tensor shaped like ``l``.
     """
+    if process_group is not None:
+        from ..distributed import cpd_keep_mask as sharded
+        return sharded(l, drop_ratio, process_group=process_group)
     C.check_float_tensor("l", l)
     drop_ratio = _check_ratio(drop_ratio)
     if l.numel() == 0:

@@ -153,7 +153,7 @@ def _as_rows(name: str, x: Tensor) -> Tensor:
 
 
 def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None,
-                              weight: float = 0.05) -> Tensor:
+                              weight: float = 0.05, process_group: Optional[object] = None) -> Tensor:
     """IID's class centralization constraint L_CC, in the released code's linear form.
 
     (The paper's exponential form with beta = 0.)
@@ -163,10 +163,16 @@ def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: 
         groups: ``int`` K or ``(N,)`` integer labels.
         num_groups: K for label groups (default: max label + 1).
         weight: 0.05 by default; IDM+IID uses 0.01.
+        process_group: a ``torch.distributed`` process group over which the rows are sharded; the
+            result is then that of the union of every rank's rows, identical on every rank (see
+            docs/distributed.md). ``None`` (the default): this process's rows only.
 
     Returns:
         Scalar ``weight * sum_k sum_{i in k} ||f_i - mu_k||^2``; gradient ``2 * weight * (f_i - mu_k)``.
     """
+    if process_group is not None:
+        from ..distributed import class_centralization_loss as sharded
+        return sharded(feat, groups=groups, num_groups=num_groups, weight=weight, process_group=process_group)
     x = _as_rows("feat", feat)
     weight = C.check_number("weight", weight)
     g = C.resolve_groups(groups, x.shape[0], x.device, num_groups, k_max=x.shape[0])
@@ -175,7 +181,8 @@ def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: 
 
 
 def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, real_groups: C.GroupsArg,
-                       num_groups: Optional[int] = None, weight: float = 1.0) -> Tensor:
+                       num_groups: Optional[int] = None, weight: float = 1.0,
+                       process_group: Optional[object] = None) -> Tensor:
     """DM's distribution (mean) matching loss: ``weight * sum_k ||mean_real_k - mean_syn_k||^2``.
 
     Args:
@@ -184,10 +191,17 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, re
         syn_groups, real_groups: ``int`` K or ``(N,)`` labels for each side.
         num_groups: K when both sides are labels.
         weight: scale (DM: 1).
+        process_group: a ``torch.distributed`` process group over which the rows are sharded; the
+            result is then that of the union of every rank's rows, identical on every rank (see
+            docs/distributed.md). ``None`` (the default): this process's rows only.
 
     Returns:
         Scalar loss, float32 (float64 for float64 inputs).
     """
+    if process_group is not None:
+        from ..distributed import mean_matching_loss as sharded
+        return sharded(syn, real, syn_groups=syn_groups, real_groups=real_groups, num_groups=num_groups,
+                       weight=weight, process_group=process_group)
     s, r = _as_rows("syn", syn), _as_rows("real", real)
     weight, gs, gr = C.check_matching_pair(s, r, syn_groups, real_groups, num_groups, weight, "feature size D")
     return _mm_loss(s, gs.perm, gs.offsets, r, gr.perm, gr.offsets, weight)[0]
