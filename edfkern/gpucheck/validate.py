@@ -403,7 +403,7 @@ def step_cam(ctx: Ctx, budget: float) -> dict:
 
     cuda = _cuda()
     dev = "cuda" if cuda else "cpu"
-    N, px, K = (500, 128, 10) if cuda else (20, 32, 2)
+    N, px, K = (500, 128, 10) if cuda else (6, 32, 2)
     torch.manual_seed(0)
     model = resnet18(K).to(dev).eval()
     images = torch.randn(N, 3, px, px, device=dev)
