@@ -397,7 +397,8 @@ def format_report(report: dict) -> str:
             lines.append(f"CUDA, nvcc sm_90 ({len(cu['rows'])} kernel instantiations in {len(cu['files'])} files):")
             by: dict[str, dict] = {}
             for r in cu["rows"]:
-                name = re.sub(r"<.*", "", r["kernel"]).replace("void ", "").split("(")[0]
+                name = re.sub(r"<.*", "", r["kernel"].replace("(anonymous namespace)::", "")).replace("void ", "")
+                name = name.split("(")[0]
                 b = by.setdefault(f"{r['file']}:{name}", {"n": 0, "regs": 0, "spill": 0, "shared": 0, "stack": 0,
                                                            "fails": 0})
                 b["n"] += 1
