@@ -9,29 +9,12 @@ import torch
 from torch import nn
 
 from edfkern.cam import CAMExtractor
+from tests._models import staged_convnet
 
 
 def resnetish(num_classes=6):
-    """Residual-style model with 3 stages at different resolutions and an in-place ReLU."""
-    torch.manual_seed(0)
-
-    def stage(cin, cout, stride):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout),
-                             nn.ReLU(inplace=True))
-
-    model = nn.Sequential()
-    model.add_module("layer1", stage(3, 6, 1))
-    model.add_module("layer2", stage(6, 8, 2))
-    model.add_module("layer3", stage(8, 10, 2))
-    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
-    model.add_module("flatten", nn.Flatten())
-    model.add_module("fc", nn.Linear(10, num_classes))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.double()
+    """Three stages at different resolutions, with an in-place ReLU."""
+    return staged_convnet(num_classes, (6, 8, 10), inplace_relu=True)
 
 
 LAYERS = ["layer1", "layer2", "layer3"]

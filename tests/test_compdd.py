@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 import edfkern.compdd as compdd
 from edfkern.cam import CAMExtractor
+from tests._models import staged_convnet
 from edfkern.compdd._cli import TensorImages, main
 
 PUBLISHED = {  # the lists as the paper's table gives them, typed in again independently
@@ -168,24 +169,7 @@ def test_labels_not_imagenet():
 
 
 def small_model(num_classes=4, seed=0):
-    torch.manual_seed(seed)
-
-    def stage(cin, cout, stride):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-
-    model = nn.Sequential()
-    model.add_module("layer1", stage(3, 6, 1))
-    model.add_module("layer2", stage(6, 8, 2))
-    model.add_module("layer3", stage(8, 8, 2))
-    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
-    model.add_module("flatten", nn.Flatten())
-    model.add_module("fc", nn.Linear(8, num_classes))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.double()
+    return staged_convnet(num_classes, (6, 8, 8), seed=seed)
 
 
 LAYERS = ["layer1", "layer2", "layer3"]
