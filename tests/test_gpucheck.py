@@ -86,7 +86,7 @@ def test_capture_records_launcher_choices(tmp_path):
     specs = json.loads(proc.stdout.strip().splitlines()[-1])
     names = {s["name"] for s in specs}
     assert {"covariance._cov_fwd_kernel", "covariance._cov_bwd_kernel", "features._seg_mean_kernel",
-            "features._cc_fwd_kernel", "features._cc_bwd_kernel", "dae._dae_apply_kernel", "dae._dae_tau_kernel",
+            "features._cc_fwd_kernel", "features._cc_bwd_kernel", "dae._dae_apply_kernel", "dae._dae_stats_kernel",
             "gradcam._grad_cam_kernel", "cpd._cpd_hist_kernel", "cpd._cpd_backward_kernel"} <= names
     bwd = [s for s in specs if s["name"] == "covariance._cov_bwd_kernel"]
     assert bwd and all(s["num_stages"] == 1 for s in bwd)

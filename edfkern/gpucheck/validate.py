@@ -42,6 +42,9 @@ TEST_FILES = ("tests/test_kernel_contract.py", "tests/test_special_values.py", "
               "tests/test_cam.py", "tests/test_dispatch.py")
 TEST_SELECT = "triton or native or gpu or cuda"
 
+#: How much longer than its H200 budget a step may run in a ``--dry-run`` on CPU before it is killed.
+DRY_RUN_BUDGET_FACTOR = 6
+
 #: (step, budget in seconds on an H200, what it does). The order is the run order.
 STEPS: tuple[tuple[str, int, str], ...] = (
     ("env", 10, "device, driver, torch, Triton, nvcc versions"),
@@ -467,7 +470,9 @@ def validate(out: str, dry_run: bool = False, only: Optional[list[str]] = None) 
             ctx.log(f"=== [{name}] start: {what} (budget {budget} s)")
             t = time.perf_counter()
             try:
-                res = STEP_FUNCS[name](ctx, budget)
+                # the budgets are H200 seconds; on CPU (a dry run, on a shared 2-core CI machine) they
+                # only bound a hung step, so they are stretched rather than enforced as timings
+                res = STEP_FUNCS[name](ctx, budget * (DRY_RUN_BUDGET_FACTOR if dry_run else 1))
             except Exception as e:  # noqa: BLE001 - a failing step must not stop the later ones
                 import traceback
 
