@@ -41,6 +41,6 @@ assert mod is not None, why
 assert "asan" in e.build_dir(False), e.build_dir(False)
 print("sanitized extension:", mod.__file__)
 PY
-python -m pytest -q -p no:cacheprovider tests/test_native_kernels.py
+python -m pytest -q -p no:cacheprovider tests/test_kernel_contract.py tests/test_special_values.py -k native
 python -m pytest -q -p no:cacheprovider tests/test_adversarial.py -k "native or tiny or registered"
 echo "sanitize.sh: clean in $(( $(date +%s) - start )) s"
