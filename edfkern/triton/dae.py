@@ -195,6 +195,7 @@ def _stats(cam: Tensor, H: int, W: int, threshold: Optional[float], acc: torch.d
         FIXED_THR=threshold is not None, IDENTITY=(h, w) == (H, W),
         BLOCK_A=min(64, next_pow2(h)), BLOCK_B=min(64, next_pow2(w)), BLOCK_O=min(128, next_pow2(max(H, W))),
         BLOCK_F=min(1024, next_pow2(H * W)), ACC=acc_tl(acc),
+        num_warps=8 if acc == torch.float64 else 4,  # fp64 spilled 4 B per thread on sm_90 at 4 warps
     )
     return tau, flat
 

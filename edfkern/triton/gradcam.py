@@ -132,7 +132,9 @@ def grad_cam(A: Tensor, G: Tensor, A_clean: Optional[Tensor], method: str, norma
         METHOD=METHODS[method], NORMALIZE=bool(normalize), UPSAMPLE=upsample,
         SAME_SIZE=size is not None and not upsample,
         BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_OUT=min(1024, next_pow2(H * W)), ACC=acc_tl(A.dtype),
-        num_warps=4,
+        # smoothgradcam++ holds the two moment tiles besides A and G: at 4 warps its fp32 upsampling
+        # path spilled 16 B per thread on sm_90 (python -m edfkern.gpucheck compile-sm90); 8 warps do not
+        num_warps=8 if smooth else 4,
     )
     return out
 
