@@ -23,7 +23,6 @@ Payload per rank and call (bytes handed to the collectives; a ring all-reduce se
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -31,6 +30,8 @@ from torch import Tensor
 
 from .. import _checks as C
 from .._dispatch import kernel
+from ..ops.cpd import _check_inputs, _check_ratio
+from ..ops.cpd import _k as _drop_count
 from . import _comm
 from ._agree import _DTYPE_CODE, float_bits
 
@@ -39,9 +40,6 @@ __all__ = ["cpd_trajectory_loss", "cpd_keep_mask", "select_threshold", "order_ke
 _BINS = 256
 
 
-def _drop_count(drop_ratio: float, p: int) -> int:
-    """``floor(drop_ratio * P)``, the rule of the single-process op."""
-    return int(math.floor(drop_ratio * p))
 
 
 def _spec(dtype: torch.dtype) -> tuple[int, int, int, torch.dtype]:
@@ -169,10 +167,6 @@ class _CPDLoss(torch.autograd.Function):
         return gs.view(student.shape), None, None, None, None
 
 
-def _check_ratio(drop_ratio: float) -> float:
-    return C.check_number("drop_ratio", drop_ratio, lo=0.0, hi=1.0, hi_open=True)
-
-
 @_comm.recorded
 def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_ratio: float, process_group,
                         numel: Optional[int] = None) -> Tensor:
@@ -195,12 +189,7 @@ def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_
         if numel is not None and numel != student.numel():
             raise ValueError(f"the CPD chunk does not add up: student has {student.numel()} elements, numel={numel}")
         return one(student, target, start, drop_ratio=drop_ratio)
-    for name, v in (("student", student), ("target", target), ("start", start)):
-        C.check_float_tensor(name, v)
-    C.check_shape("target", target, student.shape, "like student")
-    C.check_shape("start", start, student.shape, "like student")
-    C.check_same_dtype(student=student, target=target, start=start)
-    C.check_same_device(student=student, target=target, start=start)
+    _check_inputs(student, target, start)
     drop_ratio = _check_ratio(drop_ratio)
     p, _ = _agree_chunks(student.numel(), student.dtype, drop_ratio, numel, student.device, process_group)
     return _CPDLoss.apply(student, target, start, _drop_count(drop_ratio, p), process_group)

@@ -188,6 +188,18 @@ def _single(process_group) -> bool:
     return not _comm.is_active(process_group)
 
 
+def _pair(what: str, syn: Tensor, real: Tensor, syn_groups, real_groups, num_groups, weight, group):
+    """The two-sided losses' prologue: local checks, then one header exchange (K, shapes, weight) that
+    every rank passes or fails together. Returns ``(weight, syn CSR groups, real CSR groups)``."""
+    C.check_same_dtype(syn=syn, real=real)
+    C.check_same_device(syn=syn, real=real)
+    weight = C.check_number("weight", weight)
+    sides = [Side("syn_groups", syn, syn_groups, num_groups), Side("real_groups", real, real_groups, num_groups)]
+    k, _ = agree(sides, {"weight": float_bits(weight)}, group=group, what=what)
+    gs, gr = _resolve(sides, k)
+    return weight, gs, gr
+
+
 @_comm.recorded
 def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None,
                      process_group) -> Tensor:
@@ -226,12 +238,8 @@ def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsA
         from ..ops.covariance import covariance_matching_loss as one
         return one(syn, real, syn_groups=syn_groups, real_groups=real_groups, num_groups=num_groups, weight=weight)
     syn, real = _as_ncl("syn", syn), _as_ncl("real", real)
-    C.check_same_dtype(syn=syn, real=real)
-    C.check_same_device(syn=syn, real=real)
-    weight = C.check_number("weight", weight)
-    sides = [Side("syn_groups", syn, syn_groups, num_groups), Side("real_groups", real, real_groups, num_groups)]
-    k, _ = agree(sides, {"weight": float_bits(weight)}, group=process_group, what="covariance_matching_loss")
-    gs, gr = _resolve(sides, k)
+    weight, gs, gr = _pair("covariance_matching_loss", syn, real, syn_groups, real_groups, num_groups, weight,
+                           process_group)
     return _CovMatching.apply(syn, real, gs, gr, weight, process_group)
 
 
@@ -265,10 +273,5 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, re
         from ..ops.features import mean_matching_loss as one
         return one(syn, real, syn_groups=syn_groups, real_groups=real_groups, num_groups=num_groups, weight=weight)
     s, r = _as_rows("syn", syn), _as_rows("real", real)
-    C.check_same_dtype(syn=s, real=r)
-    C.check_same_device(syn=s, real=r)
-    weight = C.check_number("weight", weight)
-    sides = [Side("syn_groups", s, syn_groups, num_groups), Side("real_groups", r, real_groups, num_groups)]
-    k, _ = agree(sides, {"weight": float_bits(weight)}, group=process_group, what="mean_matching_loss")
-    gs, gr = _resolve(sides, k)
+    weight, gs, gr = _pair("mean_matching_loss", s, r, syn_groups, real_groups, num_groups, weight, process_group)
     return _MeanMatching.apply(s, r, gs, gr, weight, process_group)

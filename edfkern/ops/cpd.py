@@ -129,6 +129,19 @@ def _check_ratio(drop_ratio: float) -> float:
     return C.check_number("drop_ratio", drop_ratio, lo=0.0, hi=1.0, hi_open=True)
 
 
+def _check_inputs(student: Tensor, target: Tensor, start: Tensor) -> None:
+    """The public op's checks of the three vectors: floating, same shape, dtype and device.
+
+    Shared with ``edfkern.distributed``, where a rank's chunk may be empty (the op itself refuses P = 0).
+    """
+    for name, v in (("student", student), ("target", target), ("start", start)):
+        C.check_float_tensor(name, v)
+    C.check_shape("target", target, student.shape, "(P,) like student")
+    C.check_shape("start", start, student.shape, "(P,) like student")
+    C.check_same_dtype(student=student, target=target, start=start)
+    C.check_same_device(student=student, target=target, start=start)
+
+
 def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_ratio: float,
                         process_group: Optional[object] = None) -> Tensor:
     """EDF's trajectory-matching loss with Common Pattern Dropout.
@@ -151,12 +164,7 @@ def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_
     if process_group is not None:
         from ..distributed import cpd_trajectory_loss as sharded
         return sharded(student, target, start, drop_ratio=drop_ratio, process_group=process_group)
-    for name, v in (("student", student), ("target", target), ("start", start)):
-        C.check_float_tensor(name, v)
-    C.check_shape("target", target, student.shape, "(P,) like student")
-    C.check_shape("start", start, student.shape, "(P,) like student")
-    C.check_same_dtype(student=student, target=target, start=start)
-    C.check_same_device(student=student, target=target, start=start)
+    _check_inputs(student, target, start)
     if student.numel() == 0:
         raise ValueError("student must hold at least one parameter (P >= 1), got an empty tensor")
     drop_ratio = _check_ratio(drop_ratio)
