@@ -36,7 +36,7 @@ def provider_params():
 
 
 def config_params():
-    """Every SPEC section 7 config (conftest deselects the ones EDFKERN_BENCH_CONFIGS leaves out)."""
+    """Every docs/benchmarks.md config (conftest deselects the ones EDFKERN_BENCH_CONFIGS leaves out)."""
     return [pytest.param(c, id=c) for c in CONFIGS]
 
 

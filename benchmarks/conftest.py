@@ -14,7 +14,7 @@ nothing for the kernels, so it is skipped unless EDFKERN_BENCH_TRITON_CPU=1.
 Size (environment variable or option):
     EDFKERN_BENCH_SCALE / --edfkern-scale: ``auto`` (default) shrinks IPC, real rows per
         class and CPD's P, per op and config, until the inputs fit EDFKERN_BENCH_MAX_INPUT_MB
-        (default 16 on CPU, unlimited on CUDA); a number fixes the factor (1 = SPEC size).
+        (default 16 on CPU, unlimited on CUDA); a number fixes the factor (1 = the config's full size).
     EDFKERN_BENCH_CONFIGS / --edfkern-configs: comma-separated config names, or ``all``
         (default: all on CUDA; on CPU all but in1k-ipc50, whose 1000-class loop baselines
         take ~10 s a call on 2 cores at any scale).

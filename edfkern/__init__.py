@@ -1,6 +1,6 @@
 """edfkern: fused kernels for EDF and IID dataset distillation.
 
-Ops (SPEC sections 2-5): :func:`dae_mask`, :func:`dae_`, :func:`dae_sgd_step_`, :func:`grad_cam`,
+Ops (docs/ops.md): :func:`dae_mask`, :func:`dae_`, :func:`dae_sgd_step_`, :func:`grad_cam`,
 :func:`cpd_trajectory_loss`, :func:`cpd_keep_mask`, :func:`local_covariance`,
 :func:`covariance_matching_loss`, :func:`class_centralization_loss`, :func:`mean_matching_loss`.
 Backends: :func:`set_backend`, :func:`use_backend`, :func:`backends`.

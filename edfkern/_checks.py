@@ -2,7 +2,7 @@
 
 Every public op validates here *before* anything is written, so a failed check
 never leaves a tensor half-updated. Messages name the argument and what was
-expected (SPEC section 1).
+expected (docs/ops.md).
 """
 from __future__ import annotations
 

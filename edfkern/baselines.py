@@ -1,4 +1,4 @@
-"""The loop formulations DD code runs today, written from the SPEC.
+"""The loop formulations DD code runs today, written from the method descriptions in docs/ops.md.
 
 These are the "original" rows of every benchmark and the second oracle in tests.
 They are deliberately the per-image / per-class / per-sample Python loops of the

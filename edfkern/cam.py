@@ -1,4 +1,4 @@
-"""Batched Grad-CAM extraction for a whole synthetic set (SPEC section 3, "Extractor").
+"""Batched Grad-CAM extraction for a whole synthetic set (docs/ops.md, Grad-CAM, `CAMExtractor`).
 
 EDF's released code builds one torchcam ``SmoothGradCAMpp`` per class and calls it
 class by class: per class one clean forward plus ``num_samples`` noisy forward and

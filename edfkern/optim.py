@@ -1,4 +1,4 @@
-"""``DAESGD``: ``torch.optim.SGD`` with EDF's Discriminative Area Enhancement fused in (SPEC section 2).
+"""``DAESGD``: ``torch.optim.SGD`` with EDF's Discriminative Area Enhancement fused in (docs/ops.md).
 
 EDF's loop does, every step::
 

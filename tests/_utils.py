@@ -41,7 +41,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
 
 
 def assert_rel_norm(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "") -> None:
-    """||a - e|| / ||e|| <= tol (the SPEC's rule for masks, where a pixel at the threshold may flip)."""
+    """||a - e|| / ||e|| <= tol (the rule for masks in docs/ops.md, where a pixel at the threshold may flip)."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     rel = ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
     assert rel <= tol, f"{name}: relative norm error {rel:.3e} > {tol:.1e}"

@@ -1,8 +1,8 @@
-"""CAMExtractor (SPEC section 3, "Extractor") against a per-image loop written from the SPEC.
+"""CAMExtractor (docs/ops.md, Grad-CAM, `CAMExtractor`) against a per-image loop written from docs/ops.md.
 
 The oracle below does not use edfkern at all: one image at a time, a forward hook that
 keeps the target layer's output, ``torch.autograd.grad`` of that image's logit, and the
-SPEC's formulas for gradcam / gradcam++ / torchcam-0.4 smoothgradcam++. Both sides draw
+the formulas of docs/ops.md for gradcam / gradcam++ / torchcam-0.4 smoothgradcam++. Both sides draw
 the noise as the extractor documents it (one ``randn(images.shape) * std`` per noisy pass
 from the same seeded generator), so maps are comparable. The model runs in float64 so the
 comparison is tight even though batched and single-image convolutions round differently.
@@ -41,7 +41,7 @@ def small_convnet(num_classes=5, width=8, in_ch=3):
 
 
 def loop_cams(model, layer, images, classes, method, num_samples=4, std=0.3, seed=0, size=None):
-    """Per-image loop, written from SPEC section 3."""
+    """Per-image loop, written from docs/ops.md."""
     smooth = method == "smoothgradcam++"
     gen = torch.Generator().manual_seed(seed)
     noises = [torch.randn(images.shape, generator=gen, dtype=images.dtype) * std for _ in range(num_samples)] \

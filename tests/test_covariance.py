@@ -1,4 +1,4 @@
-"""Local covariance and covariance matching (SPEC section 5) against baselines and fp64 oracles."""
+"""Local covariance and covariance matching (docs/ops.md) against baselines and fp64 oracles."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""CPD (SPEC section 4): keep-sets identical to a stable sort, loss and gradient against oracles."""
+"""CPD (docs/ops.md): keep-sets identical to a stable sort, loss and gradient against oracles."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""DAE ops (SPEC section 2) on every backend, against edfkern.baselines and an fp64 oracle."""
+"""DAE ops (docs/ops.md) on every backend, against edfkern.baselines and an fp64 oracle."""
 from __future__ import annotations
 
 import pytest
@@ -20,7 +20,7 @@ SHAPES = [
 
 
 def oracle_mask(cam: torch.Tensor, size, beta: float, threshold):
-    """fp64 mask and the pixels within rounding of the threshold (which may flip, SPEC section 2)."""
+    """fp64 mask and the pixels within rounding of the threshold (which may flip, docs/ops.md)."""
     c = cam.double()
     u = c if tuple(c.shape[-2:]) == tuple(size) else F.interpolate(c[:, None], size=size, mode="bilinear",
                                                                      align_corners=False)[:, 0]
@@ -249,7 +249,7 @@ def _largest_allocation(fn) -> int:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="profiles CPU allocations; on CUDA the bench measures workspace")
 def test_fused_dae_never_materialises_the_mask(backend):
-    """SPEC section 8: workspace O(N*h*w). The fused backends allocate at most per-image thresholds;
+    """docs/benchmarks.md: workspace O(N*h*w). The fused backends allocate at most per-image thresholds;
     the reference (the oracle) materialises the upsampled map and the mask, and the check shows it."""
     n, c, H, W = 6, 3, 64, 48
     grad, cam = rand(n, c, H, W), torch.rand(n, 4, 4)

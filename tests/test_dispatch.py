@@ -1,4 +1,4 @@
-"""Backend selection (SPEC section 6): registry, auto choice, use_backend, set_backend, EDFKERN_BACKEND."""
+"""Backend selection (docs/design.md): registry, auto choice, use_backend, set_backend, EDFKERN_BACKEND."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Class centralization and mean matching (SPEC section 5) against baselines and fp64 oracles."""
+"""Class centralization and mean matching (docs/ops.md) against baselines and fp64 oracles."""
 from __future__ import annotations
 
 import pytest

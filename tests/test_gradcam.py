@@ -1,4 +1,4 @@
-"""grad_cam (SPEC section 3) on every backend, against edfkern.baselines and an fp64 oracle."""
+"""grad_cam (docs/ops.md) on every backend, against edfkern.baselines and an fp64 oracle."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +13,7 @@ EPS = 1e-8
 
 
 def oracle(A, G, method, size=None, normalize=True, A_clean=None):
-    """Straight from the SPEC, in fp64."""
+    """Straight from the formula in docs/ops.md, in fp64."""
     A, G = A.double(), G.double()
     if method == "gradcam":
         w = G.mean(dim=(-2, -1))

@@ -7,7 +7,7 @@ seeded identically, one ``(N, C, H, W)`` draw per noisy pass in both (float32: t
 ``Normal(0, std)`` always samples float32 noise).
 
 Not compared: torchcam 0.4.0's ``GradCAMpp``. Its ``alpha[idx][mask].div_(...)`` divides a
-boolean-indexed *copy*, so its alpha stays ``G^2``; edfkern follows the SPEC's formula
+boolean-indexed *copy*, so its alpha stays ``G^2``; edfkern follows the formula in docs/ops.md
 ``G^2 / (2 G^2 + sum(A G^3) + 1e-8)``, which is what torchcam's ``SmoothGradCAMpp`` (EDF's CAM) uses.
 """
 from __future__ import annotations

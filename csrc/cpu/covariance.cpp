@@ -1,4 +1,4 @@
-// Local covariance (SPEC section 5, IID) on CPU.
+// Local covariance (docs/ops.md, IID) on CPU.
 //
 // Forward, per class k: mean_k (C, L) in acc, then Sigma_k = Y_k Y_k^T / n_k where Y_k = [x_i - mean_k]
 // is (C, n_k * L). Y_k is never formed whole: blocks of B rows are centred into one (C, B*L) acc

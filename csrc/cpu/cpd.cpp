@@ -1,4 +1,4 @@
-// CPD (SPEC section 4) on CPU: k-th smallest l by radix select on order-preserving float bits,
+// CPD (docs/ops.md) on CPU: k-th smallest l by radix select on order-preserving float bits,
 // stable-sort tie-break, kept sums. No sort and no P-sized workspace: l = (s - t)^2 is recomputed
 // on every pass from the inputs (3 histogram passes of 11 bits for float, 6 for double, one
 // counting pass, and a rescan of one chunk for the tie index).

@@ -1,4 +1,4 @@
-// DAE (SPEC section 2) on CPU: mask = U(cam) + beta where U(cam) >= tau, else 1.
+// DAE (docs/ops.md) on CPU: mask = U(cam) + beta where U(cam) >= tau, else 1.
 // Flat CAMs and NaN / inf follow docs/special-values.md.
 //
 // One pass per image: the low-resolution CAM is upsampled on the fly into a per-thread

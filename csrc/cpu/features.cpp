@@ -1,4 +1,4 @@
-// Segmented reductions over flat features (SPEC section 5: CC and DM) on CPU.
+// Segmented reductions over flat features (docs/ops.md: CC and DM) on CPU.
 // Tasks are (class, 256-column slice) pairs: the slice of one class is read once for the mean
 // and once more, while still in cache, for sum ||x_i - mu_k||^2. Partial sums are combined in
 // a fixed order in float64, so results do not depend on the thread count.

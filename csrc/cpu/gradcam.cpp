@@ -1,4 +1,4 @@
-// Grad-CAM (SPEC section 3) on CPU: channel weights, weighted sum, ReLU, min-max, upsample.
+// Grad-CAM (docs/ops.md) on CPU: channel weights, weighted sum, ReLU, min-max, upsample.
 // One task per image; everything for that image stays in a per-thread scratch of O(C + h*w).
 #include "kernels.h"
 

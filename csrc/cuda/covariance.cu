@@ -1,4 +1,4 @@
-// Local covariance (SPEC section 5) on CUDA.
+// Local covariance (docs/ops.md) on CUDA.
 // Forward: per-class means, then Sigma_k = Y_k Y_k^T / n_k as a tiled GEMM whose reduction runs over
 // (row, l) pairs of class k, with Y_k = x_i - mean_k formed on the fly while loading the tiles.
 // Full IEEE fp32 FMAs (no TF32), fp64 for fp64. Backward: one block per row, grad = M_k (x_i - mean_k).

@@ -1,4 +1,4 @@
-// CPD (SPEC section 4) on CUDA: k-th smallest l by MSD radix select (11-bit digits) on
+// CPD (docs/ops.md) on CUDA: k-th smallest l by MSD radix select (11-bit digits) on
 // order-preserving float bits, entirely on the device: histogram kernels feed a one-block kernel
 // that picks the digit and updates the select state in global memory, so the host never waits.
 // The stable-sort tie index comes from per-chunk counts of the entries equal to the threshold,

@@ -1,4 +1,4 @@
-// DAE (SPEC section 2) on CUDA; flat CAMs and NaN / inf follow docs/special-values.md. Kernel 1 (only when tau is the per-image mean): one block per image
+// DAE (docs/ops.md) on CUDA; flat CAMs and NaN / inf follow docs/special-values.md. Kernel 1 (only when tau is the per-image mean): one block per image
 // averages the upsampled map in float64. Kernel 2: one grid-stride pass over the gradient that
 // upsamples the CAM on the fly (4 cached loads per element), thresholds, and applies the mask
 // (dae_apply) or the fused SGD update (dae_sgd_step). No (N, H, W) map is ever written.

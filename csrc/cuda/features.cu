@@ -1,4 +1,4 @@
-// Segmented reductions over flat features (SPEC section 5: CC and DM) on CUDA.
+// Segmented reductions over flat features (docs/ops.md: CC and DM) on CUDA.
 // seg_mean: one thread per (class, column). cc_forward: the same, plus a second sweep for the
 // squared deviations, then a one-block deterministic reduction. cc_backward: one block per row.
 #include "segmean.cuh"

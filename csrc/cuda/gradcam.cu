@@ -1,4 +1,4 @@
-// Grad-CAM (SPEC section 3) on CUDA. Kernel 1: one block per (image, channel) reduces over h*w
+// Grad-CAM (docs/ops.md) on CUDA. Kernel 1: one block per (image, channel) reduces over h*w
 // (and the S noisy passes) to the channel weight. Kernel 2: one block per image forms the map,
 // ReLU, min-max normalises it (block reductions) and writes it, upsampled when asked.
 #include "common.cuh"

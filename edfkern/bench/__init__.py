@@ -1,6 +1,6 @@
 """Benchmarks and memory profiles for edfkern: ``python -m edfkern.bench``.
 
-* :mod:`.configs`: the SPEC section 7 configs by name, and how they scale down.
+* :mod:`.configs`: the docs/benchmarks.md configs by name, and how they scale down.
 * :mod:`.cases`: one setup factory per op, keyed by provider and mode (the CLI and the
   pytest-benchmark suites in ``benchmarks/`` both use it), with each op's bytes and FLOPs.
 * :mod:`.ceilings`: measured copy bandwidth and fp32 matmul rate.

@@ -1,7 +1,7 @@
-"""One setup factory per op, keyed by provider and mode (STYLE item 12).
+"""One setup factory per op, keyed by provider and mode: the setup is built once, outside the timed call.
 
 ``make_case(op, provider, mode, config)`` builds fresh random inputs for a named
-SPEC section 7 config and returns a :class:`Case`: a timed callable that
+docs/benchmarks.md config and returns a :class:`Case`: a timed callable that
 synchronises the device itself, an untimed ``reset`` to run before every timed
 call, and the op's cost model (the bytes it must move and the FLOPs it must do).
 The CLI (``python -m edfkern.bench``) and the pytest-benchmark suites in
@@ -18,7 +18,7 @@ Modes
     (``retain_graph=True``); ``full``: forward then backward. DAE and Grad-CAM have no
     autograd: their only mode is ``fwd`` (one whole call).
 
-Cost model (STYLE item 13): the floor of each op
+Cost model (bytes and FLOPs written before optimising): the floor of each op
     ``s`` = bytes per element (4 for fp32). The byte counts are the tensors the op
     must read and write at least once; the FLOP counts are the multiply-adds that no
     formulation avoids (2 per MAC). ``floor time = max(bytes / copy BW, FLOPs / matmul rate)``
@@ -135,7 +135,7 @@ def providers(device: str) -> dict[str, Optional[str]]:
 
 
 def default_provider(device: str) -> Optional[str]:
-    """The backend ``auto`` picks for ``device`` tensors (SPEC section 6), or None."""
+    """The backend ``auto`` picks for ``device`` tensors (docs/design.md), or None."""
     ok = {n for n, why in providers(device).items() if why is None}
     order = ("native", "reference") if device == "cpu" else ("triton", "native", "reference")
     return next((n for n in order if n in ok), None)
@@ -166,7 +166,7 @@ _OPS: dict[str, tuple[tuple[str, ...], Callable[[Config], bool], str]] = {
     "dae_": (("fwd",), lambda c: True, ""),
     "dae_sgd_step_": (("fwd",), lambda c: True, ""),
     "grad_cam": (("fwd",), lambda c: True, ""),
-    "cpd_trajectory_loss": (MODES, lambda c: c.cpd_P is not None, "config has no CPD expert (no P in SPEC section 7)"),
+    "cpd_trajectory_loss": (MODES, lambda c: c.cpd_P is not None, "config has no CPD expert (no P in docs/benchmarks.md)"),
     "local_covariance": (MODES, lambda c: c.local is not None, "config has no IID local features"),
     "covariance_matching_loss": (MODES, lambda c: c.local is not None, "config has no IID local features"),
     "class_centralization_loss": (MODES, lambda c: c.cc_dim is not None, "config has no CC features"),

@@ -1,6 +1,6 @@
 """``python -m edfkern.bench``: time, workspace and roofline of every op, per provider.
 
-Default: the SPEC section 8 config (``cifar10-ipc1000``) on the best device, every op it
+Default: the docs/benchmarks.md config (``cifar10-ipc1000``) on the best device, every op it
 has, modes fwd and full, every provider that can run (``baseline`` = the loops of
 :mod:`edfkern.baselines`, plus each backend of :func:`edfkern.backends`). On CPU an op
 whose inputs would pass ``--max-input-mb`` is scaled down (fewer images per class) and
@@ -38,7 +38,7 @@ def _csv(s: Optional[str]) -> Optional[list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m edfkern.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(CONFIGS), help="SPEC section 7 config")
+    p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(CONFIGS), help="docs/benchmarks.md config")
     p.add_argument("--ops", help=f"comma-separated subset of: {', '.join(OPS)}")
     p.add_argument("--providers", help="comma-separated subset of baseline and the backends (default: all that run)")
     p.add_argument("--modes", help="comma-separated subset of fwd,bwd,full (default fwd,full, which keeps the "

@@ -1,17 +1,17 @@
-"""The named configurations of SPEC section 7, and how a benchmark scales them down.
+"""The named configurations of docs/benchmarks.md, and how a benchmark scales them down.
 
 Every benchmark and memory profile builds its inputs from one of these by name.
-Where the SPEC leaves a number open, the choice is written next to it:
+Where the papers' configs leave a number open, the choice is written next to it:
 
 * ``cam``: every config uses EDF's CAM network, torchvision ResNet-18 ``layer4`` at
-  128 px, so the maps are ``512 x 4 x 4`` (SPEC section 3) and DAE upsamples them to the
+  128 px, so the maps are ``512 x 4 x 4`` (docs/ops.md) and DAE upsamples them to the
   image size. ``cam_samples`` = 4 noisy passes (``CAMExtractor``'s default).
-* ``beta`` / ``drop_ratio``: the SPEC's values for ImageNette and ImageWoof; the other
+* ``beta`` / ``drop_ratio``: EDF's values for ImageNette and ImageWoof; the other
   configs use EDF's main setting (beta 1, drop 0.375).
-* ``cc_dim``: CC's 512-d ResNet-18 features exist where the SPEC lists them
+* ``cc_dim``: CC's 512-d ResNet-18 features exist where docs/benchmarks.md lists them
   (``in1k-ipc50`` has none, so CC is skipped there).
 * DM's flat features for :func:`~edfkern.mean_matching_loss` are the local features
-  reshaped, ``C*L`` = 2048-d (SPEC section 5).
+  reshaped, ``C*L`` = 2048-d (docs/ops.md).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Config:
     drop_ratio: float = 0.375
     cam: tuple[int, int, int] = (512, 4, 4)   # (C, h, w) of the CAM layer
     cam_samples: int = 4                      # smoothgradcam++ noisy passes S
-    scale: float = 1.0                        # 1.0 = the SPEC's size; see scaled()
+    scale: float = 1.0                        # 1.0 = the config's full size; see scaled()
 
     @property
     def N(self) -> int:
@@ -84,7 +84,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
            cpd_P=11_200_000),
 )}
 
-#: The SPEC section 8 CPU targets are stated at this config.
+#: The docs/benchmarks.md CPU targets are stated at this config.
 DEFAULT_CONFIG = "cifar10-ipc1000"
 
 

@@ -52,7 +52,7 @@ def render(data: dict) -> str:
                        f"{fs} |")
         out.append("")
     if meta.get("targets"):
-        out.append("| SPEC section 8 target | measured | verdict |")
+        out.append("| docs/benchmarks.md target | measured | verdict |")
         out.append("|---|---|---|")
         for t in meta["targets"]:
             out.append(f"| {t['target']} | {t['measured']} | {t['verdict']} |")

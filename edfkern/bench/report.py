@@ -162,7 +162,7 @@ def print_tables(results: list[dict], *, default_provider: Optional[str], sweep:
                     print(f"  {s}")
 
 
-# ----------------------------------------------------------------------------- SPEC section 8 targets
+# ----------------------------------------------------------------------------- docs/benchmarks.md targets
 
 
 def _find(results, op, mode, provider):
@@ -174,13 +174,13 @@ def _find(results, op, mode, provider):
 
 def targets(results: list[dict], *, device: str, config: str, default_provider: Optional[str],
             ceilings: Optional[Ceilings]) -> list[tuple[str, str, str]]:
-    """(target, measured, verdict) for the SPEC section 8 targets this run can speak to."""
+    """(target, measured, verdict) for the docs/benchmarks.md targets this run can speak to."""
     out: list[tuple[str, str, str]] = []
     dp = default_provider
     if dp is None:
         return out
     def note(r):
-        return "" if r.get("effective_scale", 1.0) == 1.0 else f" (scaled x{r['effective_scale']:g}: not the SPEC size)"
+        return "" if r.get("effective_scale", 1.0) == 1.0 else f" (scaled x{r['effective_scale']:g}: not the config's full size)"
 
     def speed(label, op, mode, need):
         r = _find(results, op, mode, dp)
@@ -235,14 +235,14 @@ def print_targets(rows: list[tuple[str, str, str]]) -> None:
     console = _console()
     if console is not None:
         from rich.table import Table
-        t = Table(title="SPEC section 8 targets, as measured by this run", title_justify="left")
+        t = Table(title="docs/benchmarks.md targets, as measured by this run", title_justify="left")
         for c in ("target", "measured", "verdict"):
             t.add_column(c, no_wrap=True)
         for a, b, c in rows:
             t.add_row(a, b, c, style="green" if c == "MET" else "red")
         console.print(t)
     else:
-        print("\nSPEC section 8 targets, as measured by this run")
+        print("\ndocs/benchmarks.md targets, as measured by this run")
         w = max(len(a) for a, _, _ in rows)
         for a, b, c in rows:
             print(f"  {a.ljust(w)}  {c:8s}  {b}")

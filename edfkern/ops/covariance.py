@@ -1,4 +1,4 @@
-"""Local covariance and covariance matching (IID, SPEC section 5).
+"""Local covariance and covariance matching (IID, docs/ops.md).
 
 ``Sigma_k = 1/n_k sum_{i in k} (X_i - Xbar_k)(X_i - Xbar_k)^T`` for conv features
 ``X_i`` of shape ``(C, L)``, and IID's loss ``w * sum_k ||Sigma_k(real) - Sigma_k(syn)||_F^2``.

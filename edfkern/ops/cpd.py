@@ -1,4 +1,4 @@
-"""Common Pattern Dropout (EDF, SPEC section 4).
+"""Common Pattern Dropout (EDF, docs/ops.md).
 
 The element-wise trajectory-matching loss drops its ``k = floor(drop_ratio * P)``
 smallest entries (ties: lower indices first, as a stable ascending sort):

@@ -1,4 +1,4 @@
-"""Discriminative Area Enhancement (EDF, SPEC section 2).
+"""Discriminative Area Enhancement (EDF, docs/ops.md).
 
 EDF scales the image gradient by a soft mask built from each image's Grad-CAM:
 ``mask = U(cam) + beta`` where ``U(cam) >= tau`` and ``1`` elsewhere, with ``U`` the

@@ -1,4 +1,4 @@
-"""Class centralization and mean matching on flat features (IID and DM, SPEC section 5).
+"""Class centralization and mean matching on flat features (IID and DM, docs/ops.md).
 
 Both are segmented reductions over the rows of each class:
 CC ``w * sum_k sum_{i in k} ||f_i - mu_k||^2`` (IID's released linear form) and

@@ -1,4 +1,4 @@
-"""Grad-CAM maps from a target layer's activations and gradients (SPEC section 3).
+"""Grad-CAM maps from a target layer's activations and gradients (docs/ops.md).
 
 ``gradcam``, ``gradcam++`` and torchcam-0.4-compatible ``smoothgradcam++`` (the
 CAM EDF's released code uses), then ReLU, per-map min-max normalisation and,

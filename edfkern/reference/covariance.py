@@ -1,4 +1,4 @@
-"""Reference local covariance (SPEC section 5), batched over classes without (N,C,C) products.
+"""Reference local covariance (docs/ops.md), batched over classes without (N,C,C) products.
 
 Centred rows are laid out per class as Y_k = [Xc_i]_{i in k} of shape (C, n_k*L), so
 Sigma_k = Y_k Y_k^T / n_k is one batched matmul. Bytes: read x once, write the centred

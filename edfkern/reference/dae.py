@@ -1,4 +1,4 @@
-"""Reference DAE kernels (SPEC section 2): materialise U(cam) and the mask, then apply them.
+"""Reference DAE kernels (docs/ops.md): materialise U(cam) and the mask, then apply them.
 
 Memory traffic (the fused backends avoid the middle two):
     read cam (N*h*w) -> write/read U(cam) (N*H*W) -> write/read mask (N*H*W) -> read/write grad (N*C*H*W).

@@ -1,4 +1,4 @@
-"""Reference segmented reductions over flat features (SPEC section 5: CC and DM)."""
+"""Reference segmented reductions over flat features (docs/ops.md: CC and DM)."""
 from __future__ import annotations
 
 from typing import Optional

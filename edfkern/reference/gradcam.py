@@ -1,4 +1,4 @@
-"""Reference Grad-CAM (SPEC section 3): channel weights, weighted sum, ReLU, min-max, upsample."""
+"""Reference Grad-CAM (docs/ops.md): channel weights, weighted sum, ReLU, min-max, upsample."""
 from __future__ import annotations
 
 from typing import Optional

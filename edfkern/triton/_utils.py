@@ -48,7 +48,7 @@ def calculate_settings(n: int, max_block: int = 4096, lo: int = 16) -> tuple[int
     return block, num_warps_for(block)
 
 
-acc_torch = acc_dtype  # float64 for float64 inputs, float32 otherwise (SPEC section 1)
+acc_torch = acc_dtype  # float64 for float64 inputs, float32 otherwise (docs/ops.md)
 
 
 def acc_tl(dtype: torch.dtype):

@@ -1,4 +1,4 @@
-"""Local covariance (SPEC section 5, IID) in Triton, all classes in one launch.
+"""Local covariance (docs/ops.md, IID) in Triton, all classes in one launch.
 
 Class k's centred rows, laid side by side, form Y_k = [x_i - mean_k]_{i in k}, a
 (C, n_k*L) matrix whose column t is (row r = t // L of the class, position l = t % L).

@@ -1,4 +1,4 @@
-"""CPD (SPEC section 4) in Triton: radix select of the k-th smallest loss, no sort.
+"""CPD (docs/ops.md) in Triton: radix select of the k-th smallest loss, no sort.
 
 The order of floats is the order of their *keys*: the bit pattern with the sign bit
 set for non-negative values and all bits flipped for negative ones (-0 maps to +0),

@@ -1,4 +1,4 @@
-"""DAE (SPEC section 2) in Triton: the mask is computed on the fly from the low-res CAM.
+"""DAE (docs/ops.md) in Triton: the mask is computed on the fly from the low-res CAM.
 
 Kernels, top-down:
     _dae_stats_kernel  per image, tau_i = mean of U(cam_i), computed from the (h, w) map

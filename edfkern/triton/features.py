@@ -1,4 +1,4 @@
-"""Segmented reductions over flat features (SPEC section 5: CC and DM) in Triton.
+"""Segmented reductions over flat features (docs/ops.md: CC and DM) in Triton.
 
 Groups arrive in CSR form (``perm``, ``offsets``); a program owns one class and one
 tile of the feature dimension and walks that class's rows, so no label tensor and no

@@ -1,4 +1,4 @@
-"""Grad-CAM (SPEC section 3) in Triton: one program per image does everything.
+"""Grad-CAM (docs/ops.md) in Triton: one program per image does everything.
 
 Kernel:
     _grad_cam_kernel  channel weights (gradcam / gradcam++ / smoothgradcam++), the
@@ -8,7 +8,7 @@ Kernel:
 Launcher: grad_cam (the backend contract).
 
 Precision: the channel weights, the weighted sum and the normalisation accumulate in the
-contract's acc dtype (fp32; fp64 for fp64 inputs), as SPEC section 1 requires. gradcam++'s
+contract's acc dtype (fp32; fp64 for fp64 inputs), as docs/ops.md requires. gradcam++'s
 alpha divides by 2*G^2 + sum(A*G^3), which can cancel, so results are compared with the
 fp64 oracle by the "at most 2x torch's own fp32 error" rule.
 The upsampling runs in the output dtype, exactly as torch's interpolate of the map.

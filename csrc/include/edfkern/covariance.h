@@ -1,4 +1,4 @@
-// CUDA launchers for local covariance (SPEC section 5). Plain C++.
+// CUDA launchers for local covariance (docs/ops.md). Plain C++.
 // Groups in CSR form: sorted row j is input row perm[j] (perm may be null = identity); class k owns
 // sorted rows offsets[k] .. offsets[k+1]-1. perm and offsets are device int64 arrays.
 #pragma once

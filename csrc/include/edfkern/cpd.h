@@ -1,4 +1,4 @@
-// CUDA launchers for CPD (SPEC section 4): radix select on order-preserving float bits, all on
+// CUDA launchers for CPD (docs/ops.md): radix select on order-preserving float bits, all on
 // the device (no host synchronisation), stable-sort tie-break, kept sums. Plain C++.
 #pragma once
 

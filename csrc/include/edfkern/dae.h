@@ -1,4 +1,4 @@
-// CUDA launchers for DAE (SPEC section 2). Plain C++: raw pointers, sizes and a stream.
+// CUDA launchers for DAE (docs/ops.md). Plain C++: raw pointers, sizes and a stream.
 // `cam` is (N, h, w) already in the mask dtype `m` (F32, or F64 when cam or grad is float64);
 // `tau_ws` is a workspace of N elements of the mask dtype (per-image thresholds).
 // Every launcher returns a cudaError_t value (0 = success).

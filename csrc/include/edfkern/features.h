@@ -1,4 +1,4 @@
-// CUDA launchers for segmented reductions over flat features (SPEC section 5: CC and DM). Plain C++.
+// CUDA launchers for segmented reductions over flat features (docs/ops.md: CC and DM). Plain C++.
 // Groups as in covariance.h (device int64 perm, may be null, and offsets).
 #pragma once
 

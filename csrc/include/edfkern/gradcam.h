@@ -1,4 +1,4 @@
-// CUDA launcher for Grad-CAM (SPEC section 3). Plain C++.
+// CUDA launcher for Grad-CAM (docs/ops.md). Plain C++.
 #pragma once
 
 #include <edfkern/common.h>
