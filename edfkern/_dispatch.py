@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["register_backend", "set_backend", "use_backend", "backends", "current_backend", "kernel"]
+__all__ = ["register_backend", "set_backend", "use_backend", "backends", "current_backend", "kernel", "auto_backend"]
 
 
 @dataclass
@@ -189,12 +189,24 @@ def kernel(op: str, device: torch.device) -> Callable:
         if fn is None:
             raise RuntimeError(f"edfkern backend {name!r} has no kernel {op!r}")
         return fn
+    choice = auto_backend(op, dev)
+    if choice is None:
+        raise RuntimeError(f"edfkern: no backend can run {op!r} on {dev} tensors; see edfkern.backends()")
+    return _lookup(_BACKENDS[choice], op)
+
+
+def auto_backend(op: str, device: "torch.device | str") -> Optional[str]:
+    """The backend ``auto`` sends kernel ``op`` to for tensors on ``device``, or None if none can.
+
+    CUDA: the first available backend of ``AUTO_CUDA[op]`` (default triton, native, reference);
+    CPU: native if built, else reference. The bench's default provider asks this function.
+    """
+    dev = torch.device(device).type
     order = AUTO_CUDA.get(op, _AUTO_CUDA_DEFAULT) if dev == "cuda" else _AUTO_CPU
     for cand in order:
         b = _BACKENDS.get(cand)
         if b is None or _why_not(b) is not None or dev not in b.devices():
             continue
-        fn = _lookup(b, op)
-        if fn is not None:
-            return fn
-    raise RuntimeError(f"edfkern: no backend can run {op!r} on {dev} tensors; see edfkern.backends()")
+        if _lookup(b, op) is not None:
+            return cand
+    return None
