@@ -169,8 +169,11 @@ def test_cam_forms_and_mixed_params():
     opt.step()
     opt.step()
     assert torch.equal(p.detach(), torch.full_like(p, -7.0))
-    assert opt.get_cam(0) is not None
+    stored = opt.get_cam(0)
+    assert stored is not None and torch.equal(stored.reshape(4, 2, 2), torch.ones(4, 2, 2))
+    assert opt.get_cam(p) is stored  # by index or by parameter: the same CAM
     opt.set_cam(0, None)
+    assert opt.get_cam(0) is None
     opt.step()
     assert torch.equal(p.detach(), torch.full_like(p, -8.0))
 
