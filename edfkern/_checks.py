@@ -131,7 +131,7 @@ def check_size(name: str, size: object) -> tuple[int, int]:
 
 def check_numel(name: str, shape: Sequence[int]) -> None:
     """Refuse an output of more than ``MAX_NUMEL`` elements before asking the allocator for it."""
-    n = math.prod(int(s) for s in shape)
+    n = math.prod([int(s) for s in shape])  # a list, not a generator: torch.compile traces it
     if n > MAX_NUMEL:
         raise ValueError(f"{name} must hold at most {MAX_NUMEL:.3e} elements; shape {tuple(shape)} would hold {n:.3e}")
 
