@@ -97,8 +97,8 @@ def _cpd_trajectory_loss_op(student: Tensor, target: Tensor, start: Tensor,
 @_cpd_trajectory_loss_op.register_fake
 def _cpd_trajectory_loss_fake(student, target, start, drop_ratio):
     acc = C.acc_dtype(student.dtype)
-    e = student.new_empty((), dtype=acc)
-    return e, student.new_empty((), dtype=acc), student.new_empty((), dtype=torch.int64), student.new_empty((), dtype=acc)
+    e = student.new_empty
+    return e((), dtype=acc), e((), dtype=acc), e((), dtype=torch.int64), e((), dtype=acc)  # loss, thr, tie, sum_d
 
 
 def _cpd_trajectory_loss_setup(ctx, inputs, output):
