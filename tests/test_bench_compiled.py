@@ -176,3 +176,18 @@ def test_formulas_refuse_label_groups_with_a_clear_error():
         C.class_centralization_loss(x, groups=torch.tensor([0, 1, 0, 1, 0, 1]))
     with pytest.raises(ValueError, match="groups"):
         C.class_centralization_loss(x, groups=4)
+
+
+def test_compiled_case_is_warm_and_never_recompiles_while_timed():
+    """make_case compiles and warms at the timed shape; a recompile inside a timed call raises."""
+    import torch
+
+    from edfkern.bench.cases import make_case
+
+    case = make_case("mean_matching_loss", "compiled", "full", "cifar10-ipc1000", scale=1e-9)
+    assert case.compile_s is not None and case.compile_s >= 0
+    case.reset()
+    case.fn()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        case.reset()
+        case.fn()
