@@ -304,4 +304,5 @@ def test_load_note_says_what_the_load_implies():
     s = load_note(1.4, 2)
     assert "load average at start 1.40 on 2 CPUs" in s and "~1.4 CPU" in s and "inflated" in s
     assert "~0.7 CPU" in load_note(1.7, 2, own=1.0, when="at end")
-    assert "more than the" in load_note(6.0, 2)
+    assert "more than the 2 CPUs there are" in load_note(6.0, 2)
+    assert "on top of this run's" in load_note(6.75, 2, own=2.0, when="at end")

@@ -115,8 +115,11 @@ def load_note(load: float, ncpu: int, *, own: float = 0.0, when: str = "at start
     if other + own <= ncpu:
         return (head + f": other processes were using ~{other:.1f} CPU; multi-threaded timings may be inflated "
                 "(see p20/p80)")
-    room = (f"the {ncpu - min(own, ncpu):.1f} CPUs this run left free" if own else f"the {ncpu} CPUs there are")
-    return head + f": other processes were using ~{other:.1f} CPU, more than {room}; timings are inflated (see p20/p80)"
+    if own:
+        return (head + f": other processes were using ~{other:.1f} CPU on top of this run's, more than the "
+                f"{ncpu} CPUs hold; timings are inflated (see p20/p80)")
+    return (head + f": other processes were using ~{other:.1f} CPU, more than the {ncpu} CPUs there are; "
+            "timings are inflated (see p20/p80)")
 
 
 def _default_note(dflt: dict[str, Optional[str]]) -> str:
