@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(CONFIGS), help="docs/benchmarks.md config")
     p.add_argument("--ops", help=f"comma-separated subset of: {', '.join(OPS)}")
-    p.add_argument("--providers", help="comma-separated subset of baseline and the backends (default: all that run)")
+    p.add_argument("--providers", help="comma-separated subset of baseline, the backends and compiled "
+                                        "(default: all that run)")
     p.add_argument("--modes", help="comma-separated subset of fwd,bwd,full (default fwd,full, which keeps the "
                                    "CPU run short; a sweep: full, or fwd for ops without backward)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
