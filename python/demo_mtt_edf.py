@@ -259,18 +259,8 @@ def run_distributed(args, data: U.Digits, experts) -> int:
         st = last_call_stats("cpd_trajectory_loss")
         print(f"distributed MTT+EDF: {world} ranks (gloo); P = {experts[0][0].numel()}, rank 0 holds "
               f"[{mine.lo}, {mine.hi}); CPD sends {st.bytes} bytes in {st.calls} collectives per call")
-        for it, l1, ld in trace:
-            if it in (1, 2, 10) or it == args.iters or it % 50 == 0:
-                print(f"iteration {it}: CPD loss single-process {l1:.9g}, distributed {ld:.9g}")
-        diff = float((one.image_syn.detach() - mine.image_syn.detach()).abs().max())
-        print(f"max |image_syn(single process) - image_syn(distributed)| = {diff:.3e} after {args.iters} iterations; "
-              f"after the first iteration ||difference|| / ||update|| = {rel_first:.2e}")
-        if ctrl is not None:
-            print(f"control: max |image_syn(single process) - image_syn(single process, initial images +1 ulp)| = "
-                  f"{float((one.image_syn.detach() - ctrl.image_syn.detach()).abs().max()):.3e} after {args.iters} "
-                  "iterations")
-        ok = rel_first < 1e-2 and all(l1 == l1 and ld == ld for _, l1, ld in trace)
-        print("RESULT:", "OK" if ok else "MISMATCH")
+        ok = U.report_distributed(trace, one.image_syn.detach(), mine.image_syn.detach(), ctrl, args.iters,
+                                  rel_first, every=50, what="CPD loss")
         one.close()
     mine.close()
     dist.destroy_process_group()
