@@ -98,7 +98,9 @@ struct Launch {
 };
 
 DType dt(const Tensor& t) { return dtype_of(t.scalar_type()); }
-Tensor bytes(const Tensor& like, size_t n) { return at::empty({static_cast<int64_t>(n)}, like.options().dtype(at::kByte)); }
+Tensor bytes(const Tensor& like, size_t n) {
+  return at::empty({static_cast<int64_t>(n)}, like.options().dtype(at::kByte));
+}
 const int64_t* perm_ptr(const OptTensor& perm) {
   return perm.has_value() && perm->defined() ? perm->data_ptr<int64_t>() : nullptr;
 }

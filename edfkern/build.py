@@ -56,7 +56,8 @@ def sources(root: str, with_cuda: bool) -> list[str]:
     the CUDA kernels (``cuda/*.cu``) and ``cuda/*.cpp``, the one host file that needs torch's CUDA headers."""
     srcs = [os.path.join(root, "edfkern.cpp")] + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
     if with_cuda:
-        srcs += sorted(glob.glob(os.path.join(root, "cuda", "*.cpp"))) + sorted(glob.glob(os.path.join(root, "cuda", "*.cu")))
+        srcs += sorted(glob.glob(os.path.join(root, "cuda", "*.cpp")))
+        srcs += sorted(glob.glob(os.path.join(root, "cuda", "*.cu")))
     return srcs
 
 
