@@ -16,14 +16,6 @@ namespace edfkern {
 namespace cpu {
 namespace {
 
-// torch.relu / amin / amax semantics: a NaN stays NaN (x > 0 ? x : 0 and std::min/max would drop it).
-template <typename T>
-inline T relu_nan(T v) { return v < T(0) ? T(0) : v; }
-template <typename T>
-inline T min_nan(T a, T b) { return (a != a || b != b) ? a + b : (b < a ? b : a); }
-template <typename T>
-inline T max_nan(T a, T b) { return (a != a || b != b) ? a + b : (b > a ? b : a); }
-
 template <typename scalar_t>
 void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A_clean, CamMethod method,
                    bool normalize, int64_t H, int64_t W, bool resize, at::Tensor& out) {

@@ -84,18 +84,15 @@ struct Max {
   template <typename A>
   __device__ A operator()(A a, A b) const { return b > a ? b : a; }
 };
-// torch.amin / amax semantics: NaN wins (Min / Max above drop a NaN in b).
+// torch.amin / amax semantics: NaN wins (Min / Max above drop a NaN in b); min_nan / max_nan of common.h.
 struct NanMin {
   template <typename A>
-  __device__ A operator()(A a, A b) const { return (a != a || b != b) ? a + b : (b < a ? b : a); }
+  __device__ A operator()(A a, A b) const { return min_nan(a, b); }
 };
 struct NanMax {
   template <typename A>
-  __device__ A operator()(A a, A b) const { return (a != a || b != b) ? a + b : (b > a ? b : a); }
+  __device__ A operator()(A a, A b) const { return max_nan(a, b); }
 };
-// torch.relu semantics: NaN stays NaN.
-template <typename A>
-__device__ __forceinline__ A relu_nan(A v) { return v < A(0) ? A(0) : v; }
 
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 

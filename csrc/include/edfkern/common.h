@@ -30,6 +30,14 @@ template <typename T>
 using acc_of = std::conditional_t<std::is_same<T, double>::value, double, float>;
 constexpr DType acc_dtype(DType d) { return d == DType::F64 ? DType::F64 : DType::F32; }
 
+// torch.relu / amin / amax semantics: a NaN stays NaN (x > 0 ? x : 0 and a plain min / max would drop it).
+template <typename T>
+EDFKERN_HD T relu_nan(T v) { return v < T(0) ? T(0) : v; }
+template <typename T>
+EDFKERN_HD T min_nan(T a, T b) { return (a != a || b != b) ? a + b : (b < a ? b : a); }
+template <typename T>
+EDFKERN_HD T max_nan(T a, T b) { return (a != a || b != b) ? a + b : (b > a ? b : a); }
+
 // Bilinear source index for one output coordinate, exactly as PyTorch's
 // upsample_bilinear2d with align_corners=False and no scale factor:
 //   src = (in/out) * (dst + 0.5) - 0.5, clamped at 0; i0 = min(floor(src), in-1);
