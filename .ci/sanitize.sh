@@ -3,8 +3,8 @@
 #
 # Builds edfkern's native extension with EDFKERN_SANITIZE=1 (-O1 -g -fsanitize=address,undefined,
 # every finding fatal; CPU kernels only) into a build directory of its own, then runs the native
-# kernel tests, the tiny-shape tests and the bad-input battery (every registered op of every
-# namespace, in subprocesses) with libasan preloaded. Python itself is not instrumented, and leaks
+# kernel tests, the tiny-shape tests and the bad-input battery (every edfkern:: op and every
+# edfkern._C function called directly, in subprocesses) with libasan preloaded. Python itself is not instrumented, and leaks
 # are not checked (the interpreter keeps its allocations by design). Budget: under 10 minutes.
 # Run from anywhere: .ci/sanitize.sh (uses the active python; set TORCH_EXTENSIONS_DIR to reuse a build).
 set -euo pipefail

@@ -52,10 +52,12 @@ def csrc_dir() -> Optional[str]:
 
 
 def sources(root: str, with_cuda: bool) -> list[str]:
-    """Every translation unit, CPU first; the .cu files and the CUDA bindings only ``with_cuda``."""
+    """Every translation unit: the bindings (``edfkern.cpp``) and the CPU kernels; ``with_cuda`` also
+    the CUDA kernels (``cuda/*.cu``) and ``cuda/*.cpp``, the one host file that needs torch's CUDA headers."""
     srcs = [os.path.join(root, "edfkern.cpp")] + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
     if with_cuda:
-        srcs += [os.path.join(root, "cuda_bindings.cpp")] + sorted(glob.glob(os.path.join(root, "cuda", "*.cu")))
+        srcs += sorted(glob.glob(os.path.join(root, "cuda", "*.cpp")))
+        srcs += sorted(glob.glob(os.path.join(root, "cuda", "*.cu")))
     return srcs
 
 

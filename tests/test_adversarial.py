@@ -3,8 +3,9 @@
 * aliasing: in-place ops refuse outputs that share memory with another argument or with themselves;
 * labels: a stray label or a huge ``num_groups`` is refused before anything of size K is allocated,
   and label groups work on the meta device;
-* registered ops: every op of every namespace (``edfkern``, ``edfkern_native``, ``edfkern_triton``)
-  raises a Python exception on bad arguments, in a subprocess so a crash fails the test;
+* registered ops and native functions: every ``torch.ops.edfkern`` op (under each backend) and every
+  ``edfkern._C`` function (called directly) raises edfkern's ``TypeError``/``ValueError`` on bad
+  arguments, in a subprocess so a crash fails the test;
 * scalars: every scalar and size argument gets edfkern's ``TypeError``/``ValueError``;
 * tiny shapes: every native op at N=1, C=1, h=w=1, P=1 agrees with the reference.
 
@@ -264,7 +265,8 @@ def test_labels_on_meta_work_like_integer_groups():
 
 
 def _battery(ns: str):
-    """(label, thunk) pairs of bad calls to every op of namespace ``ns``; each must raise."""
+    """(label, thunk) pairs of bad calls to every op of ``ns``: ``"edfkern"`` (the registered ops) or
+    ``"edfkern._C"`` (the native functions of the backend contract, called directly); each must raise."""
     N, Cc, L = 10, 3, 4
     x = _rand(N, Cc, L, seed=0)
     x2 = _rand(N, 6, seed=1)
@@ -298,7 +300,7 @@ def _battery(ns: str):
                 torch.tensor(1.0), torch.zeros(k, 6), p, off, N, 1.0, torch.float32),
         }
     else:
-        o = getattr(torch.ops, ns)
+        o = _native_functions()
         k = 2
         csr_ops = {
             "cov_forward": lambda p, off: o.cov_forward(x, p, off),
@@ -406,24 +408,83 @@ def _battery(ns: str):
             ("cpd_backward-tie-float", lambda: o.cpd_backward(one, s, t, s0, one, one, one)),
             ("cpd_backward-thr-vector", lambda: o.cpd_backward(one, s, t, s0, s, tie, one)),
         ]
+        cases += _native_only_cases(o)
     return cases
 
 
+def _native_functions():
+    """``edfkern._C`` (built if needed), whose functions take the contract's arguments."""
+    importlib.import_module("edfkern.native")
+    return importlib.import_module("edfkern._C")
+
+
+def _native_only_cases(o):
+    """What only a direct call can pass: Python objects of the wrong type, non-contiguous, sparse, meta
+    and fake tensors, tensors on two devices, and scalars pybind11 must refuse."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, x2, off = _rand(10, 3, 4, seed=0), _rand(10, 6, seed=1), torch.tensor([0, 4, 10])
+    cam, g4 = _rand(4, 3, 3, seed=3).abs(), _rand(4, 2, 6, 5, seed=2)
+    A, G = _rand(2, 3, 4, 5, seed=6), _rand(2, 3, 4, 5, seed=7)
+    s = _rand(20, seed=8)
+
+    def fake(fn):
+        def run():
+            with FakeTensorMode():
+                fn()
+        return run
+
+    return [
+        ("types-x-str", lambda: o.cov_forward("x", None, off)),
+        ("types-offsets-list", lambda: o.seg_mean(x2, None, [0, 4, 10])),
+        ("types-perm-junk", lambda: o.cc_forward(x2, "perm", off)),
+        ("types-k-float", lambda: o.cpd_keep_mask(s, 2.5)),
+        ("types-k-huge", lambda: o.cpd_keep_mask(s, 2**70)),
+        ("types-H-float", lambda: o.dae_mask(cam, 1.0, None, 4.0, 4)),
+        ("types-beta-str", lambda: o.dae_(g4, cam, "1", None)),
+        ("types-normalize-int", lambda: o.grad_cam(A, G, None, "gradcam", 1, None)),
+        ("types-nesterov-none", lambda: o.dae_sgd_step_(g4.clone(), g4, None, cam, 0.1, 1.0, None, 0.0, 0.0, 0.0,
+                                                         None, False, False)),
+        ("types-size-str", lambda: o.grad_cam(A, G, None, "gradcam", True, "ab")),
+        ("types-method-bytes-nul", lambda: o.grad_cam(A, G, None, "gradcam\0x", True, None)),
+        ("types-too-few-args", lambda: o.cov_forward(x, None)),
+        ("layout-x-transposed", lambda: o.cov_forward(x.transpose(1, 2), None, off)),
+        ("layout-cam-strided", lambda: o.dae_(g4, _rand(4, 3, 6, seed=4)[..., ::2], 1.0, None)),
+        ("layout-offsets-strided", lambda: o.seg_mean(x2, None, torch.tensor([0, 9, 4, 9, 10])[::2])),
+        ("layout-x-sparse", lambda: o.seg_mean(x2.to_sparse(), None, off)),
+        ("device-x-meta", lambda: o.cov_forward(x.to("meta"), None, off.to("meta"))),
+        ("device-offsets-meta", lambda: o.seg_mean(x2, None, off.to("meta"))),
+        ("device-cam-meta", lambda: o.dae_(g4, cam.to("meta"), 1.0, None)),
+        ("device-perm-meta", lambda: o.cc_forward(x2, torch.arange(10, device="meta"), off)),
+        ("fake-cov_forward", fake(lambda: o.cov_forward(torch.empty(10, 3, 4), None, torch.tensor([0, 4, 10])))),
+        ("fake-dae_", fake(lambda: o.dae_(torch.empty(4, 2, 6, 5), torch.empty(4, 3, 3), 1.0, None))),
+        ("fake-cpd_forward", fake(lambda: o.cpd_forward(torch.empty(20), torch.empty(20), torch.empty(20), 5))),
+        ("fake-cpd_backward-tie", lambda: _fake_tie(o, s)),
+    ]
+
+
+def _fake_tie(o, s):
+    """A real call whose one fake argument is a 0-d tensor the kernel would read with item()."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        tie = mode.from_tensor(torch.tensor(3))
+    one = torch.tensor(1.0)
+    o.cpd_backward(one, s, s, s, one, tie, one)
+
+
 def _namespaces() -> list[tuple[str, str]]:
-    """(namespace, backend for the edfkern:: ops) pairs to fuzz."""
+    """(what, backend for the edfkern:: ops) pairs to fuzz: the registered ops under every backend,
+    and the native functions (the only backend functions that are compiled code, callable directly)."""
     out = [("edfkern", b) for b in _backend_names()]
     if "native" in _backend_names():
-        out.append(("edfkern_native", "native"))
-    if "triton" in _backend_names() and hasattr(torch.ops, "edfkern_triton"):
-        importlib.import_module("edfkern.triton")  # registers torch.ops.edfkern_triton.*
-        out.append(("edfkern_triton", "triton"))
+        out.append(("edfkern._C", "native"))
     return out
 
 
 def _run_battery(ns: str, backend: str) -> int:
-    """Child process: run every bad call, print one line per case; exit 0 iff each raised an exception."""
-    if ns == "edfkern_triton":
-        importlib.import_module("edfkern.triton")  # registers torch.ops.edfkern_triton.*
+    """Child process: run every bad call, print one line per case; exit 0 iff each raised edfkern's
+    TypeError / ValueError."""
     quiet = 0
     with edfkern.use_backend(backend):
         for label, fn in _battery(ns):
@@ -431,7 +492,7 @@ def _run_battery(ns: str, backend: str) -> int:
             try:
                 fn()
             except (ValueError, TypeError, RuntimeError, IndexError) as e:
-                ours = isinstance(e, (ValueError, TypeError)) or ns == "edfkern_native"
+                ours = isinstance(e, (ValueError, TypeError))
                 print(f"{'OK' if ours else 'FOREIGN'} {label}: {type(e).__name__}: {str(e).splitlines()[0][:120]}",
                       flush=True)
                 quiet += not ours
@@ -677,7 +738,7 @@ def _sweep_class(cls: str) -> tuple[int, int]:
                 except (ValueError, TypeError):
                     return True
                 except Exception:
-                    return ns == "edfkern_native"
+                    return False
             return False
     bad = 0
     for name, case in cases:

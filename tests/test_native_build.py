@@ -2,6 +2,9 @@
 
 * every ``csrc/cuda/*.cu`` compiles stand-alone with the local nvcc for sm_90 (no torch headers,
   only ``-Icsrc -Icsrc/include``), and all of them link together into one shared library;
+* the CUDA path of the bindings (``csrc/edfkern.cpp`` with ``EDFKERN_WITH_CUDA``) compiles against
+  the installed torch's headers, even a CPU wheel's: only ``csrc/cuda/stream.cpp`` needs torch's CUDA
+  headers, and nothing registers a ``torch.library`` namespace (``edfkern::`` is the one registered layer);
 * ``import edfkern`` never builds anything, works with ``EDFKERN_NO_NATIVE=1`` and with a broken
   compiler environment, and then warns at most once while dispatch falls back to ``reference``.
 """
@@ -65,6 +68,57 @@ def test_cu_compile_and_link_sm90(tmp_path):
     for launcher in ("edfkern::cuda::dae_apply", "edfkern::cuda::grad_cam", "edfkern::cuda::cpd_forward",
                      "edfkern::cuda::cov_forward", "edfkern::cuda::cc_backward"):
         assert launcher in syms, f"{launcher} missing from the linked library"
+
+
+def _includes(path: str) -> list[str]:
+    return re.findall(r'#\s*include\s*[<"]([^>"]*)[>"]', open(path).read())
+
+
+CSRC_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.*"), recursive=True))
+
+
+def test_only_stream_cpp_includes_torchs_cuda_headers():
+    users = sorted(os.path.relpath(f, ROOT) for f in CSRC_FILES
+                   if any(h.startswith(("c10/cuda/", "ATen/cuda/", "torch/cuda")) for h in _includes(f)))
+    assert users == [os.path.join("csrc", "cuda", "stream.cpp")], users
+
+
+def test_shared_headers_are_torch_free():
+    """csrc/include/edfkern/*.h are included by the .cu files: no torch, ATen or c10 header there either."""
+    for f in glob.glob(os.path.join(ROOT, "csrc", "include", "edfkern", "*.h")):
+        bad = [h for h in _includes(f) if h.startswith(("torch/", "ATen/", "c10/"))]
+        assert not bad, f"{os.path.basename(f)} includes {bad}"
+
+
+def test_nothing_registers_a_torch_library_namespace():
+    for f in CSRC_FILES:
+        src = open(f).read()
+        assert not re.search(r"\bTORCH_LIBRARY(_IMPL|_FRAGMENT)?\s*\(", src), f"{os.path.relpath(f, ROOT)} registers ops"
+
+
+def test_sources_cover_every_translation_unit():
+    from edfkern import build
+
+    root = os.path.join(ROOT, "csrc")
+    cpu = {os.path.relpath(p, root) for p in build.sources(root, with_cuda=False)}
+    cuda = {os.path.relpath(p, root) for p in build.sources(root, with_cuda=True)}
+    units = {os.path.relpath(f, root) for f in CSRC_FILES if f.endswith((".cpp", ".cu"))}
+    assert cpu == {u for u in units if not u.startswith("cuda" + os.sep)} and "edfkern.cpp" in cpu
+    assert cuda == units and os.path.join("cuda", "stream.cpp") in cuda
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++").split()[0]) is None, reason="no C++ compiler")
+def test_cuda_path_of_the_bindings_compiles_without_torchs_cuda_headers():
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    incs = [f"-I{p}" for p in include_paths() + [sysconfig.get_paths()["include"]]]
+    cmd = [*os.environ.get("CXX", "c++").split(), "-std=c++20", "-fsyntax-only", "-DEDFKERN_WITH_CUDA",
+           "-DTORCH_EXTENSION_NAME=edfkern_C", *incs, f"-I{ROOT}/csrc", f"-I{ROOT}/csrc/include",
+           os.path.join(ROOT, "csrc", "edfkern.cpp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

@@ -7,6 +7,8 @@
 // Workspace: outputs (K*C*C + K*C*L) plus two (C, B*L) blocks, B*L ~ 4096 columns.
 // FLOPs: 2*N*C*C*L forward (GEMM), 2*N*C*C*L backward; bytes: x read twice forward, twice backward.
 #include "kernels.h"
+#include "groups.h"
+#include "../dtypes.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,15 +23,6 @@
 
 namespace edfkern {
 namespace cpu {
-
-HostGroups host_groups(const std::optional<at::Tensor>& perm, const at::Tensor& offsets) {
-  HostGroups g;
-  auto off = offsets.to(at::kLong).contiguous();
-  const int64_t* o = off.data_ptr<int64_t>();
-  g.offsets.assign(o, o + off.numel());
-  if (perm.has_value() && perm->defined()) g.perm = perm->data_ptr<int64_t>();
-  return g;
-}
 
 namespace {
 
@@ -139,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> cov_forward(const at::Tensor& x, const std::o
                                                const at::Tensor& offsets) {
   const HostGroups g = host_groups(perm, offsets);
   const int64_t C = x.size(1), L = x.size(2), K = g.K();
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(x.scalar_type());
   auto sigma = at::zeros({K, C, C}, x.options().dtype(acc));
   if (K == 0 || x.numel() == 0) return {sigma, at::zeros({K, C, L}, x.options().dtype(acc))};
   auto mean = seg_mean(x.view({x.size(0), C * L}), perm, offsets).view({K, C, L});
@@ -154,7 +147,7 @@ at::Tensor cov_backward(const at::Tensor& x, const std::optional<at::Tensor>& pe
   const HostGroups g = host_groups(perm, offsets);
   auto out = at::empty_like(x);  // every row belongs to exactly one group
   if (g.K() == 0 || x.numel() == 0) return out;
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(x.scalar_type());
   auto Mc = M.to(acc).contiguous();
   auto meanc = mean.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "edfkern_cov_backward", [&] {

@@ -5,15 +5,15 @@
 // Workspace: threads * 2048 counters + one (count, sum) record per 64K-element chunk.
 #include "kernels.h"
 
+#include <edfkern/cpd.h>
+
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/scalar_tensor.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -22,48 +22,13 @@ namespace edfkern {
 namespace cpu {
 namespace {
 
-template <typename acc_t>
-struct KeyOf;
-template <>
-struct KeyOf<float> {
-  using type = uint32_t;
-};
-template <>
-struct KeyOf<double> {
-  using type = uint64_t;
-};
-
-// Monotone map float -> unsigned: a < b  <=>  key(a) < key(b), and -0 == +0. Every NaN (either
-// sign, any payload) maps to the largest key, so NaNs sort after +inf and tie among themselves,
-// as in torch.sort (docs/special-values.md); from_key of that key is a NaN.
-template <typename acc_t>
-inline typename KeyOf<acc_t>::type to_key(acc_t v) {
-  using U = typename KeyOf<acc_t>::type;
-  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
-  if (v != v) return ~U(0);
-  if (v == acc_t(0)) return sign;
-  U u;
-  std::memcpy(&u, &v, sizeof(U));
-  return (u & sign) ? ~u : (u | sign);
-}
-
-template <typename acc_t>
-inline acc_t from_key(typename KeyOf<acc_t>::type u) {
-  using U = typename KeyOf<acc_t>::type;
-  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
-  u = (u & sign) ? (u & ~sign) : ~u;
-  acc_t v;
-  std::memcpy(&v, &u, sizeof(U));
-  return v;
-}
-
 constexpr int kDigitBits = 11;
 constexpr int64_t kChunk = 1 << 16;
 
 // The k-th smallest (1-based) value of get(i), i in [0, P), by MSD radix select.
 template <typename acc_t, typename Get>
-typename KeyOf<acc_t>::type radix_select(int64_t P, int64_t k, const Get& get, int64_t& count_less) {
-  using U = typename KeyOf<acc_t>::type;
+sort_key_t<acc_t> radix_select(int64_t P, int64_t k, const Get& get, int64_t& count_less) {
+  using U = sort_key_t<acc_t>;
   constexpr int kBits = sizeof(U) * 8;
   U prefix = 0, pmask = 0;
   int64_t remaining = k;
@@ -104,7 +69,7 @@ typename KeyOf<acc_t>::type radix_select(int64_t P, int64_t k, const Get& get, i
 // The stable-sort tie index: one past the r-th (1-based) index i with key(get(i)) == thr.
 // Also returns per-chunk counts of equal entries through `eq_counts` (used by the caller).
 template <typename acc_t, typename Get>
-int64_t tie_index(int64_t P, typename KeyOf<acc_t>::type thr, int64_t r, const Get& get,
+int64_t tie_index(int64_t P, sort_key_t<acc_t> thr, int64_t r, const Get& get,
                   const std::vector<int64_t>& eq_counts) {
   int64_t seen = 0, c = 0;
   const int64_t nchunks = static_cast<int64_t>(eq_counts.size());
@@ -123,8 +88,8 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& student,
                                                                         const at::Tensor& target,
                                                                         const at::Tensor& start, int64_t k) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using U = typename KeyOf<acc_t>::type;
+  using acc_t = acc_of<scalar_t>;
+  using U = sort_key_t<acc_t>;
   const int64_t P = student.numel();
   const scalar_t* s = student.data_ptr<scalar_t>();
   const scalar_t* t = target.data_ptr<scalar_t>();
@@ -231,8 +196,8 @@ at::Tensor cpd_backward(const at::Tensor& grad_out, const at::Tensor& student, c
   const int64_t P = student.numel();
   const int64_t tie_i = tie.item<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "edfkern_cpd_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using U = typename KeyOf<acc_t>::type;
+    using acc_t = acc_of<scalar_t>;
+    using U = sort_key_t<acc_t>;
     const U thr_k = to_key<acc_t>(thr.item<acc_t>());
     const acc_t scale = grad_out.item<acc_t>() / sum_d.item<acc_t>();
     const scalar_t* s = student.data_ptr<scalar_t>();
@@ -257,8 +222,8 @@ at::Tensor cpd_keep_mask(const at::Tensor& l, int64_t k) {
   auto out = at::ones({P}, l.options().dtype(at::kBool));
   if (k == 0 || P == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.scalar_type(), "edfkern_cpd_keep_mask", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using U = typename KeyOf<acc_t>::type;
+    using acc_t = acc_of<scalar_t>;
+    using U = sort_key_t<acc_t>;
     const scalar_t* lp = l.data_ptr<scalar_t>();
     auto get = [&](int64_t i) -> acc_t { return static_cast<acc_t>(lp[i]); };
     int64_t n_less = 0;

@@ -3,6 +3,8 @@
 // and once more, while still in cache, for sum ||x_i - mu_k||^2. Partial sums are combined in
 // a fixed order in float64, so results do not depend on the thread count.
 #include "kernels.h"
+#include "groups.h"
+#include "../dtypes.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -66,7 +68,7 @@ void mean_and_sq(const at::Tensor& x, const HostGroups& g, at::Tensor& mean, dou
 
 at::Tensor seg_mean(const at::Tensor& x, const std::optional<at::Tensor>& perm, const at::Tensor& offsets) {
   const HostGroups g = host_groups(perm, offsets);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(x.scalar_type());
   auto mean = at::zeros({g.K(), x.size(1)}, x.options().dtype(acc));
   if (g.K() == 0 || x.numel() == 0) return mean;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "edfkern_seg_mean", [&] {
@@ -78,7 +80,7 @@ at::Tensor seg_mean(const at::Tensor& x, const std::optional<at::Tensor>& perm, 
 std::tuple<at::Tensor, at::Tensor> cc_forward(const at::Tensor& x, const std::optional<at::Tensor>& perm,
                                               const at::Tensor& offsets) {
   const HostGroups g = host_groups(perm, offsets);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(x.scalar_type());
   auto mean = at::zeros({g.K(), x.size(1)}, x.options().dtype(acc));
   double sq = 0.0;
   if (g.K() > 0 && x.numel() > 0) {

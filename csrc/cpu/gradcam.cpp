@@ -1,9 +1,9 @@
 // Grad-CAM (docs/ops.md) on CPU: channel weights, weighted sum, ReLU, min-max, upsample.
 // One task per image; everything for that image stays in a per-thread scratch of O(C + h*w).
 #include "kernels.h"
+#include "../dtypes.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -16,34 +16,17 @@ namespace edfkern {
 namespace cpu {
 namespace {
 
-// torch.relu / amin / amax semantics: a NaN stays NaN (x > 0 ? x : 0 and std::min/max would drop it).
-template <typename T>
-inline T relu_nan(T v) { return v < T(0) ? T(0) : v; }
-template <typename T>
-inline T min_nan(T a, T b) { return (a != a || b != b) ? a + b : (b < a ? b : a); }
-template <typename T>
-inline T max_nan(T a, T b) { return (a != a || b != b) ? a + b : (b > a ? b : a); }
-
-enum class Method { GradCAM, GradCAMpp, Smooth };
-
-Method parse_method(const std::string& m) {
-  if (m == "gradcam") return Method::GradCAM;
-  if (m == "gradcam++") return Method::GradCAMpp;
-  if (m == "smoothgradcam++") return Method::Smooth;
-  TORCH_CHECK(false, "edfkern_native.grad_cam: unknown method '", m, "'");
-}
-
 template <typename scalar_t>
-void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A_clean, Method method,
+void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A_clean, CamMethod method,
                    bool normalize, int64_t H, int64_t W, bool resize, at::Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_of<scalar_t>;
   // The channel weights and the weighted channel sum are accumulated in double: gradcam++'s alpha
   // divides by 2G^2 + sum(A G^3), which nearly cancels on some channels, and a sequential float sum
   // there lands several times farther from the exact map than torch's own float32 reductions.
   // The map is then rounded to acc and normalised and upsampled in acc, as the reference does.
   using sum_t = double;
   const acc_t eps = static_cast<acc_t>(1e-8);
-  const bool smooth = method == Method::Smooth;
+  const bool smooth = method == CamMethod::Smooth;
   const int64_t S = smooth ? A.size(0) : 1;
   const int64_t N = A.size(-4), C = A.size(-3), h = A.size(-2), w = A.size(-1), hw = h * w;
   const scalar_t* a_all = A.data_ptr<scalar_t>();
@@ -69,7 +52,7 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
         const int64_t base = (n * C + c) * hw;
         const scalar_t* g = g_last + base;
         sum_t wc = 0;
-        if (method == Method::GradCAM) {
+        if (method == CamMethod::GradCAM) {
           for (int64_t p = 0; p < hw; ++p) wc += static_cast<sum_t>(g[p]);
           wc = wc / static_cast<sum_t>(hw);
         } else {
@@ -144,15 +127,12 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
 }  // namespace
 
 at::Tensor grad_cam(const at::Tensor& A, const at::Tensor& G, const std::optional<at::Tensor>& A_clean,
-                    const std::string& method, bool normalize, std::optional<std::pair<int64_t, int64_t>> size) {
-  const Method m = parse_method(method);
-  if (m == Method::Smooth) TORCH_CHECK(A_clean.has_value(), "smoothgradcam++ needs clean activations");
+                    CamMethod m, bool normalize, std::optional<std::pair<int64_t, int64_t>> size) {
   const int64_t N = A.size(-4), h = A.size(-2), w = A.size(-1);
   const int64_t H = size ? size->first : h, W = size ? size->second : w;
-  const auto acc = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty({N, H, W}, A.options().dtype(acc));
+  auto out = at::empty({N, H, W}, A.options().dtype(acc_dtype(A.scalar_type())));
   if (N == 0) return out;
-  const at::Tensor* clean = (m == Method::Smooth) ? &A_clean.value() : nullptr;
+  const at::Tensor* clean = (m == CamMethod::Smooth) ? &A_clean.value() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "edfkern_grad_cam", [&] {
     grad_cam_impl<scalar_t>(A, G, clean, m, normalize, H, W, size.has_value(), out);
   });

@@ -1,5 +1,5 @@
-// Device helpers shared by the .cu files: element types, acc types, conversions, dtype dispatch,
-// block reductions. No torch headers.
+// Device helpers shared by the .cu files: element conversions, the dtype dispatch, block reductions
+// (the accumulation rule itself is edfkern::acc_of in <edfkern/common.h>). Torch-free: see common.h.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,17 +12,6 @@
 
 namespace edfkern {
 namespace cuda {
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_of = typename AccOf<T>::type;
 
 template <typename A, typename T>
 __device__ __forceinline__ A load(const T* p) { return static_cast<A>(*p); }
@@ -95,29 +84,15 @@ struct Max {
   template <typename A>
   __device__ A operator()(A a, A b) const { return b > a ? b : a; }
 };
-// torch.amin / amax semantics: NaN wins (Min / Max above drop a NaN in b).
+// torch.amin / amax semantics: NaN wins (Min / Max above drop a NaN in b); min_nan / max_nan of common.h.
 struct NanMin {
   template <typename A>
-  __device__ A operator()(A a, A b) const { return (a != a || b != b) ? a + b : (b < a ? b : a); }
+  __device__ A operator()(A a, A b) const { return min_nan(a, b); }
 };
 struct NanMax {
   template <typename A>
-  __device__ A operator()(A a, A b) const { return (a != a || b != b) ? a + b : (b > a ? b : a); }
+  __device__ A operator()(A a, A b) const { return max_nan(a, b); }
 };
-// torch.relu semantics: NaN stays NaN.
-template <typename A>
-__device__ __forceinline__ A relu_nan(A v) { return v < A(0) ? A(0) : v; }
-
-// Class of sorted row j: the k with offsets[k] <= j < offsets[k+1] (skips empty groups).
-__device__ __forceinline__ int64_t class_of(const int64_t* offsets, int64_t K, int64_t j) {
-  int64_t lo = 0, hi = K;  // invariant: offsets[lo] <= j < offsets[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (offsets[mid] <= j) lo = mid;
-    else hi = mid;
-  }
-  return lo;
-}
 
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 

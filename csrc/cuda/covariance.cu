@@ -31,7 +31,7 @@ __global__ void gram_kernel(const T* __restrict__ x, const int64_t* __restrict__
     A va = 0, vb = 0;
     if (r < R) {
       const int64_t j = r / L, l = r % L;
-      const int64_t i = perm ? perm[j0 + j] : j0 + j;
+      const int64_t i = group_row(perm, j0 + j);
       const T* xr = x + i * C * L;
       const int64_t a = a0 + ty, b = b0 + ty;
       if (a < C) va = load<A>(xr + a * L + l) - mk[a * L + l];
@@ -54,8 +54,8 @@ __global__ void cov_bwd_kernel(const T* __restrict__ x, const int64_t* __restric
                                const int64_t* __restrict__ offsets, int64_t K, int64_t C, int64_t L,
                                const A* __restrict__ mean, const A* __restrict__ M, T* __restrict__ out) {
   const int64_t j = blockIdx.x;
-  const int64_t k = class_of(offsets, K, j);
-  const int64_t i = perm ? perm[j] : j;
+  const int64_t k = group_of(offsets, K, j);
+  const int64_t i = group_row(perm, j);
   const T* xr = x + i * C * L;
   const A* mk = mean + k * C * L;
   const A* Mk = M + k * C * C;

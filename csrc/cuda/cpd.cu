@@ -25,40 +25,6 @@ struct State {
   double sum_l, sum_d;               // kept sums (float64 atomics)
 };
 
-template <typename A>
-struct KeyT;
-template <>
-struct KeyT<float> {
-  using type = unsigned int;
-};
-template <>
-struct KeyT<double> {
-  using type = unsigned long long;
-};
-
-// Order-preserving key, -0 == +0; every NaN maps to the largest key (sorts after +inf, NaNs tie),
-// as in torch.sort (docs/special-values.md).
-template <typename A>
-__device__ __forceinline__ typename KeyT<A>::type to_key(A v) {
-  using U = typename KeyT<A>::type;
-  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
-  if (v != v) return ~U(0);
-  if (v == A(0)) return sign;
-  U u;
-  if constexpr (sizeof(A) == 4) u = __float_as_uint(v);
-  else u = static_cast<U>(__double_as_longlong(v));
-  return (u & sign) ? ~u : (u | sign);
-}
-
-template <typename A>
-__device__ __forceinline__ A from_key(typename KeyT<A>::type u) {
-  using U = typename KeyT<A>::type;
-  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
-  u = (u & sign) ? (u & ~sign) : ~u;
-  if constexpr (sizeof(A) == 4) return __uint_as_float(u);
-  else return __longlong_as_double(static_cast<long long>(u));
-}
-
 // Value source: l = (s - t)^2 in acc (forward) or l itself (keep mask).
 template <typename T, bool kSquare>
 struct Src {
@@ -77,7 +43,7 @@ struct Src {
 template <typename Get>
 __global__ void hist_kernel(Get get, int64_t P, const State* st, int shift, unsigned long long* hist) {
   using A = decltype(get(0));
-  using U = typename KeyT<A>::type;
+  using U = sort_key_t<A>;
   __shared__ unsigned int sh[kBins];
   for (int d = threadIdx.x; d < kBins; d += blockDim.x) sh[d] = 0;
   __syncthreads();
@@ -121,7 +87,7 @@ __global__ void pick_kernel(State* st, unsigned long long* hist, int shift, int 
 template <typename Get>
 __global__ void count_eq_kernel(Get get, int64_t P, const State* st, long long* counts) {
   using A = decltype(get(0));
-  using U = typename KeyT<A>::type;
+  using U = sort_key_t<A>;
   const U thr = static_cast<U>(st->prefix);
   const int64_t c0 = blockIdx.x * kChunk, c1 = imin(P, c0 + kChunk);
   long long n = 0;
@@ -135,7 +101,7 @@ __global__ void count_eq_kernel(Get get, int64_t P, const State* st, long long* 
 template <typename Get>
 __global__ void tie_kernel(Get get, int64_t P, int64_t k, State* st, const long long* counts, int64_t nchunks) {
   using A = decltype(get(0));
-  using U = typename KeyT<A>::type;
+  using U = sort_key_t<A>;
   __shared__ long long scan[1024];
   __shared__ long long target_s, chunk_s, rank_s;
   const int t = threadIdx.x, nt = blockDim.x;
@@ -204,7 +170,7 @@ template <typename T>
 __global__ void sums_kernel(const T* __restrict__ s, const T* __restrict__ t, const T* __restrict__ s0, int64_t P,
                             bool sel, State* st) {
   using A = acc_of<T>;
-  using U = typename KeyT<A>::type;
+  using U = sort_key_t<A>;
   const U thr = static_cast<U>(st->prefix);
   const int64_t tie = sel ? st->tie : 0;
   double sl = 0.0, sd = 0.0;
@@ -231,14 +197,14 @@ template <typename A>
 __global__ void finish_kernel(const State* st, bool select, A* sum_l, A* sum_d, A* thr, int64_t* tie) {
   *sum_l = static_cast<A>(st->sum_l);
   *sum_d = static_cast<A>(st->sum_d);
-  *thr = select ? from_key<A>(static_cast<typename KeyT<A>::type>(st->prefix)) : static_cast<A>(-INFINITY);
+  *thr = select ? from_key<A>(static_cast<sort_key_t<A>>(st->prefix)) : static_cast<A>(-INFINITY);
   *tie = select ? st->tie : 0;
 }
 
 template <typename Get>
 __global__ void keep_kernel(Get get, int64_t P, const State* st, bool* out) {
   using A = decltype(get(0));
-  using U = typename KeyT<A>::type;
+  using U = sort_key_t<A>;
   const U thr = static_cast<U>(st->prefix);
   const int64_t tie = st->tie;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < P; i += (int64_t)gridDim.x * blockDim.x) {
@@ -251,7 +217,7 @@ template <typename T>
 __global__ void backward_kernel(const acc_of<T>* go, const T* __restrict__ s, const T* __restrict__ t, int64_t P,
                                 const acc_of<T>* thr, const int64_t* tie, const acc_of<T>* sum_d, T* __restrict__ out) {
   using A = acc_of<T>;
-  using U = typename KeyT<A>::type;
+  using U = sort_key_t<A>;
   const A scale = *go / *sum_d;
   const U th = to_key<A>(*thr);
   const int64_t ti = *tie;
@@ -275,7 +241,7 @@ template <typename Get>
 cudaError_t radix_select(Get get, int64_t P, int64_t k, State* st, unsigned long long* hist, long long* counts,
                    cudaStream_t stream) {
   using A = decltype(get(0));
-  constexpr int kBits = sizeof(typename KeyT<A>::type) * 8;
+  constexpr int kBits = sizeof(sort_key_t<A>) * 8;
   init_kernel<<<1, 1, 0, stream>>>(st, k);
   cudaError_t e = cudaMemsetAsync(hist, 0, kBins * sizeof(unsigned long long), stream);
   if (e != cudaSuccess) return e;

@@ -1,7 +1,14 @@
-// DAE (docs/ops.md) on CUDA; flat CAMs and NaN / inf follow docs/special-values.md. Kernel 1 (only when tau is the per-image mean): one block per image
-// averages the upsampled map in float64. Kernel 2: one grid-stride pass over the gradient that
-// upsamples the CAM on the fly (4 cached loads per element), thresholds, and applies the mask
-// (dae_apply) or the fused SGD update (dae_sgd_step). No (N, H, W) map is ever written.
+// DAE (docs/ops.md) on CUDA; flat CAMs and NaN / inf follow docs/special-values.md. The same
+// algorithm as the CPU kernel (csrc/cpu/dae.cpp), through the same functions of <edfkern/dae.h>:
+//   1. (only when tau is the per-image mean) one thread per axis sums the bilinear weights each
+//      low-resolution line gets (dae_axis_mass);
+//   2. one block per image: is the map flat (all values equal and finite: U(cam) is that constant)?
+//      and, when tau is the mean: a flat map's value; for a finite map the separable sum of the
+//      low-resolution CAM (dae_separable_mean, on one thread, in the CPU's order); for a map with
+//      NaN / inf the mean of U(cam) itself (NaN or +-inf exactly when the CPU's is);
+//   3. one grid-stride pass over the gradient that upsamples the CAM on the fly (4 cached loads per
+//      element), thresholds (dae_mask_value) and applies the mask (dae_apply) or the fused SGD
+//      update (SgdArgs::step). No (N, H, W) map is ever written.
 #include "common.cuh"
 
 #include <edfkern/dae.h>
@@ -10,29 +17,36 @@ namespace edfkern {
 namespace cuda {
 namespace {
 
-// U(cam) at (y, x), as F.interpolate computes it, except that four equal finite taps give their
-// value exactly: so a flat map upsamples to itself (docs/special-values.md) without a per-image flag.
-template <typename m_t>
-__device__ __forceinline__ m_t upsampled(const m_t* cam, const DaeArgs& a, int64_t y, int64_t x) {
-  int64_t y0, y1, x0, x1;
-  m_t wy0, wy1, wx0, wx1;
-  linear_src<m_t>(y, a.h, a.H, y0, y1, wy0, wy1);
-  linear_src<m_t>(x, a.w, a.W, x0, x1, wx0, wx1);
-  const m_t c00 = cam[y0 * a.w + x0], c01 = cam[y0 * a.w + x1], c10 = cam[y1 * a.w + x0], c11 = cam[y1 * a.w + x1];
-  if (c00 == c01 && c00 == c10 && c00 == c11 && isfinite(c00)) return c00;
-  return wy0 * (wx0 * c00 + wx1 * c01) + wy1 * (wx0 * c10 + wx1 * c11);
+constexpr int kThreads = 256;
+
+// The workspace: the masses of both axes (h + w doubles), then per image tau (8 bytes) and flat (1 byte).
+struct Ws {
+  double* mass;
+  void* tau;
+  unsigned char* flat;
+};
+
+Ws carve(void* ws, const DaeShape& s) {
+  char* p = static_cast<char*>(ws);
+  return Ws{reinterpret_cast<double*>(p), p + (s.h + s.w) * sizeof(double),
+            reinterpret_cast<unsigned char*>(p + (s.h + s.w + s.N) * sizeof(double))};
 }
 
-// tau[n] = mean over H*W of U(cam_n) (NaN / +-inf exactly when U holds them, as the loop's mean);
-// a flat map (all values equal and finite) is its own mean.
 template <typename m_t>
-__global__ void tau_kernel(const m_t* __restrict__ cam, DaeArgs a, m_t* __restrict__ tau) {
-  const int64_t n = blockIdx.x;
-  const m_t* c = cam + n * a.h * a.w;
+__global__ void mass_kernel(DaeShape s, double* __restrict__ mass) {
+  if (threadIdx.x == 0) dae_axis_mass<m_t>(s.h, s.H, mass);
+  if (threadIdx.x == 1) dae_axis_mass<m_t>(s.w, s.W, mass + s.h);
+}
+
+template <typename m_t>
+__global__ void image_kernel(const m_t* __restrict__ cam, DaeShape s, bool need_tau, const double* __restrict__ mass,
+                             m_t* __restrict__ tau, unsigned char* __restrict__ flat) {
+  const int64_t n = blockIdx.x, hw = s.h * s.w, HW = s.H * s.W;
+  const m_t* c = cam + n * hw;
   const m_t big = static_cast<m_t>(INFINITY);
   m_t lo = big, hi = -big;
   int bad = 0;
-  for (int64_t p = threadIdx.x; p < a.h * a.w; p += blockDim.x) {
+  for (int64_t p = threadIdx.x; p < hw; p += blockDim.x) {
     const m_t v = c[p];
     bad |= !isfinite(v);
     lo = v < lo ? v : lo;
@@ -41,125 +55,132 @@ __global__ void tau_kernel(const m_t* __restrict__ cam, DaeArgs a, m_t* __restri
   lo = block_reduce(lo, Min{}, big);
   hi = block_reduce(hi, Max{}, -big);
   bad = block_reduce(bad, Max{}, 0);
-  double s = 0.0;
-  for (int64_t p = threadIdx.x; p < a.H * a.W; p += blockDim.x) s += static_cast<double>(upsampled(c, a, p / a.W, p % a.W));
-  s = block_reduce(s, Sum{}, 0.0);
-  if (threadIdx.x == 0) tau[n] = (!bad && lo == hi) ? lo : static_cast<m_t>(s / static_cast<double>(a.H * a.W));
+  const bool is_flat = !bad && lo == hi;  // the same in every thread: the branches below are uniform
+  if (threadIdx.x == 0) flat[n] = is_flat;
+  if (!need_tau) return;
+  if (is_flat || !bad) {
+    if (threadIdx.x == 0) tau[n] = is_flat ? lo : dae_separable_mean(c, s.h, s.w, mass, mass + s.h, HW);
+    return;
+  }
+  double sum = 0.0;
+  for (int64_t p = threadIdx.x; p < HW; p += blockDim.x)
+    sum += static_cast<double>(bilinear_at(c, s.h, s.w, s.H, s.W, p / s.W, p % s.W));
+  sum = block_reduce(sum, Sum{}, 0.0);
+  if (threadIdx.x == 0) tau[n] = static_cast<m_t>(sum / static_cast<double>(HW));
 }
 
+// The mask at pixel p of image n.
 template <typename m_t>
-__device__ __forceinline__ m_t mask_at(const m_t* cam, const m_t* tau, const DaeArgs& a, int64_t n, int64_t p) {
-  const m_t u = upsampled(cam + n * a.h * a.w, a, p / a.W, p % a.W);
-  const m_t t = a.has_thr ? static_cast<m_t>(a.thr) : tau[n];
-  return u >= t ? u + static_cast<m_t>(a.beta) : m_t(1);
+__device__ __forceinline__ m_t mask_at(const m_t* cam, const m_t* tau, const unsigned char* flat, const DaeShape& s,
+                                       const DaeArgs& a, int64_t n, int64_t p) {
+  const m_t* c = cam + n * s.h * s.w;
+  const m_t u = flat[n] ? c[0] : bilinear_at(c, s.h, s.w, s.H, s.W, p / s.W, p % s.W);
+  return dae_mask_value(u, a.has_threshold ? static_cast<m_t>(a.threshold) : tau[n], static_cast<m_t>(a.beta));
 }
 
 template <typename T, typename m_t>
-__global__ void mask_kernel(const m_t* __restrict__ cam, const m_t* __restrict__ tau, DaeArgs a, T* __restrict__ out) {
-  const int64_t HW = a.H * a.W, total = a.N * HW;
+__global__ void mask_kernel(const m_t* __restrict__ cam, const m_t* __restrict__ tau,
+                            const unsigned char* __restrict__ flat, DaeShape s, DaeArgs a, T* __restrict__ out) {
+  const int64_t HW = s.H * s.W, total = s.N * HW;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x)
-    out[i] = cast_to<T>(mask_at(cam, tau, a, i / HW, i % HW));
+    out[i] = cast_to<T>(mask_at(cam, tau, flat, s, a, i / HW, i % HW));
 }
 
 template <typename T, typename m_t>
-__global__ void apply_kernel(T* __restrict__ grad, const m_t* __restrict__ cam, const m_t* __restrict__ tau, DaeArgs a) {
-  const int64_t HW = a.H * a.W, total = a.N * a.C * HW;
+__global__ void apply_kernel(T* __restrict__ grad, const m_t* __restrict__ cam, const m_t* __restrict__ tau,
+                             const unsigned char* __restrict__ flat, DaeShape s, DaeArgs a) {
+  const int64_t HW = s.H * s.W, total = s.N * s.C * HW;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    const m_t m = mask_at(cam, tau, a, i / (a.C * HW), i % HW);
+    const m_t m = mask_at(cam, tau, flat, s, a, i / (s.C * HW), i % HW);
     grad[i] = cast_to<T>(load<m_t>(grad + i) * m);
   }
 }
 
 template <typename T, typename m_t, bool kMomentum>
 __global__ void sgd_kernel(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ buf,
-                           const m_t* __restrict__ cam, const m_t* __restrict__ tau, DaeArgs a, SgdArgs s) {
-  const int64_t HW = a.H * a.W, total = a.N * a.C * HW;
-  const m_t lr = static_cast<m_t>(s.lr), mom = static_cast<m_t>(s.momentum);
-  const m_t damp1 = static_cast<m_t>(1.0 - s.dampening), wd = static_cast<m_t>(s.weight_decay);
+                           const m_t* __restrict__ cam, const m_t* __restrict__ tau,
+                           const unsigned char* __restrict__ flat, DaeShape s, DaeArgs a, SgdArgs sgd) {
+  const int64_t HW = s.H * s.W, total = s.N * s.C * HW;
+  const bool decay = sgd.weight_decay != 0.0;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    m_t d = load<m_t>(grad + i) * mask_at(cam, tau, a, i / (a.C * HW), i % HW);
-    if (s.maximize) d = -d;
-    const m_t p = load<m_t>(param + i);
-    if (s.weight_decay != 0.0) d = d + wd * p;
-    if (kMomentum) {
-      const m_t b = s.first_step ? d : load<m_t>(buf + i) * mom + damp1 * d;
-      const T bs = cast_to<T>(b);
-      buf[i] = bs;
-      const m_t bv = load<m_t>(&bs);
-      d = s.nesterov ? d + mom * bv : bv;
-    }
-    param[i] = cast_to<T>(p - lr * d);
+    const m_t gm = load<m_t>(grad + i) * mask_at(cam, tau, flat, s, a, i / (s.C * HW), i % HW);
+    const m_t b = kMomentum ? load<m_t>(buf + i) : m_t(0);
+    param[i] = cast_to<T>(sgd.step(gm, load<m_t>(param + i), b, kMomentum, sgd.nesterov, decay, [&](m_t v) {
+      const T q = cast_to<T>(v);
+      buf[i] = q;
+      return load<m_t>(&q);
+    }));
   }
 }
 
-constexpr int kThreads = 256;
-
-template <typename m_t>
-cudaError_t taus(const void* cam, const DaeArgs& a, void* tau_ws, cudaStream_t st) {
-  if (a.has_thr) return cudaSuccess;
-  tau_kernel<m_t><<<static_cast<unsigned int>(a.N), kThreads, 0, st>>>(static_cast<const m_t*>(cam), a,
-                                                                        static_cast<m_t*>(tau_ws));
-  return cudaGetLastError();
+// Steps 1 and 2, then launch(m_t{}, cam, tau, flat) for step 3; m_t is the mask dtype (float or double).
+template <typename F>
+cudaError_t with_image_stats(const void* cam, DType m, const DaeShape& s, const DaeArgs& a, void* ws,
+                             cudaStream_t st, F&& launch) {
+  const Ws w = carve(ws, s);
+  auto go = [&](auto mt) -> cudaError_t {
+    using m_t = decltype(mt);
+    const m_t* c = static_cast<const m_t*>(cam);
+    m_t* tau = static_cast<m_t*>(w.tau);
+    if (!a.has_threshold) mass_kernel<m_t><<<1, 32, 0, st>>>(s, w.mass);
+    image_kernel<m_t><<<static_cast<unsigned int>(s.N), kThreads, 0, st>>>(c, s, !a.has_threshold, w.mass, tau, w.flat);
+    const cudaError_t e = cudaGetLastError();
+    return e != cudaSuccess ? e : launch(mt, c, static_cast<const m_t*>(tau), static_cast<const unsigned char*>(w.flat));
+  };
+  return m == DType::F64 ? go(double{}) : go(float{});
 }
 
 }  // namespace
 
-int dae_mask(const void* cam, DType m, void* out, DType out_dtype, const DaeArgs& a, void* tau_ws,
-             CUstream_st* stream) {
-  if (a.N == 0 || a.H * a.W == 0) return cudaSuccess;
-  auto go = [&](auto mt) -> cudaError_t {
-    using m_t = decltype(mt);
-    cudaError_t e = taus<m_t>(cam, a, tau_ws, stream);
-    if (e != cudaSuccess) return e;
-    return dispatch(out_dtype, [&](auto tt) -> cudaError_t {
-      using T = decltype(tt);
-      mask_kernel<T, m_t><<<blocks_for(a.N * a.H * a.W, kThreads), kThreads, 0, stream>>>(
-          static_cast<const m_t*>(cam), static_cast<const m_t*>(tau_ws), a, static_cast<T*>(out));
-      return cudaGetLastError();
-    });
-  };
-  return m == DType::F64 ? go(double{}) : go(float{});
+size_t dae_workspace_bytes(const DaeShape& s) {
+  return static_cast<size_t>(s.h + s.w + s.N) * sizeof(double) + static_cast<size_t>(s.N);
 }
 
-int dae_apply(void* grad, DType g_dtype, const void* cam, DType m, const DaeArgs& a, void* tau_ws,
-              CUstream_st* stream) {
-  if (a.N * a.C * a.H * a.W == 0) return cudaSuccess;
-  auto go = [&](auto mt) -> cudaError_t {
+int dae_mask(const void* cam, DType m, void* out, DType out_dtype, const DaeShape& s, const DaeArgs& a, void* ws,
+             CUstream_st* stream) {
+  if (s.N * s.H * s.W == 0) return cudaSuccess;
+  return with_image_stats(cam, m, s, a, ws, stream, [&](auto mt, auto c, auto tau, auto flat) -> cudaError_t {
     using m_t = decltype(mt);
-    cudaError_t e = taus<m_t>(cam, a, tau_ws, stream);
-    if (e != cudaSuccess) return e;
-    return dispatch(g_dtype, [&](auto tt) -> cudaError_t {
+    return dispatch(out_dtype, [&](auto tt) -> cudaError_t {
       using T = decltype(tt);
-      apply_kernel<T, m_t><<<blocks_for(a.N * a.C * a.H * a.W, kThreads), kThreads, 0, stream>>>(
-          static_cast<T*>(grad), static_cast<const m_t*>(cam), static_cast<const m_t*>(tau_ws), a);
+      mask_kernel<T, m_t><<<blocks_for(s.N * s.H * s.W, kThreads), kThreads, 0, stream>>>(c, tau, flat, s, a,
+                                                                                       static_cast<T*>(out));
       return cudaGetLastError();
     });
-  };
-  return m == DType::F64 ? go(double{}) : go(float{});
+  });
+}
+
+int dae_apply(void* grad, DType g_dtype, const void* cam, DType m, const DaeShape& s, const DaeArgs& a, void* ws,
+              CUstream_st* stream) {
+  if (s.N * s.C * s.H * s.W == 0) return cudaSuccess;
+  return with_image_stats(cam, m, s, a, ws, stream, [&](auto mt, auto c, auto tau, auto flat) -> cudaError_t {
+    using m_t = decltype(mt);
+    return dispatch(g_dtype, [&](auto tt) -> cudaError_t {
+      using T = decltype(tt);
+      apply_kernel<T, m_t><<<blocks_for(s.N * s.C * s.H * s.W, kThreads), kThreads, 0, stream>>>(
+          static_cast<T*>(grad), c, tau, flat, s, a);
+      return cudaGetLastError();
+    });
+  });
 }
 
 int dae_sgd_step(void* param, const void* grad, void* buf, DType g_dtype, const void* cam, DType m,
-                 const DaeArgs& a, const SgdArgs& s, void* tau_ws, CUstream_st* stream) {
-  if (a.N * a.C * a.H * a.W == 0) return cudaSuccess;
-  auto go = [&](auto mt) -> cudaError_t {
+                 const DaeShape& s, const DaeArgs& a, const SgdArgs& sgd, void* ws, CUstream_st* stream) {
+  if (s.N * s.C * s.H * s.W == 0) return cudaSuccess;
+  return with_image_stats(cam, m, s, a, ws, stream, [&](auto mt, auto c, auto tau, auto flat) -> cudaError_t {
     using m_t = decltype(mt);
-    cudaError_t e = taus<m_t>(cam, a, tau_ws, stream);
-    if (e != cudaSuccess) return e;
     return dispatch(g_dtype, [&](auto tt) -> cudaError_t {
       using T = decltype(tt);
-      const unsigned int blocks = blocks_for(a.N * a.C * a.H * a.W, kThreads);
-      const m_t* c = static_cast<const m_t*>(cam);
-      const m_t* tau = static_cast<const m_t*>(tau_ws);
-      if (buf != nullptr && s.momentum != 0.0)
-        sgd_kernel<T, m_t, true><<<blocks, kThreads, 0, stream>>>(static_cast<T*>(param), static_cast<const T*>(grad),
-                                                                  static_cast<T*>(buf), c, tau, a, s);
+      const unsigned int blocks = blocks_for(s.N * s.C * s.H * s.W, kThreads);
+      T* p = static_cast<T*>(param);
+      const T* g = static_cast<const T*>(grad);
+      if (buf != nullptr)
+        sgd_kernel<T, m_t, true><<<blocks, kThreads, 0, stream>>>(p, g, static_cast<T*>(buf), c, tau, flat, s, a, sgd);
       else
-        sgd_kernel<T, m_t, false><<<blocks, kThreads, 0, stream>>>(static_cast<T*>(param),
-                                                                   static_cast<const T*>(grad), nullptr, c, tau, a, s);
+        sgd_kernel<T, m_t, false><<<blocks, kThreads, 0, stream>>>(p, g, nullptr, c, tau, flat, s, a, sgd);
       return cudaGetLastError();
     });
-  };
-  return m == DType::F64 ? go(double{}) : go(float{});
+  });
 }
 
 }  // namespace cuda

@@ -19,7 +19,7 @@ __global__ void sq_kernel(const T* __restrict__ x, const int64_t* __restrict__ p
   const A m = mean[k * D + e];
   A s = 0;
   for (int64_t j = offsets[k]; j < offsets[k + 1]; ++j) {
-    const int64_t i = perm ? perm[j] : j;
+    const int64_t i = group_row(perm, j);
     const A v = load<A>(x + i * D + e) - m;
     s += v * v;
   }
@@ -39,8 +39,8 @@ __global__ void cc_bwd_kernel(const A* __restrict__ go, A coef, const T* __restr
                               const int64_t* __restrict__ perm, const int64_t* __restrict__ offsets, int64_t K,
                               int64_t D, const A* __restrict__ mean, T* __restrict__ out) {
   const int64_t j = blockIdx.x;
-  const int64_t k = class_of(offsets, K, j);
-  const int64_t i = perm ? perm[j] : j;
+  const int64_t k = group_of(offsets, K, j);
+  const int64_t i = group_row(perm, j);
   const A s = coef * *go;
   for (int64_t e = threadIdx.x; e < D; e += blockDim.x)
     out[i * D + e] = cast_to<T>((load<A>(x + i * D + e) - mean[k * D + e]) * s);

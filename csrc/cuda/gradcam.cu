@@ -96,23 +96,16 @@ __global__ void map_kernel(const T* __restrict__ Alast, const A* __restrict__ wt
     return;
   }
   for (int64_t q = threadIdx.x; q < H * W; q += blockDim.x) {
-    const int64_t y = q / W, x = q % W;
-    int64_t y0, y1, x0, x1;
-    A wy0, wy1, wx0, wx1;
-    linear_src<A>(y, h, H, y0, y1, wy0, wy1);
-    linear_src<A>(x, w, W, x0, x1, wx0, wx1);
-    o[q] = wy0 * (wx0 * cam[y0 * w + x0] + wx1 * cam[y0 * w + x1]) +
-           wy1 * (wx0 * cam[y1 * w + x0] + wx1 * cam[y1 * w + x1]);
+    o[q] = bilinear_at<A>(cam, h, w, H, W, q / W, q % W);
   }
 }
 
 }  // namespace
 
 int grad_cam(const void* A, const void* G, const void* A_clean, DType dt, CamMethod method, bool normalize,
-             int64_t S, int64_t N, int64_t C, int64_t h, int64_t w, int64_t H, int64_t W, void* out, void* ws,
-             CUstream_st* stream, int resize) {
+             int64_t S, int64_t N, int64_t C, int64_t h, int64_t w, int64_t H, int64_t W, bool resize, void* out,
+             void* ws, CUstream_st* stream) {
   if (N == 0) return cudaSuccess;
-  const bool up = resize < 0 ? (H != h || W != w) : resize != 0;
   return dispatch(dt, [&](auto tt) -> cudaError_t {
     using T = decltype(tt);
     using Acc = acc_of<T>;
@@ -124,7 +117,7 @@ int grad_cam(const void* A, const void* G, const void* A_clean, DType dt, CamMet
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     map_kernel<T, Acc><<<static_cast<unsigned int>(N), kThreads, 0, stream>>>(
-        a + (S - 1) * N * C * h * w, wts, C, h, w, H, W, normalize, up, cam, static_cast<Acc*>(out));
+        a + (S - 1) * N * C * h * w, wts, C, h, w, H, W, normalize, resize, cam, static_cast<Acc*>(out));
     return cudaGetLastError();
   });
 }

@@ -3,6 +3,8 @@
 
 #include "common.cuh"
 
+#include <edfkern/groups.h>
+
 namespace edfkern {
 namespace cuda {
 
@@ -16,7 +18,7 @@ __global__ void seg_mean_kernel(const T* __restrict__ x, const int64_t* __restri
   const int64_t j0 = offsets[k], j1 = offsets[k + 1];
   A s = 0;
   for (int64_t j = j0; j < j1; ++j) {
-    const int64_t i = perm ? perm[j] : j;
+    const int64_t i = group_row(perm, j);
     s += load<A>(x + i * D + e);
   }
   const int64_t n = j1 - j0;

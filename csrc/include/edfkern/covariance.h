@@ -1,9 +1,8 @@
-// CUDA launchers for local covariance (docs/ops.md). Plain C++.
-// Groups in CSR form: sorted row j is input row perm[j] (perm may be null = identity); class k owns
-// sorted rows offsets[k] .. offsets[k+1]-1. perm and offsets are device int64 arrays.
+// CUDA launchers for local covariance (docs/ops.md). Torch-free (common.h).
+// Groups in CSR form (groups.h): perm (may be null) and offsets are device int64 arrays.
 #pragma once
 
-#include <edfkern/common.h>
+#include <edfkern/groups.h>
 
 struct CUstream_st;
 

@@ -1,14 +1,64 @@
-// CUDA launchers for CPD (docs/ops.md): radix select on order-preserving float bits, all on
-// the device (no host synchronisation), stable-sort tie-break, kept sums. Plain C++.
+// CPD (docs/ops.md): the order-preserving float sort key shared by the CPU and CUDA radix selects,
+// and the CUDA launchers (radix select on the keys, all on the device: no host synchronisation,
+// stable-sort tie-break, kept sums). Torch-free (common.h).
 #pragma once
 
 #include <cstddef>
+#include <cstring>
 
 #include <edfkern/common.h>
 
 struct CUstream_st;
 
 namespace edfkern {
+
+template <typename A>
+struct SortKey;
+template <>
+struct SortKey<float> {
+  using type = uint32_t;
+};
+template <>
+struct SortKey<double> {
+  using type = uint64_t;
+};
+template <typename A>
+using sort_key_t = typename SortKey<A>::type;
+
+// Monotone map float -> unsigned: a < b  <=>  to_key(a) < to_key(b), and -0 == +0. Every NaN (either
+// sign, any payload) maps to the largest key, so NaNs sort after +inf and tie among themselves,
+// as in torch.sort (docs/special-values.md); from_key of that key is a NaN.
+template <typename A>
+EDFKERN_HD sort_key_t<A> to_key(A v) {
+  using U = sort_key_t<A>;
+  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
+  if (v != v) return ~U(0);
+  if (v == A(0)) return sign;
+  U u;
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(A) == 4) u = __float_as_uint(v);
+  else u = static_cast<U>(__double_as_longlong(v));
+#else
+  std::memcpy(&u, &v, sizeof(U));
+#endif
+  return (u & sign) ? ~u : (u | sign);
+}
+
+template <typename A>
+EDFKERN_HD A from_key(sort_key_t<A> u) {
+  using U = sort_key_t<A>;
+  constexpr U sign = U(1) << (sizeof(U) * 8 - 1);
+  u = (u & sign) ? (u & ~sign) : ~u;
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(A) == 4) return __uint_as_float(u);
+  else return __longlong_as_double(static_cast<long long>(u));
+#else
+  A v;
+  std::memcpy(&v, &u, sizeof(U));
+  return v;
+#endif
+}
+
 namespace cuda {
 
 // Bytes of device workspace for P elements (select state, one histogram, per-chunk counts).

@@ -1,8 +1,8 @@
-// CUDA launchers for segmented reductions over flat features (docs/ops.md: CC and DM). Plain C++.
-// Groups as in covariance.h (device int64 perm, may be null, and offsets).
+// CUDA launchers for segmented reductions over flat features (docs/ops.md: CC and DM). Torch-free (common.h).
+// Groups in CSR form (groups.h): perm (may be null) and offsets are device int64 arrays.
 #pragma once
 
-#include <edfkern/common.h>
+#include <edfkern/groups.h>
 
 struct CUstream_st;
 
