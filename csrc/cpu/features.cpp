@@ -1,7 +1,11 @@
 // Segmented reductions over flat features (docs/ops.md: CC and DM) on CPU.
-// Tasks are (class, 256-column slice) pairs: the slice of one class is read once for the mean
+// CC: tasks are (class, 256-column slice) pairs: the slice of one class is read once for the mean
 // and once more, while still in cache, for sum ||x_i - mu_k||^2. Partial sums are combined in
 // a fixed order in float64, so results do not depend on the thread count.
+// seg_mean (DM, and the covariance means): tasks are (class, block of whole rows) pairs, so every
+// task streams contiguous rows (a column slice strided over rows ran at 65 % of the copy
+// bandwidth, benchmarks/NOTES.md 2026-12-02); the block partials are summed per class in block
+// order. The blocks are fixed by the row count, not the thread count, so neither is the result.
 #include "kernels.h"
 
 #include <ATen/Dispatch.h>
@@ -41,7 +45,6 @@ void mean_and_sq(const at::Tensor& x, const HostGroups& g, at::Tensor& mean, dou
       const acc_t n = static_cast<acc_t>(std::max<int64_t>(1, j1 - j0));
       acc_t* m = mp + k * D + c0;
       for (int64_t c = 0; c < w; ++c) m[c] = acc[c] / n;
-      if (!sq_total) continue;
       std::fill(acc.begin(), acc.begin() + w, acc_t(0));
       for (int64_t j = j0; j < j1; ++j) {
         const scalar_t* r = xp + g.row(j) * D + c0;
@@ -55,11 +58,62 @@ void mean_and_sq(const at::Tensor& x, const HostGroups& g, at::Tensor& mean, dou
       part[t] = s;
     }
   });
-  if (sq_total) {
-    double s = 0.0;
-    for (double v : part) s += v;
-    *sq_total = s;
-  }
+  double s = 0.0;
+  for (double v : part) s += v;
+  *sq_total = s;
+}
+
+// Rows per seg_mean task: about 512 KB of input, at least 1.
+int64_t mean_block_rows(int64_t D, int64_t elem) { return std::max<int64_t>(1, (int64_t(512) << 10) / (D * elem)); }
+
+template <typename scalar_t>
+void seg_mean_rows(const at::Tensor& x, const HostGroups& g, at::Tensor& mean) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = x.size(1), K = g.K();
+  const int64_t R = mean_block_rows(D, x.element_size());
+  std::vector<int64_t> first(K + 1, 0);  // task index of class k's first block
+  for (int64_t k = 0; k < K; ++k) first[k + 1] = first[k] + (g.offsets[k + 1] - g.offsets[k] + R - 1) / R;
+  const int64_t T = first[K];
+  std::vector<acc_t> part(T * D);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    int64_t k = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
+    for (int64_t t = t0; t < t1; ++t) {
+      while (t >= first[k + 1]) ++k;
+      const int64_t j0 = g.offsets[k] + (t - first[k]) * R, j1 = std::min(g.offsets[k + 1], j0 + R);
+      acc_t* __restrict__ acc = part.data() + t * D;
+      std::fill(acc, acc + D, acc_t(0));
+      int64_t j = j0;
+      for (; j + 4 <= j1; j += 4) {
+        const scalar_t* __restrict__ r0 = xp + g.row(j) * D;
+        const scalar_t* __restrict__ r1 = xp + g.row(j + 1) * D;
+        const scalar_t* __restrict__ r2 = xp + g.row(j + 2) * D;
+        const scalar_t* __restrict__ r3 = xp + g.row(j + 3) * D;
+        for (int64_t c = 0; c < D; ++c)
+          acc[c] += (static_cast<acc_t>(r0[c]) + static_cast<acc_t>(r1[c])) +
+                    (static_cast<acc_t>(r2[c]) + static_cast<acc_t>(r3[c]));
+      }
+      for (; j < j1; ++j) {
+        const scalar_t* __restrict__ r = xp + g.row(j) * D;
+        for (int64_t c = 0; c < D; ++c) acc[c] += static_cast<acc_t>(r[c]);
+      }
+    }
+  });
+  acc_t* mp = mean.data_ptr<acc_t>();
+  const int64_t nchunks = (D + kCols - 1) / kCols;
+  at::parallel_for(0, K * nchunks, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t k = u / nchunks, c0 = (u % nchunks) * kCols, c1 = std::min(D, c0 + kCols);
+      acc_t* __restrict__ m = mp + k * D;
+      for (int64_t c = c0; c < c1; ++c) m[c] = acc_t(0);
+      for (int64_t t = first[k]; t < first[k + 1]; ++t) {
+        const acc_t* __restrict__ p = part.data() + t * D;
+        for (int64_t c = c0; c < c1; ++c) m[c] += p[c];
+      }
+      const acc_t n = static_cast<acc_t>(std::max<int64_t>(1, g.offsets[k + 1] - g.offsets[k]));
+      for (int64_t c = c0; c < c1; ++c) m[c] /= n;
+    }
+  });
 }
 
 }  // namespace
@@ -70,7 +124,7 @@ at::Tensor seg_mean(const at::Tensor& x, const std::optional<at::Tensor>& perm, 
   auto mean = at::zeros({g.K(), x.size(1)}, x.options().dtype(acc));
   if (g.K() == 0 || x.numel() == 0) return mean;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "edfkern_seg_mean", [&] {
-    mean_and_sq<scalar_t>(x, g, mean, nullptr);
+    seg_mean_rows<scalar_t>(x, g, mean);
   });
   return mean;
 }
