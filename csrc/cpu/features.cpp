@@ -33,21 +33,43 @@ void mean_and_sq(const at::Tensor& x, const HostGroups& g, at::Tensor& mean, dou
   acc_t* mp = mean.data_ptr<acc_t>();
   std::vector<double> part(K * nchunks, 0.0);
   at::parallel_for(0, K * nchunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> acc(kCols);
+    alignas(64) acc_t acc[kCols];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k = t / nchunks, c0 = (t % nchunks) * kCols, w = std::min(D, c0 + kCols) - c0;
       const int64_t j0 = g.offsets[k], j1 = g.offsets[k + 1];
-      std::fill(acc.begin(), acc.begin() + w, acc_t(0));
-      for (int64_t j = j0; j < j1; ++j) {
-        const scalar_t* r = xp + g.row(j) * D + c0;
+      // Four rows per step, summed in pairs: the loops vectorise over c and touch acc a quarter as often.
+      std::fill(acc, acc + w, acc_t(0));
+      int64_t j = j0;
+      for (; j + 4 <= j1; j += 4) {
+        const scalar_t* __restrict__ r0 = xp + g.row(j) * D + c0;
+        const scalar_t* __restrict__ r1 = xp + g.row(j + 1) * D + c0;
+        const scalar_t* __restrict__ r2 = xp + g.row(j + 2) * D + c0;
+        const scalar_t* __restrict__ r3 = xp + g.row(j + 3) * D + c0;
+        for (int64_t c = 0; c < w; ++c)
+          acc[c] += (static_cast<acc_t>(r0[c]) + static_cast<acc_t>(r1[c])) +
+                    (static_cast<acc_t>(r2[c]) + static_cast<acc_t>(r3[c]));
+      }
+      for (; j < j1; ++j) {
+        const scalar_t* __restrict__ r = xp + g.row(j) * D + c0;
         for (int64_t c = 0; c < w; ++c) acc[c] += static_cast<acc_t>(r[c]);
       }
       const acc_t n = static_cast<acc_t>(std::max<int64_t>(1, j1 - j0));
-      acc_t* m = mp + k * D + c0;
+      acc_t* __restrict__ m = mp + k * D + c0;
       for (int64_t c = 0; c < w; ++c) m[c] = acc[c] / n;
-      std::fill(acc.begin(), acc.begin() + w, acc_t(0));
-      for (int64_t j = j0; j < j1; ++j) {
-        const scalar_t* r = xp + g.row(j) * D + c0;
+      std::fill(acc, acc + w, acc_t(0));
+      for (j = j0; j + 4 <= j1; j += 4) {
+        const scalar_t* __restrict__ r0 = xp + g.row(j) * D + c0;
+        const scalar_t* __restrict__ r1 = xp + g.row(j + 1) * D + c0;
+        const scalar_t* __restrict__ r2 = xp + g.row(j + 2) * D + c0;
+        const scalar_t* __restrict__ r3 = xp + g.row(j + 3) * D + c0;
+        for (int64_t c = 0; c < w; ++c) {
+          const acc_t v0 = static_cast<acc_t>(r0[c]) - m[c], v1 = static_cast<acc_t>(r1[c]) - m[c];
+          const acc_t v2 = static_cast<acc_t>(r2[c]) - m[c], v3 = static_cast<acc_t>(r3[c]) - m[c];
+          acc[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
+        }
+      }
+      for (; j < j1; ++j) {
+        const scalar_t* __restrict__ r = xp + g.row(j) * D + c0;
         for (int64_t c = 0; c < w; ++c) {
           const acc_t v = static_cast<acc_t>(r[c]) - m[c];
           acc[c] += v * v;
@@ -161,9 +183,9 @@ at::Tensor cc_backward(const at::Tensor& grad_out, const at::Tensor& x, const st
       for (int64_t j = j0; j < j1; ++j) {
         while (k + 1 < K && j >= g.offsets[k + 1]) ++k;
         const int64_t i = g.row(j);
-        const scalar_t* r = xp + i * D;
-        const acc_t* m = mp + k * D;
-        scalar_t* o = op + i * D;
+        const scalar_t* __restrict__ r = xp + i * D;
+        const acc_t* __restrict__ m = mp + k * D;
+        scalar_t* __restrict__ o = op + i * D;
         for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>((static_cast<acc_t>(r[c]) - m[c]) * s);
       }
     });
