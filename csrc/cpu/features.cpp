@@ -1,7 +1,9 @@
 // Segmented reductions over flat features (docs/ops.md: CC and DM) on CPU.
-// CC: tasks are (class, 256-column slice) pairs: the slice of one class is read once for the mean
-// and once more, while still in cache, for sum ||x_i - mu_k||^2. Partial sums are combined in
-// a fixed order in float64, so results do not depend on the thread count.
+// CC: tasks are (class, group of 256-column slices) pairs: the columns of one class are read once
+// for the mean and once more, from cache, for sum ||x_i - mu_k||^2. With at least as many classes
+// as threads a group is every column, so a task streams whole rows (slices strided over the rows
+// read at under half the copy bandwidth). Per-slice partial sums are combined in a fixed order in
+// float64, and the grouping changes no arithmetic, so results do not depend on the thread count.
 // seg_mean (DM, and the covariance means): tasks are (class, block of whole rows) pairs, so every
 // task streams contiguous rows (a column slice strided over rows ran at 65 % of the copy
 // bandwidth, benchmarks/NOTES.md 2026-12-02); the block partials are summed per class in block
@@ -29,13 +31,21 @@ void mean_and_sq(const at::Tensor& x, const HostGroups& g, at::Tensor& mean, dou
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = x.size(1), K = g.K();
   const int64_t nchunks = (D + kCols - 1) / kCols;
+  // Tasks: (class, group of consecutive slices). One group per class when there are enough
+  // classes for the threads, so a task streams whole rows; the per-column arithmetic and the
+  // per-slice partials are the same whatever the grouping, so the result is too.
+  const int64_t groups = std::min(nchunks, std::max<int64_t>(1, (at::get_num_threads() + K - 1) / K));
+  const int64_t per = (nchunks + groups - 1) / groups;  // slices per group
   const scalar_t* xp = x.data_ptr<scalar_t>();
   acc_t* mp = mean.data_ptr<acc_t>();
   std::vector<double> part(K * nchunks, 0.0);
-  at::parallel_for(0, K * nchunks, 1, [&](int64_t t0, int64_t t1) {
-    alignas(64) acc_t acc[kCols];
+  at::parallel_for(0, K * groups, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> buf(std::min(D, per * kCols));
+    acc_t* __restrict__ acc = buf.data();
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k = t / nchunks, c0 = (t % nchunks) * kCols, w = std::min(D, c0 + kCols) - c0;
+      const int64_t k = t / groups, s0 = (t % groups) * per, s1 = std::min(nchunks, s0 + per);
+      if (s0 >= s1) continue;
+      const int64_t c0 = s0 * kCols, w = std::min(D, s1 * kCols) - c0;
       const int64_t j0 = g.offsets[k], j1 = g.offsets[k + 1];
       // Four rows per step, summed in pairs: the loops vectorise over c and touch acc a quarter as often.
       std::fill(acc, acc + w, acc_t(0));
@@ -56,6 +66,7 @@ void mean_and_sq(const at::Tensor& x, const HostGroups& g, at::Tensor& mean, dou
       const acc_t n = static_cast<acc_t>(std::max<int64_t>(1, j1 - j0));
       acc_t* __restrict__ m = mp + k * D + c0;
       for (int64_t c = 0; c < w; ++c) m[c] = acc[c] / n;
+      // Second pass over the class (from cache for a slice group, from L3 for whole rows).
       std::fill(acc, acc + w, acc_t(0));
       for (j = j0; j + 4 <= j1; j += 4) {
         const scalar_t* __restrict__ r0 = xp + g.row(j) * D + c0;
@@ -75,9 +86,11 @@ void mean_and_sq(const at::Tensor& x, const HostGroups& g, at::Tensor& mean, dou
           acc[c] += v * v;
         }
       }
-      double s = 0.0;
-      for (int64_t c = 0; c < w; ++c) s += static_cast<double>(acc[c]);
-      part[t] = s;
+      for (int64_t sl = s0; sl < s1; ++sl) {  // per-slice partials in float64, as before
+        double sum = 0.0;
+        for (int64_t c = sl * kCols - c0; c < std::min(w, (sl + 1) * kCols - c0); ++c) sum += static_cast<double>(acc[c]);
+        part[k * nchunks + sl] = sum;
+      }
     }
   });
   double s = 0.0;
