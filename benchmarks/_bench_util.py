@@ -25,7 +25,8 @@ SETTINGS = {"scale": os.environ.get("EDFKERN_BENCH_SCALE") or "auto",
 
 
 def provider_params():
-    """baseline + every backend; the ones that cannot run here carry a skip mark with the reason."""
+    """baseline + every backend + ``compiled`` (torch.compile of :mod:`edfkern.bench.compiled`'s plain
+    PyTorch formulas); the ones that cannot run here carry a skip mark with the (one-line) reason."""
     out = []
     for name, why in providers(DEVICE).items():
         if why is None and name == "triton" and DEVICE == "cpu" and os.environ.get("EDFKERN_BENCH_TRITON_CPU") != "1":
@@ -57,8 +58,10 @@ def run_bench(benchmark, op: str, provider: str, mode: str, config: str) -> None
     except Unavailable as e:
         pytest.skip(str(e))
     benchmark.group = f"{op} {mode} @ {config}"
+    # a compiled case was compiled and warmed at this shape inside make_case: outside the timed rounds
     benchmark.extra_info.update(op=op, provider=provider, mode=mode, config=config, scale=scale, N=case.config.N,
-                                shapes=case.shapes, bytes_moved=case.bytes_moved, flops=case.flops)
+                                shapes=case.shapes, bytes_moved=case.bytes_moved, flops=case.flops,
+                                compile_s=case.compile_s)
     case.reset()
     t0 = time.perf_counter()
     case.fn()  # first call: warm-up, and the estimate for the number of rounds

@@ -1,4 +1,4 @@
-"""IID covariance: ``local_covariance`` and ``covariance_matching_loss``, per-class loop vs backends."""
+"""IID covariance: ``local_covariance`` and ``covariance_matching_loss``, per-class loop vs backends and compiled."""
 import pytest
 
 from _bench_util import config_params, provider_params, run_bench

@@ -1,4 +1,4 @@
-"""CPD (EDF): ``cpd_trajectory_loss`` forward / backward / both, full-sort baseline vs backends."""
+"""CPD (EDF): ``cpd_trajectory_loss`` forward / backward / both, full-sort baseline vs backends and compiled."""
 import pytest
 
 from _bench_util import config_params, provider_params, run_bench

@@ -1,4 +1,4 @@
-"""DAE (EDF): ``dae_`` and ``dae_sgd_step_``, loop baseline vs backends, per config."""
+"""DAE (EDF): ``dae_`` and ``dae_sgd_step_``, loop baseline vs backends and compiled, per config."""
 import pytest
 
 from _bench_util import config_params, provider_params, run_bench

@@ -1,4 +1,4 @@
-"""IID class centralization and DM mean matching on flat features, loops vs backends."""
+"""IID class centralization and DM mean matching on flat features, loops vs backends and compiled."""
 import pytest
 
 from _bench_util import config_params, provider_params, run_bench

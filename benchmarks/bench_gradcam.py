@@ -1,4 +1,4 @@
-"""Grad-CAM (smoothgradcam++, ResNet-18 layer4 512x4x4, 4 noisy passes): per-image loop vs backends."""
+"""Grad-CAM (smoothgradcam++, ResNet-18 layer4 512x4x4, 4 noisy passes): per-image loop vs backends and compiled."""
 import pytest
 
 from _bench_util import config_params, provider_params, run_bench

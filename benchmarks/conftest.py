@@ -6,8 +6,12 @@ parametrized over provider x mode x config. Compare providers side by side with:
     pytest benchmarks/ --benchmark-only --benchmark-group-by=param:config
     pytest benchmarks/bench_covariance.py --benchmark-only --benchmark-group-by=func,param:mode,param:config
 
-Providers are ``baseline`` (the loops of :mod:`edfkern.baselines`) and every backend of
-:func:`edfkern.backends`; one that cannot run here is skipped with the registry's reason.
+Providers are ``baseline`` (the loops of :mod:`edfkern.baselines`), every backend of
+:func:`edfkern.backends`, and ``compiled``: ``torch.compile`` (inductor, default mode,
+``dynamic=False``) of the plain vectorised PyTorch formulas in :mod:`edfkern.bench.compiled`,
+compiled and warmed at each case's shape before the timed rounds (its ``extra_info`` holds
+``compile_s``); one that cannot run here is skipped with the reason (for ``compiled``: why
+torch.compile failed, e.g. no C++ compiler).
 On CPU, ``triton`` runs only under the TRITON_INTERPRET=1 interpreter, whose times mean
 nothing for the kernels, so it is skipped unless EDFKERN_BENCH_TRITON_CPU=1.
 

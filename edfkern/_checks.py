@@ -24,9 +24,13 @@ MAX_DIM = 2**31 - 1
 MAX_NUMEL = 2**40
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation (and loss/covariance output) dtype: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation (and loss/covariance output) dtype: float64 if any of ``dtypes`` is float64, else float32.
+
+    One dtype for most ops; DAE passes two (the CAM's and that of the tensor it scales, docs/ops.md):
+    its mask is computed in float64 when either is float64.
+    """
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def check_float_tensor(name: str, t: object) -> Tensor:
@@ -127,7 +131,7 @@ def check_size(name: str, size: object) -> tuple[int, int]:
 
 def check_numel(name: str, shape: Sequence[int]) -> None:
     """Refuse an output of more than ``MAX_NUMEL`` elements before asking the allocator for it."""
-    n = math.prod(int(s) for s in shape)
+    n = math.prod([int(s) for s in shape])  # a list, not a generator: torch.compile traces it
     if n > MAX_NUMEL:
         raise ValueError(f"{name} must hold at most {MAX_NUMEL:.3e} elements; shape {tuple(shape)} would hold {n:.3e}")
 

@@ -3,22 +3,23 @@
 These are the "original" rows of every benchmark and the second oracle in tests.
 They are deliberately the per-image / per-class / per-sample Python loops of the
 authors' released code (EDF's ``create_soft_mask`` and CPD sort block, IID's
-per-class ``loss_cov`` / ``loss_insdis`` and DM's per-class means), not tuned.
-Groups are ``int`` K (contiguous blocks) or ``(N,)`` labels, as in the ops.
+per-class ``loss_cov`` / ``loss_insdis`` and DM's per-class means, EDF's per-class
+Grad-CAM passes), not tuned. Groups are ``int`` K (contiguous blocks) or ``(N,)`` labels,
+as in the ops (``edfkern._checks.GroupsArg``).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-Groups = Union[int, Tensor]
+from ._checks import GroupsArg
 
 
-def _members(groups: Groups, n: int, num_groups: Optional[int] = None) -> list[Tensor]:
+def _members(groups: GroupsArg, n: int, num_groups: Optional[int] = None) -> list[Tensor]:
     """Row indices of every class, in order."""
     if isinstance(groups, int):
         ipc = n // groups
@@ -84,36 +85,99 @@ def dae_sgd_step_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor]
 # ----------------------------------------------------------------------------- Grad-CAM
 
 
+_CAM_EPS = 1e-8
+
+
+def _cam_weights(method: str, a: Tensor, g: Tensor, clean: Optional[Tensor] = None) -> Tensor:
+    """torchcam-0.4 channel weights ``(..., C)`` of one map or a batch of maps ``(..., C, h, w)``.
+
+    For ``"smoothgradcam++"``, ``g`` holds the S noisy passes first, ``(S, ..., C, h, w)``, and
+    ``clean`` the clean activations of alpha's denominator; the weights use the last pass.
+    """
+    hw = (-2, -1)
+    if method == "smoothgradcam++":
+        d2, d3 = (g ** 2).mean(0), (g ** 3).mean(0)
+        alpha = d2 / (2 * d2 + (clean * d3).sum(dim=hw, keepdim=True) + _CAM_EPS)
+        return (alpha * torch.relu(g[-1])).sum(dim=hw)
+    if method == "gradcam":
+        return g.mean(dim=hw)
+    alpha = g ** 2 / (2 * g ** 2 + (a * g ** 3).sum(dim=hw, keepdim=True) + _CAM_EPS)
+    return (alpha * torch.relu(g)).sum(dim=hw)
+
+
+def _cam_map(w: Tensor, a: Tensor, normalize: bool) -> Tensor:
+    """``ReLU(sum_c w_c A_c)``, then per-map ``cam -= min; cam /= max + 1e-8``: (..., C, h, w) -> (..., h, w)."""
+    cam = torch.relu((w[..., None, None] * a).sum(-3))
+    if normalize:
+        cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
+        cam = cam / (cam.amax(dim=(-2, -1), keepdim=True) + _CAM_EPS)
+    return cam
+
+
 def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam", size=None, normalize: bool = True,
              clean_activations: Optional[Tensor] = None) -> Tensor:
     """One image at a time, as torchcam computes a map, stacked."""
-    eps = 1e-8
     smooth = method == "smoothgradcam++"
     n = activations.shape[1] if smooth else activations.shape[0]
     out = []
     for i in range(n):
         if smooth:
-            gs = gradients[:, i].float()
-            d2, d3 = (gs ** 2).mean(0), (gs ** 3).mean(0)
-            a_clean = clean_activations[i].float()
-            alpha = d2 / (2 * d2 + (a_clean * d3).sum(dim=(1, 2), keepdim=True) + eps)
-            a, g = activations[-1, i].float(), gs[-1]
-            w = (alpha * torch.relu(g)).sum(dim=(1, 2))
+            a, g, clean = activations[-1, i].float(), gradients[:, i].float(), clean_activations[i].float()
         else:
-            a, g = activations[i].float(), gradients[i].float()
-            if method == "gradcam":
-                w = g.mean(dim=(1, 2))
-            else:
-                alpha = g ** 2 / (2 * g ** 2 + (a * g ** 3).sum(dim=(1, 2), keepdim=True) + eps)
-                w = (alpha * torch.relu(g)).sum(dim=(1, 2))
-        cam = torch.relu((w[:, None, None] * a).sum(0))
-        if normalize:
-            cam = cam - cam.min()
-            cam = cam / (cam.max() + eps)
+            a, g, clean = activations[i].float(), gradients[i].float(), None
+        cam = _cam_map(_cam_weights(method, a, g, clean), a, normalize)
         if size is not None:
             cam = F.interpolate(cam[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
         out.append(cam)
     return torch.stack(out)
+
+
+def cams_per_class(model: nn.Module, layer: nn.Module, images: Tensor, ipc: int, *, num_samples: int = 4,
+                   std: float = 0.3, generator: Optional[torch.Generator] = None) -> Tensor:
+    """EDF's ``get_activation_maps``: one torchcam-0.4 ``SmoothGradCAMpp`` pass per class.
+
+    ``images`` is ``(K * ipc, C, H, W)``, class ``c`` owning rows ``c*ipc : (c+1)*ipc``; returns the
+    normalised ``(K * ipc, h, w)`` maps at ``layer``'s resolution, each for its own class. Per class:
+    a clean forward (the activations of alpha's denominator), then ``num_samples`` noisy forward +
+    ``backward()`` passes (gradients from a tensor hook on ``layer``'s output, ``model.zero_grad()``
+    before each), then the class's maps at once, as torchcam computes them. The noise follows ``CAMExtractor``'s
+    convention (one ``randn(images.shape, generator=generator) * std`` per pass, drawn first), so the
+    maps are comparable with the extractor's. The model runs in eval mode; every module's mode is restored and
+    its parameters' ``.grad`` are left ``None``.
+    """
+    noises = [torch.randn(images.shape, generator=generator, dtype=images.dtype, device=images.device) * std
+              for _ in range(num_samples)]
+    store = {}
+
+    def hook(m, i, o):
+        store["a"] = o.detach()
+        if o.requires_grad:
+            o.register_hook(lambda g: store.__setitem__("g", g.detach()))
+
+    handle = layer.register_forward_hook(hook)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    maps = []
+    try:
+        for c in range(images.shape[0] // ipc):
+            rows = slice(c * ipc, (c + 1) * ipc)
+            x = images[rows].detach()
+            model(x)
+            a_clean = store["a"]
+            grads = []
+            for s in range(num_samples):
+                out = model(x + noises[s][rows])
+                model.zero_grad()
+                out[:, c].sum().backward()
+                grads.append(store["g"])
+            w = _cam_weights("smoothgradcam++", store["a"], torch.stack(grads), a_clean)  # last pass's A
+            maps.append(_cam_map(w, store["a"], True))
+    finally:
+        handle.remove()
+        for m, training in modes:
+            m.train(training)
+        model.zero_grad(set_to_none=True)
+    return torch.cat(maps)
 
 
 # ----------------------------------------------------------------------------- CPD (EDF)
@@ -149,7 +213,7 @@ def _acc(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def local_covariance(x: Tensor, *, groups: Groups, num_groups: Optional[int] = None) -> Tensor:
+def local_covariance(x: Tensor, *, groups: GroupsArg, num_groups: Optional[int] = None) -> Tensor:
     """IID's per-class covariance: centre the class, form every (C, C) product, average them."""
     x = _acc(x.flatten(2) if x.dim() == 4 else (x[:, :, None] if x.dim() == 2 else x))
     out = []
@@ -164,7 +228,7 @@ def local_covariance(x: Tensor, *, groups: Groups, num_groups: Optional[int] = N
     return torch.stack(out)
 
 
-def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: Groups, real_groups: Groups,
+def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: GroupsArgArg, real_groups: GroupsArgArg,
                              num_groups: Optional[int] = None, weight: float = 0.01) -> Tensor:
     """``loss_cov`` of IID, class by class."""
     k_syn = _members(syn_groups, syn.shape[0], num_groups)
@@ -177,7 +241,7 @@ def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: Groups, r
     return weight * loss
 
 
-def class_centralization_loss(feat: Tensor, *, groups: Groups, num_groups: Optional[int] = None,
+def class_centralization_loss(feat: Tensor, *, groups: GroupsArg, num_groups: Optional[int] = None,
                               weight: float = 0.05) -> Tensor:
     """``loss_insdis`` of IID (linear form): a loop over classes and, inside, over samples."""
     f = _acc(feat.reshape(feat.shape[0], -1))
@@ -190,7 +254,7 @@ def class_centralization_loss(feat: Tensor, *, groups: Groups, num_groups: Optio
     return weight * loss
 
 
-def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: Groups, real_groups: Groups,
+def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: GroupsArgArg, real_groups: GroupsArgArg,
                        num_groups: Optional[int] = None, weight: float = 1.0) -> Tensor:
     """DM's ``loss_ori``: per-class mean embeddings, squared distance, summed over classes."""
     s = _acc(syn.reshape(syn.shape[0], -1))

@@ -269,6 +269,28 @@ def report_agreement(base, fused, ctrl, init_x: torch.Tensor, iters: int, trace,
               f"{float((base.image_syn - ctrl.image_syn).abs().max()):.3e} after {iters} iterations")
 
 
+def report_distributed(trace, single_images: torch.Tensor, dist_images: torch.Tensor, ctrl, iters: int,
+                       rel_first: float, every: int, what: str = "loss") -> bool:
+    """Rank 0 of a ``--distributed`` demo: the single-process and distributed runs' losses at a few
+    iterations, how far their images ended apart, the 1-ulp control if it ran, and the verdict.
+
+    ``trace`` holds ``(iteration, single-process loss, distributed loss)``; returns whether the runs
+    agree (first-iteration difference at rounding level, no NaN loss) and prints ``RESULT:``.
+    """
+    for it, l1, ld in trace:
+        if it in (1, 2, 10) or it == iters or it % every == 0:
+            print(f"iteration {it}: {what} single-process {l1:.9g}, distributed {ld:.9g}")
+    diff = float((single_images - dist_images).abs().max())
+    print(f"max |image_syn(single process) - image_syn(distributed)| = {diff:.3e} after {iters} iterations; "
+          f"after the first iteration ||difference|| / ||update|| = {rel_first:.2e}")
+    if ctrl is not None:
+        print(f"control: max |image_syn(single process) - image_syn(single process, initial images +1 ulp)| = "
+              f"{float((single_images - ctrl.image_syn.detach()).abs().max()):.3e} after {iters} iterations")
+    ok = rel_first < 1e-2 and all(l1 == l1 and ld == ld for _, l1, ld in trace)
+    print("RESULT:", "OK" if ok else "MISMATCH")
+    return ok
+
+
 def add_common_args(p) -> None:
     """The options both demos share: evaluation, seed, the 1-ulp control run and threads."""
     p.add_argument("--eval-epochs", type=int, default=None, help="default 300; quick 100")

@@ -203,19 +203,9 @@ def run_distributed(args, data: U.Digits) -> int:
     if rank == 0:
         print(f"distributed DM+IID: {world} ranks (gloo), layout {args.layout}; rank 0 holds "
               f"{len(mine.rows)} of {U.NUM_CLASSES * args.ipc} synthetic images")
-        for it, l1, ld in trace:
-            if it in (1, 2, 10) or it == args.iters or it % 100 == 0:
-                print(f"iteration {it}: loss single-process {l1:.9g}, distributed {ld:.9g}")
-        diff = float((one.image_syn.detach() - full).abs().max())
-        print(f"max |image_syn(single process) - image_syn(distributed)| = {diff:.3e} after {args.iters} iterations; "
-              f"after the first iteration ||difference|| / ||update|| = {rel_first:.2e}")
-        if ctrl is not None:
-            print(f"control: max |image_syn(single process) - image_syn(single process, initial images +1 ulp)| = "
-                  f"{float((one.image_syn.detach() - ctrl.image_syn.detach()).abs().max()):.3e} after {args.iters} iterations")
+        ok = U.report_distributed(trace, one.image_syn.detach(), full, ctrl, args.iters, rel_first, every=100)
         print(f"ms / iteration (median): single process {one.it_time.median_ms:.2f}, distributed rank 0 "
               f"{mine.it_time.median_ms:.2f}")
-        ok = rel_first < 1e-2 and all(l1 == l1 and ld == ld for _, l1, ld in trace)
-        print("RESULT:", "OK" if ok else "MISMATCH")
     dist.destroy_process_group()
     return 0 if ok else 1
 

@@ -10,8 +10,8 @@
    iterations, of a ConvNet trained on the real data (here: the first expert's final weights;
    EDF uses an ImageNet ResNet-18).
 
-   * baseline run: per-class CAM loop (torchcam-0.4 style: clean forward, ``num_samples`` noisy
-     forward + ``backward()`` passes per class, ``edfkern.baselines.grad_cam``), ``image_syn.grad *=
+   * baseline run: per-class CAM loop (``edfkern.baselines.cams_per_class``, torchcam-0.4 style:
+     clean forward, ``num_samples`` noisy forward + ``backward()`` passes per class), ``image_syn.grad *=
      baselines.create_soft_mask(...)``, ``torch.optim.SGD``, and ``baselines.cpd_trajectory_loss`` (full sort);
    * edfkern run: ``CAMExtractor`` (all images in one batched pass), ``DAESGD`` (mask fused into the
      SGD step) and ``edfkern.cpd_trajectory_loss``.
@@ -99,53 +99,6 @@ def cam_model(flat: Tensor) -> torch.nn.Module:
     return net.eval()
 
 
-# ----------------------------------------------------------------------------- CAMs
-
-
-def noise_draws(shape, num_samples: int, std: float, generator: torch.Generator) -> list[Tensor]:
-    """CAMExtractor's documented noise convention: one randn(images.shape) * std per noisy pass."""
-    return [torch.randn(shape, generator=generator) * std for _ in range(num_samples)]
-
-
-def cams_per_class_loop(model, images: Tensor, ipc: int, num_samples: int, std: float,
-                        generator: torch.Generator) -> Tensor:
-    """EDF's get_activation_maps: one torchcam-style SmoothGradCAMpp pass per class.
-
-    Per class: a clean forward, then ``num_samples`` noisy forward + ``backward()`` passes
-    (gradients from a tensor hook, ``model.zero_grad()`` before each), then the per-image map loop.
-    """
-    layer = model.get_submodule(CAM_LAYER)
-    noises = noise_draws(images.shape, num_samples, std, generator)
-    store = {}
-
-    def hook(m, i, o):
-        store["a"] = o.detach()
-        if o.requires_grad:
-            o.register_hook(lambda gr: store.__setitem__("g", gr.detach()))
-
-    handle = layer.register_forward_hook(hook)
-    maps = []
-    try:
-        for c in range(images.shape[0] // ipc):
-            sl = slice(c * ipc, (c + 1) * ipc)
-            x = images[sl].detach()
-            model(x)
-            a_clean = store["a"]
-            acts, grads = [], []
-            for s in range(num_samples):
-                out = model(x + noises[s][sl])
-                model.zero_grad()
-                out[:, c].sum().backward()
-                acts.append(store["a"])
-                grads.append(store["g"])
-            maps.append(baselines.grad_cam(torch.stack(acts), torch.stack(grads), method="smoothgradcam++",
-                                           clean_activations=a_clean))
-    finally:
-        handle.remove()
-        model.zero_grad(set_to_none=True)
-    return torch.cat(maps)
-
-
 # ----------------------------------------------------------------------------- distillation
 
 
@@ -188,8 +141,9 @@ class Distiller:
                         self.cams = self.extractor(image_syn, label_syn, generator=self.g_cam)
                         self.opt_img.set_cam(image_syn, self.cams)
                     else:
-                        self.cams = cams_per_class_loop(self.cam_net, image_syn, ipc, args.cam_samples, args.cam_std,
-                                                        self.g_cam)
+                        self.cams = baselines.cams_per_class(self.cam_net, self.cam_net.get_submodule(CAM_LAYER),
+                                                             image_syn, ipc, num_samples=args.cam_samples,
+                                                             std=args.cam_std, generator=self.g_cam)
             w = start.clone().requires_grad_(True)
             for idx in order:  # unrolled student training on the synthetic set
                 ce = F.cross_entropy(self.student(w, image_syn[idx]), label_syn[idx])
@@ -229,7 +183,8 @@ class Distiller:
                                   momentum=0.5, first_step=True)
             cpd = edfkern.cpd_trajectory_loss
         else:
-            cams = cams_per_class_loop(self.cam_net, x, args.ipc, args.cam_samples, args.cam_std, g)
+            cams = baselines.cams_per_class(self.cam_net, self.cam_net.get_submodule(CAM_LAYER), x, args.ipc,
+                                            num_samples=args.cam_samples, std=args.cam_std, generator=g)
             baselines.create_soft_mask(cams, tuple(x.shape[-2:]), args.beta, args.threshold)
             cpd = baselines.cpd_trajectory_loss
         s = self.experts[0][1].clone().requires_grad_(True)
@@ -304,18 +259,8 @@ def run_distributed(args, data: U.Digits, experts) -> int:
         st = last_call_stats("cpd_trajectory_loss")
         print(f"distributed MTT+EDF: {world} ranks (gloo); P = {experts[0][0].numel()}, rank 0 holds "
               f"[{mine.lo}, {mine.hi}); CPD sends {st.bytes} bytes in {st.calls} collectives per call")
-        for it, l1, ld in trace:
-            if it in (1, 2, 10) or it == args.iters or it % 50 == 0:
-                print(f"iteration {it}: CPD loss single-process {l1:.9g}, distributed {ld:.9g}")
-        diff = float((one.image_syn.detach() - mine.image_syn.detach()).abs().max())
-        print(f"max |image_syn(single process) - image_syn(distributed)| = {diff:.3e} after {args.iters} iterations; "
-              f"after the first iteration ||difference|| / ||update|| = {rel_first:.2e}")
-        if ctrl is not None:
-            print(f"control: max |image_syn(single process) - image_syn(single process, initial images +1 ulp)| = "
-                  f"{float((one.image_syn.detach() - ctrl.image_syn.detach()).abs().max()):.3e} after {args.iters} "
-                  "iterations")
-        ok = rel_first < 1e-2 and all(l1 == l1 and ld == ld for _, l1, ld in trace)
-        print("RESULT:", "OK" if ok else "MISMATCH")
+        ok = U.report_distributed(trace, one.image_syn.detach(), mine.image_syn.detach(), ctrl, args.iters,
+                                  rel_first, every=50, what="CPD loss")
         one.close()
     mine.close()
     dist.destroy_process_group()

@@ -32,10 +32,10 @@ def test_cli_table_and_json(tmp_path):
     out = _run(["--config", "cifar10-ipc1000", "--scale", "0.005", "--device", "cpu", "--quick", "--repeat", "3", "--threads", "1",
                 "--ops", "class_centralization_loss,dae_", "--providers", "baseline,reference",
                 "--json", str(out_json)], tmp_path)
-    for col in ("provider", "median", "p20", "p80", "speedup", "workspace", "achieved", "of ceiling"):
+    for col in ("provider", "median", "p20", "p80", "speedup", "vs compiled", "workspace", "achieved", "of ceiling"):
         assert col in out, f"column {col!r} missing from the table:\n{out}"
     assert "class_centralization_loss @ cifar10-ipc1000" in out and "dae_ @ cifar10-ipc1000" in out
-    assert "ceilings: copy" in out
+    assert "ceilings at start: copy" in out and "ceilings at end: copy" in out and "ceilings used" in out
 
     data = json.loads(out_json.read_text())
     meta, results = data["meta"], data["results"]
@@ -143,3 +143,166 @@ def test_markdown_renders_the_committed_run_and_runs_without_a_baseline(tmp_path
     for r in data["results"]:  # a run without the baseline provider has no speedups
         r["speedup"] = None
     assert "| - |" in markdown.render(data)
+
+
+# ----------------------------------------------------------------------------- compiled provider
+
+
+def _fake_compile_error(*a, **k):
+    raise RuntimeError("no working C++ compiler found\nsecond line of a long inductor traceback")
+
+
+def test_compiled_provider_skipped_with_one_line_reason_when_torch_compile_fails(monkeypatch, capsys):
+    """torch.compile raising (no C++ compiler, inductor error): the provider is skipped, one line, no crash."""
+    import torch
+
+    from edfkern.bench import cli
+    from edfkern.bench import compiled as C
+
+    monkeypatch.setattr(torch, "compile", _fake_compile_error)
+    monkeypatch.setattr(C, "_PROBE", {})
+    monkeypatch.setattr(C, "_COMPILED", {})
+    rc = cli.main(["--config", "cifar10-ipc1000", "--scale", "0.002", "--device", "cpu", "--quick", "--repeat", "3",
+                   "--threads", "1", "--ops", "class_centralization_loss", "--providers", "baseline,compiled",
+                   "--modes", "fwd", "--no-isolate", "--no-memory"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [ln for ln in out.splitlines() if "skipped provider compiled" in ln]
+    assert len(lines) == 1 and "no working C++ compiler found" in lines[0], out
+    assert "second line" not in out
+    assert "class_centralization_loss @ cifar10-ipc1000" in out and "providers: baseline;" in out
+    assert not any("compiled" in ln and "fwd" in ln for ln in out.splitlines()), out  # no compiled row
+
+
+def test_compiled_case_failing_to_compile_is_unavailable_with_one_line(monkeypatch):
+    """The probe passed but one op's compile fails: that case is skipped (Unavailable), one line."""
+    from edfkern.bench import compiled as C
+    from edfkern.bench.cases import Unavailable, make_case
+    from edfkern.bench.runner import run_task
+
+    monkeypatch.setattr(C, "compiled", lambda op: _fake_compile_error)
+    with pytest.raises(Unavailable) as e:
+        make_case("class_centralization_loss", "compiled", "full", "cifar10-ipc1000", scale=1e-9)
+    assert str(e.value) == "torch.compile failed: RuntimeError: no working C++ compiler found"
+    res = run_task(dict(op="class_centralization_loss", provider="compiled", mode="fwd", config="cifar10-ipc1000",
+                        scale=1e-9, device="cpu", memory=False, repeat=3))
+    assert res["status"] == "skipped" and "\n" not in res["reason"]
+
+
+def test_default_provider_asks_dispatch_per_op(monkeypatch):
+    """The bench's * is edfkern._dispatch.auto_backend of each op's kernel, so a per-op order is honoured."""
+    import edfkern.reference
+    from edfkern import _dispatch
+    from edfkern.bench.cases import KERNEL_OF, OPS, default_provider
+
+    assert set(KERNEL_OF) == set(OPS)
+    for op in OPS:
+        assert hasattr(edfkern.reference, KERNEL_OF[op]), f"{op}: no kernel {KERNEL_OF[op]!r}"
+        assert default_provider(op, "cpu") == _dispatch.auto_backend(KERNEL_OF[op], "cpu")
+    calls = []
+    real = _dispatch.auto_backend
+
+    def spy(kernel_name, device):
+        calls.append(kernel_name)
+        return "reference" if kernel_name == "cc_forward" else real(kernel_name, device)
+
+    monkeypatch.setattr("edfkern.bench.cases.auto_backend", spy)
+    assert default_provider("class_centralization_loss", "cpu") == "reference"
+    assert calls == ["cc_forward"]
+
+
+def test_vs_compiled_and_per_op_star():
+    from edfkern.bench.report import _rows, add_derived
+
+    def r(op, prov, med):
+        return dict(op=op, provider=prov, mode="fwd", config="c", ipc=1, effective_scale=1.0, status="ok",
+                    median=med, q20=med, q80=med)
+
+    rs = [r("a", "baseline", 8.0), r("a", "native", 1.0), r("a", "compiled", 2.0), r("b", "native", 1.0)]
+    add_derived(rs, None)
+    assert [x["vs_compiled"] for x in rs] == [0.25, 2.0, 1.0, None]
+    cols, rows, _ = _rows(rs[:3], "native", sweep=False)
+    i = cols.index("vs compiled")
+    assert [row[i] for row in rows] == ["0.25x", "2.00x", "1.00x"]
+    assert [row[1] for row in rows] == ["baseline", "native*", "compiled"]
+
+
+# ----------------------------------------------------------------------------- ceilings: the 100% rule
+
+
+def _ceil(copy=10e9, mm=100e9):
+    from edfkern.bench.ceilings import Ceilings
+
+    return Ceilings(copy_Bps=copy, matmul_flops=mm, copy_bytes=256 << 20, matmul_n=2048)
+
+
+def _res(op, achieved_Bps, bytes_moved=10 ** 9):
+    return dict(op=op, provider="native", mode="fwd", config="c", ipc=1, effective_scale=1.0, status="ok",
+                bytes_moved=bytes_moved, flops=1, median=bytes_moved / achieved_Bps, q20=1.0, q80=1.0)
+
+
+def test_settle_no_remeasure_when_within():
+    from edfkern.bench.ceilings import settle
+
+    rs = [_res("a", 5e9)]
+    called = []
+    ceil, notes = settle(rs, _ceil(), lambda sizes: called.append(sizes) or _ceil())
+    assert notes == [] and called == [] and rs[0]["of_ceiling"] == pytest.approx(0.5)
+
+
+def test_settle_remeasures_when_a_rate_beats_the_ceiling():
+    from edfkern.bench.ceilings import settle
+
+    rs = [_res("a", 12e9), _res("b", 5e9)]
+    called = []
+
+    def remeasure(sizes):
+        called.append(sizes)
+        return _ceil(copy=15e9)
+
+    ceil, notes = settle(rs, _ceil(), remeasure)
+    assert called == [[10 ** 9]] and ceil.copy_Bps == 15e9
+    assert "ceiling measurement disturbed" in notes[0] and "a native fwd 120%" in notes[0]
+    assert rs[0]["of_ceiling"] == pytest.approx(0.8) and rs[0]["ceiling_source"] == "measured"
+
+
+def test_settle_uses_the_achieved_rate_when_still_above_and_nothing_prints_above_100(capsys):
+    from edfkern.bench.ceilings import settle
+    from edfkern.bench.report import print_tables
+
+    rs = [_res("a", 30e9), _res("b", 5e9)]
+    called = []
+    ceil, notes = settle(rs, _ceil(), lambda sizes: called.append(sizes) or _ceil(copy=11e9), tries=3)
+    assert len(called) == 3 and ceil.copy_Bps == 11e9
+    assert rs[0]["of_ceiling"] == 1.0 and rs[0]["ceiling_source"] == "achieved" and rs[0]["ceiling"] == 30e9
+    assert rs[1]["of_ceiling"] == pytest.approx(5 / 11)
+    assert len(notes) == 2 and "used as the ceiling estimate" in notes[1] and "\n" not in "".join(notes)
+    print_tables(rs, default_provider=None, ceilings=ceil)
+    out = capsys.readouterr().out
+    import re
+
+    pcts = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?)%", out)]
+    assert pcts and max(pcts) <= 100.0, out
+    assert "100.0% est" in out
+
+
+def test_ceiling_at_an_ops_own_size_counts_when_better():
+    from edfkern.bench.ceilings import apply
+
+    c = _ceil(copy=10e9)
+    c.at_size[10 ** 9] = 20e9
+    rs = [_res("a", 15e9), _res("b", 15e9, bytes_moved=2 * 10 ** 9)]
+    over = apply(rs, c)
+    assert [r["op"] for r in over] == ["b"] and rs[0]["of_ceiling"] == pytest.approx(0.75)
+    assert c.best(_ceil(copy=12e9)).copy_Bps == 12e9 and c.best(_ceil(copy=12e9)).at_size == {10 ** 9: 20e9}
+
+
+def test_load_note_says_what_the_load_implies():
+    from edfkern.bench.cli import load_note
+
+    assert "no other process" in load_note(0.1, 2)
+    s = load_note(1.4, 2)
+    assert "load average at start 1.40 on 2 CPUs" in s and "~1.4 CPU" in s and "inflated" in s
+    assert "~0.7 CPU" in load_note(1.7, 2, own=1.0, when="at end")
+    assert "more than the 2 CPUs there are" in load_note(6.0, 2)
+    assert "on top of this run's" in load_note(6.75, 2, own=2.0, when="at end")

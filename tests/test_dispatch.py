@@ -1,6 +1,7 @@
 """Backend selection (docs/design.md): registry, auto choice, use_backend, set_backend, EDFKERN_BACKEND."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -58,8 +59,10 @@ def test_unknown_and_unavailable_backends_raise(monkeypatch):
         with pytest.raises(RuntimeError, match="not built: test says so"):
             with edfkern.use_backend("broken_for_test"):
                 pass
-        # auto skips it silently and lands on a working backend
-        assert _dispatch.kernel("cov_forward", torch.device("cpu")) is not None
+        # auto skips it silently and lands on a working backend: the kernel is that backend's own function
+        choice = _dispatch.auto_backend("cov_forward", "cpu")
+        assert choice in ("native", "reference")
+        assert _dispatch.kernel("cov_forward", torch.device("cpu")).__wrapped__ is _backend_fn(choice, "cov_forward")
     finally:
         del _dispatch._BACKENDS["broken_for_test"]
 
@@ -88,21 +91,80 @@ def test_probe_exceptions_are_reported_not_raised():
         del _dispatch._BACKENDS["boom_for_test"]
 
 
+def _backend_fn(backend: str, op: str):
+    """The function ``op`` of backend module ``backend`` as it stands now (a spy, once patched)."""
+    return getattr(importlib.import_module(_dispatch._BACKENDS[backend].module), op)
+
+
 def test_auto_on_cpu_prefers_native_then_reference():
     rep = edfkern.backends()
-    fn = _dispatch.kernel("cov_forward", torch.device("cpu"))
     expected = "native" if rep.get("native", {}).get("available") else "reference"
-    assert fn.__module__.startswith(f"edfkern.{expected}") or fn.__module__.startswith("edfkern._C")
+    assert _dispatch.auto_backend("cov_forward", "cpu") == expected
+    with edfkern.use_backend("auto"):
+        fn = _dispatch.kernel("cov_forward", torch.device("cpu"))
+    assert fn.__wrapped__ is _backend_fn(expected, "cov_forward")
+
+
+def _every_public_op() -> None:
+    """Each public op once, forward and backward, at tiny sizes: together they need all 12 kernels."""
+    g = torch.Generator().manual_seed(0)
+    cam = torch.rand(2, 3, 3, generator=g)
+    grad, param, buf = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(3))
+    edfkern.dae_mask(cam, beta=1.0, size=(5, 4))
+    edfkern.dae_(grad, cam, beta=1.0)
+    edfkern.dae_sgd_step_(param, grad, buf, cam, lr=0.1, beta=1.0)
+    edfkern.grad_cam(torch.rand(2, 3, 3, 3, generator=g), torch.randn(2, 3, 3, 3, generator=g), size=(6, 6))
+    s = torch.randn(30, generator=g, requires_grad=True)
+    t, s0 = torch.randn(30, generator=g), torch.randn(30, generator=g)
+    edfkern.cpd_trajectory_loss(s, t, s0, drop_ratio=0.3).backward()
+    edfkern.cpd_keep_mask(torch.rand(30, generator=g), 0.3)
+    x = torch.randn(6, 3, 4, generator=g, requires_grad=True)
+    edfkern.local_covariance(x, groups=2).sum().backward()
+    f = torch.randn(6, 5, generator=g, requires_grad=True)
+    edfkern.class_centralization_loss(f, groups=2).backward()
+    edfkern.mean_matching_loss(f, torch.randn(4, 5, generator=g), syn_groups=2, real_groups=2).backward()
+
+
+def _cpu_backends() -> list[str]:
+    return [n for n, i in edfkern.backends().items() if i["available"] and "cpu" in i["devices"]]
+
+
+@pytest.mark.parametrize("selection", ["auto", "reference", "native", "triton"])
+def test_public_ops_run_the_selected_backends_kernels(monkeypatch, selection):
+    """Spy on every kernel of every CPU backend: the public ops call exactly the selected backend's kernels
+    (auto on CPU: native when it is built, else reference), and every contract kernel is reached."""
+    import edfkern.reference as R
+
+    avail = _cpu_backends()
+    if selection != "auto" and selection not in avail:
+        pytest.skip(f"{selection} cannot run on CPU tensors here")
+    expected = _dispatch.auto_backend("cov_forward", "cpu") if selection == "auto" else selection
+    calls: dict[str, list[str]] = {b: [] for b in avail}
+    for b in avail:
+        mod = importlib.import_module(_dispatch._BACKENDS[b].module)
+        for op in R.__all__:
+            def spy(*args, _raw=getattr(mod, op), _log=calls[b], _op=op):
+                _log.append(_op)
+                return _raw(*args)
+            monkeypatch.setattr(mod, op, spy)
+    monkeypatch.setattr(_dispatch, "_WRAPPED", {})  # forget the kernels looked up before the spies
+    with edfkern.use_backend(selection):
+        _every_public_op()
+    assert set(calls[expected]) == set(R.__all__), f"{expected} kernels never called: " \
+        f"{sorted(set(R.__all__) - set(calls[expected]))}"
+    others = {b: c for b, c in calls.items() if b != expected and c}
+    assert not others, f"selected {selection!r} ({expected}) but other backends ran: {others}"
 
 
 def test_backends_give_the_same_answer():
     x = torch.randn(12, 5, 6)
     results = {}
-    for name, info in edfkern.backends().items():
-        if info["available"] and "cpu" in info["devices"]:
-            with edfkern.use_backend(name):
-                results[name] = edfkern.local_covariance(x, groups=3)
+    for name in _cpu_backends():
+        with edfkern.use_backend(name):
+            results[name] = edfkern.local_covariance(x, groups=3)
     ref = results.pop("reference")
+    if not results:
+        pytest.skip("only the reference backend runs on CPU tensors here: nothing to compare it with")
     for name, r in results.items():
         torch.testing.assert_close(r, ref, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -169,14 +169,28 @@ def test_cam_forms_and_mixed_params():
     opt.step()
     opt.step()
     assert torch.equal(p.detach(), torch.full_like(p, -7.0))
-    assert opt.get_cam(0) is not None
+    stored = opt.get_cam(0)
+    assert stored is not None and torch.equal(stored.reshape(4, 2, 2), torch.ones(4, 2, 2))
+    assert opt.get_cam(p) is stored  # by index or by parameter: the same CAM
     opt.set_cam(0, None)
+    assert opt.get_cam(0) is None
     opt.step()
     assert torch.equal(p.detach(), torch.full_like(p, -8.0))
 
 
 # ----------------------------------------------------------------------------- state_dict
 
+
+
+def step_together(a, b, steps) -> None:
+    """Give two (params, optimizer) pairs the same fake gradients for ``steps`` and assert that
+    their parameters stay bit-identical."""
+    for step in steps:
+        for params, opt in (a, b):
+            fake_grads(params, step)
+            opt.step()
+    for x, y in zip(a[0], b[0]):
+        assert_equal(y.detach(), x.detach())
 
 def test_state_dict_round_trip():
     cam = torch.rand(4, 3, 3)
@@ -197,13 +211,7 @@ def test_state_dict_round_trip():
     opt2.load_state_dict(torch.load(buf))
     assert opt2.param_groups[0]["lr"] == 0.2 and opt2.param_groups[0]["beta"] == 2.0
     opt2.set_cam(0, cam)  # CAMs are inputs, not state
-    for step in range(3, 5):
-        fake_grads(params, step)
-        fake_grads(params2, step)
-        opt.step()
-        opt2.step()
-    for a, b in zip(params, params2):
-        assert_equal(b.detach(), a.detach())
+    step_together((params, opt), (params2, opt2), steps=range(3, 5))
 
 
 def test_state_dict_interchange_with_sgd():
@@ -219,13 +227,7 @@ def test_state_dict_interchange_with_sgd():
     assert dae.param_groups[0]["beta"] == 1.0 and dae.param_groups[0]["threshold"] is None
     sgd2 = torch.optim.SGD(p_sgd, lr=0.1, momentum=0.5)
     sgd2.load_state_dict(copy.deepcopy(dae.state_dict()))  # torch shares buffers otherwise
-    for step in range(2, 4):
-        fake_grads(p_dae, step)
-        fake_grads(p_sgd, step)
-        dae.step()
-        sgd2.step()
-    for a, b in zip(p_sgd, p_dae):
-        assert_equal(b.detach(), a.detach())
+    step_together((p_sgd, sgd2), (p_dae, dae), steps=range(2, 4))
 
 
 # ----------------------------------------------------------------------------- bad arguments

@@ -122,6 +122,24 @@ def test_compile_fullgraph_dae_inplace(backend, device):
         assert_close(a, b, 1e-6, 1e-7, n)
 
 
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_masks_and_cams(backend, device, compile_backend):
+    """The ops whose checks bound an output's size (dae_mask, grad_cam with size) trace without a break."""
+    torch._dynamo.reset()
+
+    def masks_and_cams(cam, A, G):
+        return edfkern.dae_mask(cam, beta=1.0, size=(8, 8)), edfkern.grad_cam(A, G, method="gradcam++", size=(8, 8))
+
+    gen = torch.Generator().manual_seed(3)
+    cam = torch.rand(2, 4, 4, generator=gen).to(device)
+    A, G = rand(2, 3, 4, 4, gen=gen).to(device), rand(2, 3, 4, 4, gen=gen).to(device)
+    eager = masks_and_cams(cam, A, G)
+    compiled = torch.compile(masks_and_cams, fullgraph=True, backend=compile_backend)(cam, A, G)
+    assert compiled[0].shape == (2, 1, 8, 8) and compiled[1].shape == (2, 8, 8)
+    for a, b, n in zip(compiled, eager, ("dae_mask", "grad_cam")):
+        assert_close(a, b, 0, 0, n)
+
+
 @pytest.mark.parametrize("loss", ["cm", "cc", "dm", "cov"])
 def test_double_backward_is_refused_not_wrong(loss):
     x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)

@@ -303,10 +303,11 @@ def test_threshold_flips_between_backends_bounded(backend, device):
     cam = torch.rand(4, 14, 14, dtype=torch.float64, generator=gen).float()
     size = (224, 224)
     got = edfkern.dae_mask(cam.to(device), beta=1.0, size=size).cpu()
-    with edfkern.use_backend("reference"):
-        ref = edfkern.dae_mask(cam.to(device), beta=1.0, size=size).cpu()
-    loop = B.create_soft_mask(cam, size, 1.0)
-    for name, other in (("reference", ref), ("loop", loop)):
+    others = [("loop", B.create_soft_mask(cam, size, 1.0))]
+    if backend != "reference":  # the reference against itself could not fail
+        with edfkern.use_backend("reference"):
+            others.append(("reference", edfkern.dae_mask(cam.to(device), beta=1.0, size=size).cpu()))
+    for name, other in others:
         flipped = ((got == 1) != (other == 1)).double().mean().item()
         assert flipped <= 1e-5, f"{flipped:.2e} of the pixels flip against the {name}"
         kept = (got != 1) & (other != 1)

@@ -10,7 +10,11 @@ The CLI (``python -m edfkern.bench``) and the pytest-benchmark suites in
 Providers
     ``baseline``: the loop formulations in :mod:`edfkern.baselines` (imported, never copied);
     any backend name of :func:`edfkern.backends` (``reference``, ``triton``, ``native``):
-    the public op under ``edfkern.use_backend(name)``.
+    the public op under ``edfkern.use_backend(name)``; ``compiled``: ``torch.compile`` of the
+    natural vectorised PyTorch formula in :mod:`edfkern.bench.compiled` (no edfkern kernel).
+    A ``compiled`` case is warmed at its own shape inside :func:`make_case` (``dynamic=False``:
+    every shape compiles once), so no compilation falls in a timed call; ``Case.compile_s``
+    holds the first calls' extra time, and a recompile during timing is an error.
 
 Modes
     ``fwd``: the forward call (inputs that need a gradient do, as in training, so the
@@ -49,6 +53,7 @@ Cost model (bytes and FLOPs written before optimising): the floor of each op
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -57,11 +62,13 @@ from torch import Tensor
 
 import edfkern
 from edfkern import baselines
+from edfkern._dispatch import auto_backend
 
+from . import compiled as _compiled
 from .configs import Config, get_config
 
 __all__ = ["Case", "Unavailable", "OPS", "MODES", "make_case", "op_modes", "main_mode", "skip_reason",
-           "providers", "default_provider", "input_bytes", "fit_scale", "SCALES"]
+           "providers", "default_provider", "KERNEL_OF", "input_bytes", "fit_scale", "SCALES"]
 
 MODES = ("fwd", "bwd", "full")
 
@@ -91,6 +98,7 @@ class Case:
     shapes: str
     leaves: list[Tensor] = field(default_factory=list)   # inputs whose .grad the op must produce
     inplace: list[Tensor] = field(default_factory=list)  # outputs that live in the inputs (held, not new)
+    compile_s: Optional[float] = None  # compiled provider: first calls' time above a warm call (compilation)
 
     @property
     def name(self) -> str:
@@ -120,9 +128,23 @@ class Case:
 # ----------------------------------------------------------------------------- providers
 
 
-def providers(device: str) -> dict[str, Optional[str]]:
-    """``baseline`` plus every backend in :func:`edfkern.backends`, mapped to ``None``
-    (can run on ``device``) or the reason it cannot."""
+#: bench op -> the kernel name its public op asks :func:`edfkern._dispatch.kernel` for (its main kernel)
+KERNEL_OF: dict[str, str] = {
+    "dae_": "dae_",
+    "dae_sgd_step_": "dae_sgd_step_",
+    "grad_cam": "grad_cam",
+    "cpd_trajectory_loss": "cpd_forward",
+    "local_covariance": "cov_forward",
+    "covariance_matching_loss": "cov_forward",
+    "class_centralization_loss": "cc_forward",
+    "mean_matching_loss": "seg_mean",
+}
+
+
+def providers(device: str, *, probe_compiled: bool = True) -> dict[str, Optional[str]]:
+    """``baseline``, every backend in :func:`edfkern.backends` and ``compiled``, mapped to ``None``
+    (can run on ``device``) or the reason it cannot. ``probe_compiled=False`` skips the
+    ``torch.compile`` probe (a few seconds the first time) and reports ``compiled`` as not probed."""
     out: dict[str, Optional[str]] = {"baseline": None}
     for name, info in edfkern.backends().items():
         if not info["available"]:
@@ -131,23 +153,30 @@ def providers(device: str) -> dict[str, Optional[str]]:
             out[name] = f"cannot take {device} tensors"
         else:
             out[name] = None
+    if probe_compiled:
+        why = _compiled.probe(device)
+        out["compiled"] = None if why is None else f"torch.compile cannot run here: {why}"
+    else:
+        out["compiled"] = "not probed"
     return out
 
 
-def default_provider(device: str) -> Optional[str]:
-    """The backend ``auto`` picks for ``device`` tensors (docs/design.md), or None."""
-    ok = {n for n, why in providers(device).items() if why is None}
-    order = ("native", "reference") if device == "cpu" else ("triton", "native", "reference")
-    return next((n for n in order if n in ok), None)
+def default_provider(op: str, device: str) -> Optional[str]:
+    """The backend ``auto`` picks for ``op`` on ``device`` tensors: :func:`edfkern._dispatch.auto_backend`
+    of the op's kernel (:data:`KERNEL_OF`), so a per-op ``AUTO_CUDA`` entry is honoured; None if none can."""
+    return auto_backend(KERNEL_OF[_check_op(op)], device)
 
 
 def _impl(provider: str, fn_name: str) -> tuple[Callable, Callable[[], Any]]:
     """(function, context factory) for a provider: the loop baseline, or the public op under a backend."""
     if provider == "baseline":
         return getattr(baselines, fn_name), contextlib.nullcontext
+    if provider == "compiled":
+        return _compiled.compiled(fn_name), contextlib.nullcontext
     info = edfkern.backends().get(provider)
     if info is None:
-        raise Unavailable(f"unknown provider {provider!r}; known: baseline, {', '.join(edfkern.backends())}")
+        raise Unavailable(f"unknown provider {provider!r}; known: baseline, {', '.join(edfkern.backends())}, "
+                          "compiled")
     if not info["available"]:
         raise Unavailable(f"{provider}: {info['reason']}")
     return getattr(edfkern, fn_name), lambda: edfkern.use_backend(provider)
@@ -217,7 +246,50 @@ def make_case(op: str, provider: str, mode: str, config: Config | str, *, device
     if why:
         raise Unavailable(why)
     gen = torch.Generator(device=device).manual_seed(seed)
-    return _SETUPS[op](provider, mode, cfg, device, dtype, gen)
+    if provider != "compiled":
+        return _SETUPS[op](provider, mode, cfg, device, dtype, gen)
+    try:  # compiles at this shape (in bwd mode the setup's forward already does), then warms
+        t0 = time.perf_counter()
+        case = _SETUPS[op](provider, mode, cfg, device, dtype, gen)
+        case.compile_s = _warm_compiled(case, time.perf_counter() - t0)
+    except Unavailable:
+        raise
+    except Exception as e:  # an inductor error, no C++ compiler: skip this case with a one-line reason
+        raise Unavailable(f"torch.compile failed: {_compiled.one_line(e)}") from None
+    return case
+
+
+def _warm_compiled(case: Case, setup_s: float) -> float:
+    """Call a compiled case until it is warm; return the compile time (first calls above a warm call).
+
+    Two calls compile the forward (first) and, for autograd modes, the lazily compiled backward;
+    a third, warm call sets the bar. ``setup_s`` (the setup, which in bwd mode ran the compiled
+    forward once) counts as compilation too in bwd mode, less nothing: it over-states the
+    compile time by the input generation it also holds. Afterwards ``case.fn`` runs under
+    ``torch.compiler.set_stance("fail_on_recompile")``: a recompile in a timed call is an error.
+    """
+    sync = _sync(case.device)
+    spent = []
+    for _ in range(3):
+        case.reset()
+        sync()
+        t0 = time.perf_counter()
+        out = case.fn()
+        spent.append(time.perf_counter() - t0)
+        del out
+    warm = spent[-1]
+    case.fn = _no_recompile(case.fn)
+    case.reset()
+    case.fn()  # under the stance: proves the timed calls will not compile
+    case.reset()
+    return max(0.0, spent[0] + spent[1] - 2 * warm + (setup_s if case.mode == "bwd" else 0.0))
+
+
+def _no_recompile(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run():
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return fn()
+    return run
 
 
 def _randn(shape, gen, device, dtype, *, grad=False) -> Tensor:

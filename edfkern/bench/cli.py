@@ -2,7 +2,8 @@
 
 Default: the docs/benchmarks.md config (``cifar10-ipc1000``) on the best device, every op it
 has, modes fwd and full, every provider that can run (``baseline`` = the loops of
-:mod:`edfkern.baselines`, plus each backend of :func:`edfkern.backends`). On CPU an op
+:mod:`edfkern.baselines`, each backend of :func:`edfkern.backends`, and ``compiled`` =
+``torch.compile`` of the plain PyTorch formulas in :mod:`edfkern.bench.compiled`). On CPU an op
 whose inputs would pass ``--max-input-mb`` is scaled down (fewer images per class) and
 the output says so; ``--scale`` fixes the factor for every op instead.
 """
@@ -22,7 +23,7 @@ import edfkern
 
 from . import memory, report
 from .cases import OPS, default_provider, fit_scale, input_bytes, main_mode, op_modes, providers, skip_reason
-from .ceilings import measure_ceilings
+from .ceilings import Ceilings, measure_at_sizes, measure_ceilings, settle
 from .configs import CONFIGS, DEFAULT_CONFIG, get_config
 from .runner import run_task
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(CONFIGS), help="docs/benchmarks.md config")
     p.add_argument("--ops", help=f"comma-separated subset of: {', '.join(OPS)}")
-    p.add_argument("--providers", help="comma-separated subset of baseline and the backends (default: all that run)")
+    p.add_argument("--providers", help="comma-separated subset of baseline, the backends and compiled "
+                                        "(default: all that run)")
     p.add_argument("--modes", help="comma-separated subset of fwd,bwd,full (default fwd,full, which keeps the "
                                    "CPU run short; a sweep: full, or fwd for ops without backward)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -99,6 +101,47 @@ def _loadavg() -> Optional[float]:
         return None
 
 
+def load_note(load: float, ncpu: int, *, own: float = 0.0, when: str = "at start") -> str:
+    """One line: the 1-minute load average and what it implies for the timings.
+
+    ``own``: the CPUs this run itself kept busy over that minute (0 before it starts); the rest
+    of the load is other processes.
+    """
+    other = max(0.0, load - own)
+    head = f"load average {when} {load:.2f} on {ncpu} CPUs"
+    if own:
+        head += f" (this run: ~{own:.1f})"
+    if other < 0.25:
+        return head + ": no other process was using a CPU; timings are undisturbed"
+    if other + own <= ncpu:
+        return (head + f": other processes were using ~{other:.1f} CPU; multi-threaded timings may be inflated "
+                "(see p20/p80)")
+    if own:
+        return (head + f": other processes were using ~{other:.1f} CPU on top of this run's, more than the "
+                f"{ncpu} CPUs hold; timings are inflated (see p20/p80)")
+    return (head + f": other processes were using ~{other:.1f} CPU, more than the {ncpu} CPUs there are; "
+            "timings are inflated (see p20/p80)")
+
+
+def _default_note(dflt: dict[str, Optional[str]]) -> str:
+    by: dict[str, list[str]] = {}
+    for op, p in dflt.items():
+        if p is not None:
+            by.setdefault(p, []).append(op)
+    if not by:
+        return "* = auto's choice: none of the timed providers is what auto picks here"
+    if len(by) == 1:
+        return f"* = auto's choice on this device (edfkern._dispatch.auto_backend): {next(iter(by))} for every op"
+    return ("* = auto's choice per op on this device (edfkern._dispatch.auto_backend): "
+            + "; ".join(f"{p}: {', '.join(ops)}" for p, ops in by.items()))
+
+
+def _ceiling_line(ceil: Ceilings, what: str) -> str:
+    return (f"ceilings{what}: copy {ceil.copy_Bps / 1e9:.1f} GB/s (read+write, {ceil.copy_bytes >> 20} MiB buffer, "
+            f"best of copy_ / in-place mul_ / read-only sum: {ceil.copy_kernel}), fp32 matmul "
+            f"{ceil.matmul_flops / 1e9:.1f} GFLOP/s (n={ceil.matmul_n}, TF32 off)")
+
+
 def _parse_sweep(s: str) -> list[int]:
     key, _, vals = s.partition("=")
     if key.strip() != "ipc" or not vals:
@@ -135,9 +178,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if modes_req and any(m not in ("fwd", "bwd", "full") for m in modes_req):
         raise SystemExit(f"error: --modes takes fwd, bwd, full; got {modes_req}")
 
-    # --- providers: baseline + every backend; unavailable ones skipped with the registry's reason
-    avail = providers(dev_type)
+    # --- providers: baseline + every backend + compiled; unavailable ones skipped with the reason
     requested = _csv(args.providers)
+    avail = providers(dev_type, probe_compiled=not requested or "compiled" in requested)
     if requested:
         unknown = [p for p in requested if p not in avail]
         if unknown:
@@ -152,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             skipped[name] = TRITON_CPU_NOTE
         else:
             chosen.append(name)
-    dflt = default_provider(dev_type)
+    dflt = {op: (p if (p := default_provider(op, dev_type)) in chosen else None) for op in ops}
 
     notes = [f"device: {dev_type} = {_device_name(device)}",
              f"torch {torch.__version__}, edfkern {edfkern.__version__}"]
@@ -160,11 +203,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         notes.append("no CUDA device: timings are CPU timings")
         load = _loadavg()
         if load is not None:
-            busy = load > 0.5 * (os.cpu_count() or 1)
-            notes.append(f"load average at start {load:.2f} on {os.cpu_count()} CPUs"
-                         + (": other processes are using the CPU, expect noisy times (see p20/p80)" if busy else ""))
-    notes.append("providers: " + ", ".join(p + (" (* = auto's choice on this device)" if p == dflt else "")
-                                           for p in chosen))
+            notes.append(load_note(load, os.cpu_count() or 1))
+    notes.append("providers: " + ", ".join(chosen) + "; " + _default_note(dflt))
+    if "compiled" in chosen:
+        notes.append("compiled = torch.compile (inductor, default mode, dynamic=False) of the plain vectorised "
+                     "PyTorch formula of each op (edfkern.bench.compiled), forward and backward through autograd; "
+                     "each case is compiled and warmed at its own shape before timing")
     for name, why in skipped.items():
         notes.append(f"skipped provider {name}: {why}")
     if "triton" in chosen and dev_type == "cpu":
@@ -177,9 +221,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print_fn = report.print_lines
     print_fn(notes)
     print(f"measuring device ceilings on {dev_type} ...", file=sys.stderr)
-    ceil = measure_ceilings(device, quick=args.quick)
-    print_fn([f"ceilings: copy {ceil.copy_Bps / 1e9:.1f} GB/s (read+write, {ceil.copy_bytes >> 20} MiB tensor), "
-              f"fp32 matmul {ceil.matmul_flops / 1e9:.1f} GFLOP/s (n={ceil.matmul_n}, TF32 off)"])
+    ceil_start = measure_ceilings(device, quick=args.quick)
+    print_fn([_ceiling_line(ceil_start, " at start")])
 
     # --- the cases
     tasks, scale_notes = [], []
@@ -240,19 +283,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     if bar is not None:
         bar.close()
 
+    # --- ceilings again at the end (best of each kept), at each memory-bound op's own traffic, and the 100% rule
+    print(f"measuring device ceilings on {dev_type} again ...", file=sys.stderr)
+    ceil_end = measure_ceilings(device, quick=args.quick)
+    print_fn([_ceiling_line(ceil_end, " at end")])
+    ceil = ceil_start.best(ceil_end)
+
+    def at_sizes(c: Ceilings, sizes) -> Ceilings:
+        return measure_at_sizes(c, device, sizes, quick=args.quick)
+
+    mem_sizes = [r["bytes_moved"] for r in results if r["status"] == "ok" and r.get("bytes_moved")
+                 and ceil.bound(r["bytes_moved"], r["flops"]) == "memory"]
+    ceil = at_sizes(ceil, mem_sizes)
     report.add_derived(results, ceil)
-    report.print_tables(results, default_provider=dflt, sweep=sweep is not None)
+    ceil, ceiling_notes = settle(results, ceil, lambda sizes: at_sizes(measure_ceilings(device, quick=args.quick),
+                                                                        sizes))
+    ceiling_notes.insert(0, _ceiling_line(ceil, " used (best of start and end)"))
+    print_fn(ceiling_notes)
+    report.print_tables(results, default_provider=dflt, sweep=sweep is not None, ceilings=ceil)
     rows = [] if sweep else report.targets(results, device=dev_type, config=cfg0.name, default_provider=dflt,
                                            ceilings=ceil)
     report.print_targets(rows)
     wall = time.perf_counter() - t_start
     load_end = _loadavg()
     if dev_type == "cpu" and load_end is not None:
-        print(f"load average at end {load_end:.2f}")
+        own = min(float(args.threads or torch.get_num_threads()), float(os.cpu_count() or 1))
+        print(load_note(load_end, os.cpu_count() or 1, own=own, when="at end"))
     print(f"\nwall time {wall:.1f} s; time = median [20%, 80%] of the timed calls; speedup = baseline median / "
-          "median; workspace = peak above inputs, outputs and grads; footprint = peak above the process before "
+          "median; vs compiled = compiled median / median; workspace = peak above inputs, outputs and grads; footprint = peak above the process before "
           "the inputs existed; achieved = the op's minimum bytes (or FLOPs, when compute-bound) over its median "
-          "time, against the measured ceiling.")
+          "time, against the measured ceiling (never above 100%: see the ceiling notes).")
 
     if args.plot:
         report.plot_sweep(args.plot, results, title=f"edfkern.bench sweep, {cfg0.name} shapes, "
@@ -264,7 +324,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     device=dev_type, device_name=_device_name(device), torch=torch.__version__,
                     edfkern=edfkern.__version__, python=platform.python_version(), config=cfg0.name,
                     sweep_ipc=sweep, backends=edfkern.backends(), providers=chosen, skipped_providers=skipped,
-                    default_provider=dflt, ceilings=ceil.as_dict(), notes=notes + scale_notes,
+                    default_provider=dflt, ceilings=ceil.as_dict(), ceilings_start=ceil_start.as_dict(),
+                    ceilings_end=ceil_end.as_dict(), notes=notes + scale_notes + ceiling_notes,
                     targets=[dict(target=a, measured=b, verdict=c) for a, b, c in rows], wall_s=wall,
                     loadavg_end=load_end, threads=args.threads or torch.get_num_threads())
         report.write_json(args.json, meta, results)

@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional, Union
 
+from . import ceilings as _ceilings
 from .ceilings import Ceilings
 
 __all__ = ["add_derived", "print_tables", "print_lines", "targets", "write_json", "plot_sweep", "fmt_time",
            "fmt_bytes"]
 
-PROVIDER_ORDER = ("baseline", "reference", "triton", "native")
+PROVIDER_ORDER = ("baseline", "reference", "triton", "native", "compiled")
 MODE_ORDER = ("fwd", "bwd", "full")
 
 
@@ -44,20 +45,28 @@ def fmt_bytes(b: Optional[int]) -> str:
 
 
 def add_derived(results: list[dict], ceilings: Optional[Ceilings]) -> None:
-    """Add speedup over the baseline and the achieved rate against the ceiling to every ok result."""
-    base = {_key(r): r["median"] for r in results if r["provider"] == "baseline" and r["status"] == "ok"}
-    for r in results:
-        if r["status"] != "ok":
-            continue
-        b = base.get(_key(r))
+    """Add to every ok result: ``speedup`` (baseline median / its median), ``vs_compiled``
+    (compiled median / its median) and, with ``ceilings``, the achieved rate against the ceiling
+    (:func:`edfkern.bench.ceilings.apply`; the CLI then applies :func:`~edfkern.bench.ceilings.settle`)."""
+    ok = [r for r in results if r["status"] == "ok"]
+    base = {_key(r): r["median"] for r in ok if r["provider"] == "baseline"}
+    comp = {_key(r): r["median"] for r in ok if r["provider"] == "compiled"}
+    for r in ok:
+        b, c = base.get(_key(r)), comp.get(_key(r))
         r["speedup"] = b / r["median"] if b else None
-        if ceilings is not None and r.get("bytes_moved") is not None:
-            bound = ceilings.bound(r["bytes_moved"], r["flops"])
-            r["bound"] = bound
-            r["achieved_Bps"] = r["bytes_moved"] / r["median"]
-            r["achieved_flops"] = r["flops"] / r["median"]
-            r["of_ceiling"] = (r["achieved_Bps"] / ceilings.copy_Bps if bound == "memory"
-                               else r["achieved_flops"] / ceilings.matmul_flops)
+        r["vs_compiled"] = c / r["median"] if c else None
+    if ceilings is not None:
+        _ceilings.apply(results, ceilings)
+
+
+DefaultProviders = Union[Mapping[str, Optional[str]], str, None]
+
+
+def _default_for(default_provider: DefaultProviders, op: str) -> Optional[str]:
+    """The provider ``auto`` picks for ``op``: a per-op mapping, or one name for every op."""
+    if isinstance(default_provider, Mapping):
+        return default_provider.get(op)
+    return default_provider
 
 
 def _achieved(r: dict) -> str:
@@ -89,11 +98,18 @@ def print_lines(lines: Iterable[str]) -> None:
         print(line)
 
 
+def _pct(r: dict) -> str:
+    oc = r.get("of_ceiling")
+    if oc is None:
+        return "-"
+    return f"{100 * min(oc, 1.0):.1f}%" + (" est" if r.get("ceiling_source") == "achieved" else "")
+
+
 def _rows(results: list[dict], default_provider: Optional[str], sweep: bool
           ) -> tuple[list[str], list[list[str]], list[str]]:
     """(columns, rows, notes): a skipped or failed case gets a short row and a note with the reason."""
-    cols = (["IPC"] if sweep else []) + ["mode", "provider", "median", "p20", "p80", "speedup", "workspace",
-                                         "footprint", "achieved", "of ceiling"]
+    cols = (["IPC"] if sweep else []) + ["mode", "provider", "median", "p20", "p80", "speedup", "vs compiled",
+                                         "workspace", "footprint", "achieved", "of ceiling"]
     rows, notes = [], []
     rs = sorted(results, key=lambda r: (r.get("ipc") or 0, MODE_ORDER.index(r["mode"]) if r["mode"] in MODE_ORDER
                                         else 9, _porder(r["provider"])))
@@ -107,19 +123,43 @@ def _rows(results: list[dict], default_provider: Optional[str], sweep: bool
             rows.append(lead + [r["status"]] + ["-"] * (len(cols) - len(lead) - 1))
             continue
         mem = r.get("memory") or {}
-        sp = r.get("speedup")
-        oc = r.get("of_ceiling")
+        sp, vc = r.get("speedup"), r.get("vs_compiled")
         rows.append(lead + [
             fmt_time(r["median"]), fmt_time(r["q20"]), fmt_time(r["q80"]),
-            f"{sp:.2f}x" if sp else "-",
+            f"{sp:.2f}x" if sp else "-", f"{vc:.2f}x" if vc else "-",
             fmt_bytes(mem.get("workspace")), fmt_bytes(mem.get("footprint")),
-            _achieved(r), f"{100 * oc:.1f}%" if oc is not None else "-",
+            _achieved(r), _pct(r),
         ])
     return cols, rows, notes
 
 
-def print_tables(results: list[dict], *, default_provider: Optional[str], sweep: bool = False) -> None:
-    """One table per op (per op and config in a sweep). ``*`` marks the provider ``auto`` picks."""
+def _compile_note(rs: list[dict], sweep: bool = False) -> str:
+    """One line: the compiled provider's compile time per mode (excluded from every timing)."""
+    parts = [f"{r['mode']}{' IPC ' + str(r.get('ipc')) if sweep else ''} {r['compile_s']:.1f} s"
+             for r in rs if r["provider"] == "compiled" and r["status"] == "ok" and r.get("compile_s") is not None]
+    if not parts:
+        return ""
+    return ("compiled: torch.compile time (first calls above a warm one, in each case's own process; inductor's "
+            "disk cache may serve repeats): " + ", ".join(parts) + "; excluded from the timings")
+
+
+def _ceiling_note(rs: list[dict], ceilings: Optional[Ceilings]) -> str:
+    """One line when this op's bandwidth ceiling is the at-size one, above the big-buffer figure."""
+    if ceilings is None:
+        return ""
+    for r in rs:
+        if (r["status"] == "ok" and r.get("bound") == "memory" and r.get("ceiling_source") == "measured"
+                and r["ceiling"] > ceilings.copy_Bps):
+            return (f"bandwidth ceiling at this op's own traffic ({fmt_bytes(r['bytes_moved'])}, {r['mode']}): "
+                    f"{r['ceiling'] / 1e9:.1f} GB/s, above the {ceilings.copy_bytes >> 20} MiB buffer's "
+                    f"{ceilings.copy_Bps / 1e9:.1f} GB/s (part of it stays in cache)")
+    return ""
+
+
+def print_tables(results: list[dict], *, default_provider: DefaultProviders, sweep: bool = False,
+                 ceilings: Optional[Ceilings] = None) -> None:
+    """One table per op (per op and config in a sweep). ``*`` marks the provider ``auto`` picks for
+    that op (``default_provider``: op -> provider, or one name for all)."""
     console = _console()
     ops: dict[str, list[dict]] = {}
     for r in results:
@@ -133,11 +173,13 @@ def print_tables(results: list[dict], *, default_provider: Optional[str], sweep:
             if first.get("effective_scale", 1.0) != 1.0:
                 title += f", scaled x{first['effective_scale']:g}"
             title += ")"
-        cols, rows, notes = _rows(rs, default_provider, sweep)
+        cols, rows, notes = _rows(rs, _default_for(default_provider, op), sweep)
         shapes = first.get("shapes", "")
         if sweep and shapes:
             shapes = f"at IPC {first.get('ipc')}: {shapes}"
-        sub = [shapes + (f"; {first['bound']}-bound" if first.get("bound") else "")] + notes
+        sub = [shapes + (f"; {first['bound']}-bound" if first.get("bound") else ""),
+               _compile_note(rs, sweep), _ceiling_note(rs, ceilings)] + notes
+        left = cols.index("median")
         if console is not None:
             from rich.table import Table
             t = Table(title=title, caption="\n".join(s for s in sub if s), title_justify="left",
@@ -145,11 +187,10 @@ def print_tables(results: list[dict], *, default_provider: Optional[str], sweep:
             for c in cols:
                 t.add_column(c, justify="left" if c in ("mode", "provider", "IPC") else "right", no_wrap=True)
             for row in rows:
-                t.add_row(*row, style="dim" if row[len(cols) - 8] in ("skipped", "error") else None)
+                t.add_row(*row, style="dim" if row[left] in ("skipped", "error") else None)
             console.print(t)
         else:
             widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-            left = len(cols) - 8
             print(f"\n{title}")
             print("  " + "  ".join(c.ljust(w) if i < left else c.rjust(w)
                                    for i, (c, w) in enumerate(zip(cols, widths))))
@@ -172,17 +213,17 @@ def _find(results, op, mode, provider):
     return None
 
 
-def targets(results: list[dict], *, device: str, config: str, default_provider: Optional[str],
+def targets(results: list[dict], *, device: str, config: str, default_provider: DefaultProviders,
             ceilings: Optional[Ceilings]) -> list[tuple[str, str, str]]:
-    """(target, measured, verdict) for the docs/benchmarks.md targets this run can speak to."""
+    """(target, measured, verdict) for the docs/benchmarks.md targets this run can speak to, each judged
+    on the provider ``auto`` picks for that op."""
     out: list[tuple[str, str, str]] = []
-    dp = default_provider
-    if dp is None:
-        return out
+
     def note(r):
         return "" if r.get("effective_scale", 1.0) == 1.0 else f" (scaled x{r['effective_scale']:g}: not the config's full size)"
 
     def speed(label, op, mode, need):
+        dp = _default_for(default_provider, op)
         r = _find(results, op, mode, dp)
         if r is None or r.get("speedup") is None:
             return
@@ -195,7 +236,7 @@ def targets(results: list[dict], *, device: str, config: str, default_provider: 
         speed(">=10x CC fwd+bwd vs loop", "class_centralization_loss", "full", 10)
         speed(">=4x CM fwd+bwd vs loop", "covariance_matching_loss", "full", 4)
         rb = _find(results, "covariance_matching_loss", "full", "baseline")
-        rd = _find(results, "covariance_matching_loss", "full", dp)
+        rd = _find(results, "covariance_matching_loss", "full", _default_for(default_provider, "covariance_matching_loss"))
         if rb and rd and rb.get("memory") and rd.get("memory"):
             mb, md = rb["memory"], rd["memory"]
             fr = mb["footprint"] / max(md["footprint"], 1)
@@ -207,7 +248,7 @@ def targets(results: list[dict], *, device: str, config: str, default_provider: 
                         f"{fmt_bytes(mb['workspace'])} vs {fmt_bytes(md['workspace'])} = {wr:.2f}x{note(rd)}",
                         "MET" if wr >= 2.5 else "NOT MET"))
     rb = _find(results, "cpd_trajectory_loss", "full", "baseline")
-    rd = _find(results, "cpd_trajectory_loss", "full", dp)
+    rd = _find(results, "cpd_trajectory_loss", "full", _default_for(default_provider, "cpd_trajectory_loss"))
     if rb and rd and rb.get("memory") and rd.get("memory") and rb["memory"]["workspace"] > 0:
         f = rd["memory"]["workspace"] / rb["memory"]["workspace"]
         out.append(("CPD workspace <=1% of the sort baseline's",
@@ -215,9 +256,9 @@ def targets(results: list[dict], *, device: str, config: str, default_provider: 
                     f"{100 * f:.2f}%{note(rd)}", "MET" if f <= 0.01 else "NOT MET"))
     if device.startswith("cuda") and ceilings is not None:
         for op in ("dae_", "dae_sgd_step_"):
-            r = _find(results, op, "fwd", dp)
+            r = _find(results, op, "fwd", _default_for(default_provider, op))
             if r and r.get("achieved_Bps"):
-                f = r["achieved_Bps"] / ceilings.copy_Bps
+                f = min(1.0, r["achieved_Bps"] / max(ceilings.copy_Bps, r.get("ceiling") or 0.0))
                 out.append((f">=85% copy bandwidth {op}", f"{100 * f:.1f}% ({r['achieved_Bps'] / 1e9:.0f} GB/s)",
                             "MET" if f >= 0.85 else "NOT MET"))
         if config == "imagenette-ipc50":
@@ -268,7 +309,8 @@ def plot_sweep(path: str, results: list[dict], *, title: str) -> None:
             from None
     ops = list(dict.fromkeys(r["op"] for r in results))
     fig, axes = plt.subplots(len(ops), 2, figsize=(11, 3.2 * len(ops) + 0.6), squeeze=False)
-    colors = {"baseline": "tab:red", "reference": "tab:blue", "triton": "tab:green", "native": "tab:purple"}
+    colors = {"baseline": "tab:red", "reference": "tab:blue", "triton": "tab:green", "native": "tab:purple",
+              "compiled": "tab:orange"}
     styles = {"fwd": ":", "bwd": "--", "full": "-"}
     for row, op in zip(axes, ops):
         rs = [r for r in results if r["op"] == op and r["status"] == "ok"]

@@ -70,7 +70,8 @@ def run_task(task: dict) -> dict[str, Any]:
     cfg = _task_config(task)
     res.update(N=cfg.N, ipc=cfg.ipc, K=cfg.K, effective_scale=cfg.scale)
     try:
-        # warm-up at the smallest size: loads kernels, starts thread pools, JIT-compiles
+        # warm-up at the smallest size: loads kernels, starts thread pools, JIT-compiles (the compiled
+        # provider also compiles this tiny shape; make_case compiles and warms the timed shape itself)
         tiny = make_case(task["op"], task["provider"], task["mode"], cfg.scaled(1e-9), device=device,
                          seed=task.get("seed", 0) + 1)
         for _ in range(2):
@@ -87,7 +88,7 @@ def run_task(task: dict) -> dict[str, Any]:
     except Unavailable as e:
         res.update(status="skipped", reason=str(e))
         return res
-    res.update(bytes_moved=case.bytes_moved, flops=case.flops, shapes=case.shapes)
+    res.update(bytes_moved=case.bytes_moved, flops=case.flops, shapes=case.shapes, compile_s=case.compile_s)
     try:
         if task.get("memory", True):
             mem, out = memory.measure_call(case.fn, case.held_bytes, device=device, before_inputs=before,

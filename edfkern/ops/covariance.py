@@ -14,145 +14,7 @@ from torch import Tensor
 
 from .. import _checks as C
 from .._dispatch import kernel
-from ._util import no_double_backward
-
-# ----------------------------------------------------------------------------- registered ops
-#
-# Each registered op checks every argument that indexes memory (shapes, dtypes, devices and the
-# CSR group tensors) itself: it may be called directly, with tensors no public function built.
-
-
-def _check_x_csr(op: str, x: Tensor, perm: Optional[Tensor], offsets: Tensor, side: str = "") -> int:
-    return C.check_rows_csr(op, side or "x", x, 3, perm, offsets, side)
-
-
-def _check_cov_backward_args(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor,
-                             op: str = "edfkern::covariance_backward") -> None:
-    k = _check_x_csr(op, x, perm, offsets)
-    _, c, l = x.shape
-    C.check_tensor_arg(op, "mean", mean, device=x.device)
-    C.check_tensor_arg(op, "M", M, device=x.device)
-    C.check_shape_arg(op, "mean", mean, (k, c, l))
-    C.check_shape_arg(op, "M", M, (k, c, c))
-
-
-@torch.library.custom_op("edfkern::local_covariance", mutates_args=())
-def _local_cov(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """Returns (sigma (K,C,C), mean (K,C,L)); ``mean`` is kept for backward."""
-    _check_x_csr("edfkern::local_covariance", x, perm, offsets)
-    return kernel("cov_forward", x.device)(x.contiguous(), perm, offsets)
-
-
-@_local_cov.register_fake
-def _(x, perm, offsets):
-    k, (_, c, l) = offsets.shape[0] - 1, x.shape
-    acc = C.acc_dtype(x.dtype)
-    return x.new_empty((k, c, c), dtype=acc), x.new_empty((k, c, l), dtype=acc)
-
-
-@torch.library.custom_op("edfkern::covariance_backward", mutates_args=())
-def _cov_backward(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor) -> Tensor:
-    """grad_i = M_k (x_i - mean_k) for every row i of group k: (N,C,L) in x.dtype."""
-    _check_cov_backward_args(x, perm, offsets, mean, M)
-    return kernel("cov_backward", x.device)(x.contiguous(), perm, offsets, mean.contiguous(), M.contiguous())
-
-
-@_cov_backward.register_fake
-def _(x, perm, offsets, mean, M):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-torch.library.register_autograd("edfkern::covariance_backward", no_double_backward("local_covariance"),
-                                setup_context=lambda ctx, inputs, output: None)
-
-
-def _inv_counts(offsets: Tensor, dtype: torch.dtype) -> Tensor:
-    """1/n_k as a (K,1,1) tensor (0 for empty groups, whose rows do not exist)."""
-    n = offsets.diff().to(dtype)
-    return torch.where(n > 0, 1.0 / n.clamp_min(1), torch.zeros_like(n))[:, None, None]
-
-
-def _local_cov_setup(ctx, inputs, output):
-    x, perm, offsets = inputs
-    ctx.save_for_backward(x, perm, offsets, output[1])
-
-
-def _local_cov_backward(ctx, g_sigma, g_mean):
-    x, perm, offsets, mean = ctx.saved_tensors
-    if g_sigma is None:
-        return None, None, None
-    M = (g_sigma + g_sigma.transpose(1, 2)) * _inv_counts(offsets, g_sigma.dtype)
-    return _cov_backward(x, perm, offsets, mean, M), None, None
-
-
-torch.library.register_autograd("edfkern::local_covariance", _local_cov_backward, setup_context=_local_cov_setup)
-
-
-@torch.library.custom_op("edfkern::covariance_matching_loss", mutates_args=())
-def _cm_loss(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets: Tensor, real: Tensor,
-             real_perm: Optional[Tensor], real_offsets: Tensor, weight: float
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, sigma_syn, sigma_real, mean_syn, mean_real); only ``loss`` is public."""
-    op = "edfkern::covariance_matching_loss"
-    ks = _check_x_csr(op, syn, syn_perm, syn_offsets, "syn")
-    kr = _check_x_csr(op, real, real_perm, real_offsets, "real")
-    if ks != kr or syn.shape[1:] != real.shape[1:] or syn.device != real.device:
-        raise ValueError(f"{op}: syn and real must share K, (C, L) and device, got K={ks} {tuple(syn.shape)} "
-                         f"{syn.device} and K={kr} {tuple(real.shape)} {real.device}")
-    fwd = kernel("cov_forward", syn.device)
-    s_syn, m_syn = fwd(syn.contiguous(), syn_perm, syn_offsets)
-    s_real, m_real = fwd(real.contiguous(), real_perm, real_offsets)
-    diff = s_real - s_syn
-    return weight * (diff * diff).sum(), s_syn, s_real, m_syn, m_real
-
-
-@_cm_loss.register_fake
-def _(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight):
-    k, (_, c, l) = syn_offsets.shape[0] - 1, syn.shape
-    acc = C.acc_dtype(syn.dtype)
-    e = syn.new_empty
-    return (e((), dtype=acc), e((k, c, c), dtype=acc), e((k, c, c), dtype=acc), e((k, c, l), dtype=acc),
-            e((k, c, l), dtype=acc))
-
-
-def _cm_setup(ctx, inputs, output):
-    syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight = inputs
-    _, s_syn, s_real, m_syn, m_real = output
-    ctx.weight = weight
-    ctx.save_for_backward(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, s_syn, s_real, m_syn, m_real)
-
-
-def _cm_backward(ctx, g, *_aux):
-    syn, syn_perm, syn_offsets, real, real_perm, real_offsets, s_syn, s_real, m_syn, m_real = ctx.saved_tensors
-    grads = [None] * 7
-    if g is None:
-        return tuple(grads)
-    d = (s_syn - s_real) * (4.0 * ctx.weight * g)  # dL/dX_i = 4w/n_k (S_syn - S_real)(X_i - Xbar_k)
-    if ctx.needs_input_grad[0]:
-        grads[0] = _cov_backward(syn, syn_perm, syn_offsets, m_syn, d * _inv_counts(syn_offsets, d.dtype))
-    if ctx.needs_input_grad[3]:
-        grads[3] = _cov_backward(real, real_perm, real_offsets, m_real, -d * _inv_counts(real_offsets, d.dtype))
-    return tuple(grads)
-
-
-torch.library.register_autograd("edfkern::covariance_matching_loss", _cm_backward, setup_context=_cm_setup)
-
-
-# ----------------------------------------------------------------------------- argument checks
-
-
-def _as_ncl(name: str, x: Tensor) -> Tensor:
-    """(N,C,L) as is; (N,C,h,w) -> (N,C,h*w); (N,D) -> (N,D,1)."""
-    C.check_float_tensor(name, x)
-    C.check_rank(name, x, (2, 3, 4), "(N, C, L), (N, C, h, w) or (N, D)")
-    if x.shape[0] == 0 or x.numel() == 0:
-        raise ValueError(f"{name} must have N >= 1 rows and non-empty features, got {tuple(x.shape)}")
-    if x.dim() == 4:
-        return x.flatten(2)
-    if x.dim() == 2:
-        return x.unsqueeze(2)
-    return x
-
+from ._util import keep_context, no_double_backward
 
 # ----------------------------------------------------------------------------- public API
 
@@ -178,7 +40,7 @@ def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int
         return sharded(x, groups=groups, num_groups=num_groups, process_group=process_group)
     x = _as_ncl("x", x)
     g = C.resolve_groups(groups, x.shape[0], x.device, num_groups)
-    return _local_cov(x, g.perm, g.offsets)[0]
+    return _local_covariance_op(x, g.perm, g.offsets)[0]
 
 
 def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, real_groups: C.GroupsArg,
@@ -208,4 +70,145 @@ def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsA
                        weight=weight, process_group=process_group)
     syn, real = _as_ncl("syn", syn), _as_ncl("real", real)
     weight, gs, gr = C.check_matching_pair(syn, real, syn_groups, real_groups, num_groups, weight, "(C, L)")
-    return _cm_loss(syn, gs.perm, gs.offsets, real, gr.perm, gr.offsets, weight)[0]
+    return _covariance_matching_loss_op(syn, gs.perm, gs.offsets, real, gr.perm, gr.offsets, weight)[0]
+
+
+# ----------------------------------------------------------------------------- registered ops
+#
+# torch.ops.edfkern.<name>: opaque to torch.compile, each checking every argument that indexes
+# memory (shapes, dtypes, devices and the CSR group tensors) itself, since it may be called
+# directly with tensors no public function built; the kernel chosen at run time by
+# kernel("<kernel>", device); fake and autograd below.
+
+
+@torch.library.custom_op("edfkern::local_covariance", mutates_args=())
+def _local_covariance_op(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns (sigma (K,C,C), mean (K,C,L)); ``mean`` is kept for backward."""
+    _check_x_csr("edfkern::local_covariance", x, perm, offsets)
+    return kernel("cov_forward", x.device)(x.contiguous(), perm, offsets)
+
+
+@_local_covariance_op.register_fake
+def _local_covariance_fake(x, perm, offsets):
+    k, (_, c, l) = offsets.shape[0] - 1, x.shape
+    acc = C.acc_dtype(x.dtype)
+    return x.new_empty((k, c, c), dtype=acc), x.new_empty((k, c, l), dtype=acc)
+
+
+def _local_covariance_setup(ctx, inputs, output):
+    x, perm, offsets = inputs
+    ctx.save_for_backward(x, perm, offsets, output[1])
+
+
+def _local_covariance_autograd(ctx, g_sigma, g_mean):
+    x, perm, offsets, mean = ctx.saved_tensors
+    if g_sigma is None:
+        return None, None, None
+    M = (g_sigma + g_sigma.transpose(1, 2)) * _inv_counts(offsets, g_sigma.dtype)
+    return _covariance_backward_op(x, perm, offsets, mean, M), None, None
+
+
+_local_covariance_op.register_autograd(_local_covariance_autograd, setup_context=_local_covariance_setup)
+
+
+@torch.library.custom_op("edfkern::covariance_backward", mutates_args=())
+def _covariance_backward_op(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor) -> Tensor:
+    """grad_i = M_k (x_i - mean_k) for every row i of group k: (N,C,L) in x.dtype."""
+    _check_cov_backward_args(x, perm, offsets, mean, M)
+    return kernel("cov_backward", x.device)(x.contiguous(), perm, offsets, mean.contiguous(), M.contiguous())
+
+
+@_covariance_backward_op.register_fake
+def _covariance_backward_fake(x, perm, offsets, mean, M):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_covariance_backward_op.register_autograd(no_double_backward("local_covariance"), setup_context=keep_context)
+
+
+@torch.library.custom_op("edfkern::covariance_matching_loss", mutates_args=())
+def _covariance_matching_loss_op(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets: Tensor, real: Tensor,
+                                 real_perm: Optional[Tensor], real_offsets: Tensor, weight: float
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, sigma_syn, sigma_real, mean_syn, mean_real); only ``loss`` is public."""
+    op = "edfkern::covariance_matching_loss"
+    ks = _check_x_csr(op, syn, syn_perm, syn_offsets, "syn")
+    kr = _check_x_csr(op, real, real_perm, real_offsets, "real")
+    if ks != kr or syn.shape[1:] != real.shape[1:] or syn.device != real.device:
+        raise ValueError(f"{op}: syn and real must share K, (C, L) and device, got K={ks} {tuple(syn.shape)} "
+                         f"{syn.device} and K={kr} {tuple(real.shape)} {real.device}")
+    fwd = kernel("cov_forward", syn.device)
+    s_syn, m_syn = fwd(syn.contiguous(), syn_perm, syn_offsets)
+    s_real, m_real = fwd(real.contiguous(), real_perm, real_offsets)
+    diff = s_real - s_syn
+    return weight * (diff * diff).sum(), s_syn, s_real, m_syn, m_real
+
+
+@_covariance_matching_loss_op.register_fake
+def _covariance_matching_loss_fake(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight):
+    k, (_, c, l) = syn_offsets.shape[0] - 1, syn.shape
+    acc = C.acc_dtype(syn.dtype)
+    e = syn.new_empty
+    return (e((), dtype=acc), e((k, c, c), dtype=acc), e((k, c, c), dtype=acc), e((k, c, l), dtype=acc),
+            e((k, c, l), dtype=acc))
+
+
+def _covariance_matching_loss_setup(ctx, inputs, output):
+    syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight = inputs
+    _, s_syn, s_real, m_syn, m_real = output
+    ctx.weight = weight
+    ctx.save_for_backward(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, s_syn, s_real, m_syn, m_real)
+
+
+def _covariance_matching_loss_autograd(ctx, g, *_aux):
+    syn, syn_perm, syn_offsets, real, real_perm, real_offsets, s_syn, s_real, m_syn, m_real = ctx.saved_tensors
+    grads = [None] * 7
+    if g is None:
+        return tuple(grads)
+    d = (s_syn - s_real) * (4.0 * ctx.weight * g)  # dL/dX_i = 4w/n_k (S_syn - S_real)(X_i - Xbar_k)
+    if ctx.needs_input_grad[0]:
+        grads[0] = _covariance_backward_op(syn, syn_perm, syn_offsets, m_syn, d * _inv_counts(syn_offsets, d.dtype))
+    if ctx.needs_input_grad[3]:
+        grads[3] = _covariance_backward_op(real, real_perm, real_offsets, m_real,
+                                           -d * _inv_counts(real_offsets, d.dtype))
+    return tuple(grads)
+
+
+_covariance_matching_loss_op.register_autograd(_covariance_matching_loss_autograd,
+                                               setup_context=_covariance_matching_loss_setup)
+
+
+# ----------------------------------------------------------------------------- argument checks and helpers
+
+
+def _as_ncl(name: str, x: Tensor) -> Tensor:
+    """(N,C,L) as is; (N,C,h,w) -> (N,C,h*w); (N,D) -> (N,D,1)."""
+    C.check_float_tensor(name, x)
+    C.check_rank(name, x, (2, 3, 4), "(N, C, L), (N, C, h, w) or (N, D)")
+    if x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must have N >= 1 rows and non-empty features, got {tuple(x.shape)}")
+    if x.dim() == 4:
+        return x.flatten(2)
+    if x.dim() == 2:
+        return x.unsqueeze(2)
+    return x
+
+
+def _check_x_csr(op: str, x: Tensor, perm: Optional[Tensor], offsets: Tensor, side: str = "") -> int:
+    return C.check_rows_csr(op, side or "x", x, 3, perm, offsets, side)
+
+
+def _check_cov_backward_args(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor) -> None:
+    op = "edfkern::covariance_backward"
+    k = _check_x_csr(op, x, perm, offsets)
+    _, c, l = x.shape
+    C.check_tensor_arg(op, "mean", mean, device=x.device)
+    C.check_tensor_arg(op, "M", M, device=x.device)
+    C.check_shape_arg(op, "mean", mean, (k, c, l))
+    C.check_shape_arg(op, "M", M, (k, c, c))
+
+
+def _inv_counts(offsets: Tensor, dtype: torch.dtype) -> Tensor:
+    """1/n_k as a (K,1,1) tensor (0 for empty groups, whose rows do not exist)."""
+    n = offsets.diff().to(dtype)
+    return torch.where(n > 0, 1.0 / n.clamp_min(1), torch.zeros_like(n))[:, None, None]

@@ -13,143 +13,9 @@ from torch import Tensor
 
 from .. import _checks as C
 from .._dispatch import kernel
-from ._util import no_double_backward
-
-# ----------------------------------------------------------------------------- registered ops
-
-
-@torch.library.custom_op("edfkern::class_centralization_loss", mutates_args=())
-def _cc_loss(feat: Tensor, perm: Optional[Tensor], offsets: Tensor, weight: float) -> tuple[Tensor, Tensor]:
-    """Returns (loss, mean (K,D)); ``mean`` is kept for backward."""
-    C.check_rows_csr("edfkern::class_centralization_loss", "feat", feat, 2, perm, offsets)
-    sq, mean = kernel("cc_forward", feat.device)(feat.contiguous(), perm, offsets)
-    return weight * sq, mean
-
-
-@_cc_loss.register_fake
-def _(feat, perm, offsets, weight):
-    acc = C.acc_dtype(feat.dtype)
-    return feat.new_empty((), dtype=acc), feat.new_empty((offsets.shape[0] - 1, feat.shape[1]), dtype=acc)
-
-
-def _check_cc_backward_args(op: str, grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor,
-                            mean: Tensor) -> None:
-    k = C.check_rows_csr(op, "feat", feat, 2, perm, offsets)
-    C.check_tensor_arg(op, "grad", grad, dims=(0,), device=feat.device)
-    C.check_tensor_arg(op, "mean", mean, device=feat.device)
-    C.check_shape_arg(op, "mean", mean, (k, feat.shape[1]))
-
-
-@torch.library.custom_op("edfkern::class_centralization_backward", mutates_args=())
-def _cc_backward(grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor,
-                 coef: float) -> Tensor:
-    """coef * grad * (f_i - mu_k), (N,D) in feat.dtype."""
-    _check_cc_backward_args("edfkern::class_centralization_backward", grad, feat, perm, offsets, mean)
-    return kernel("cc_backward", feat.device)(grad, feat.contiguous(), perm, offsets, mean, coef)
-
-
-@_cc_backward.register_fake
-def _(grad, feat, perm, offsets, mean, coef):
-    return torch.empty_like(feat, memory_format=torch.contiguous_format)
-
-
-def _cc_setup(ctx, inputs, output):
-    feat, perm, offsets, weight = inputs
-    ctx.weight = weight
-    ctx.save_for_backward(feat, perm, offsets, output[1])
-
-
-def _cc_bwd(ctx, g, _g_mean):
-    feat, perm, offsets, mean = ctx.saved_tensors
-    if g is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    return _cc_backward(g, feat, perm, offsets, mean, 2.0 * ctx.weight), None, None, None
-
-
-torch.library.register_autograd("edfkern::class_centralization_loss", _cc_bwd, setup_context=_cc_setup)
-torch.library.register_autograd("edfkern::class_centralization_backward",
-                                no_double_backward("class_centralization_loss"),
-                                setup_context=lambda ctx, inputs, output: None)
-
-
-@torch.library.custom_op("edfkern::mean_matching_loss", mutates_args=())
-def _mm_loss(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets: Tensor, real: Tensor,
-             real_perm: Optional[Tensor], real_offsets: Tensor, weight: float) -> tuple[Tensor, Tensor]:
-    """Returns (loss, mean_syn - mean_real (K,D)); the difference is kept for backward."""
-    op = "edfkern::mean_matching_loss"
-    ks = C.check_rows_csr(op, "syn", syn, 2, syn_perm, syn_offsets, "syn")
-    kr = C.check_rows_csr(op, "real", real, 2, real_perm, real_offsets, "real")
-    if ks != kr or syn.shape[1] != real.shape[1] or syn.device != real.device:
-        raise ValueError(f"{op}: syn and real must share K, D and device, got K={ks} {tuple(syn.shape)} "
-                         f"{syn.device} and K={kr} {tuple(real.shape)} {real.device}")
-    mean = kernel("seg_mean", syn.device)
-    diff = mean(syn.contiguous(), syn_perm, syn_offsets) - mean(real.contiguous(), real_perm, real_offsets)
-    return weight * (diff * diff).sum(), diff
-
-
-@_mm_loss.register_fake
-def _(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight):
-    acc = C.acc_dtype(syn.dtype)
-    return syn.new_empty((), dtype=acc), syn.new_empty((syn_offsets.shape[0] - 1, syn.shape[1]), dtype=acc)
-
-
-def _mm_setup(ctx, inputs, output):
-    syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight = inputs
-    ctx.weight, ctx.n_syn, ctx.n_real = weight, syn.shape[0], real.shape[0]
-    ctx.dtypes = (syn.dtype, real.dtype)
-    ctx.save_for_backward(syn_perm, syn_offsets, real_perm, real_offsets, output[1])
-
-
-@torch.library.custom_op("edfkern::mean_matching_backward", mutates_args=())
-def _mm_backward(grad: Tensor, diff: Tensor, perm: Optional[Tensor], offsets: Tensor, n: int, coef: float,
-                 dtype: torch.dtype) -> Tensor:
-    """Row i of group k gets ``coef * grad * diff_k / n_k``: (n, D) in ``dtype``."""
-    op = "edfkern::mean_matching_backward"
-    if dtype not in C.FLOAT_DTYPES:
-        raise TypeError(f"{op}: dtype must be a floating dtype, got {dtype}")
-    n = C.check_int("n", n, lo=0, hi=C.MAX_NUMEL)
-    C.check_tensor_arg(op, "diff", diff, dims=(2,))
-    C.check_tensor_arg(op, "grad", grad, dims=(0,), device=diff.device)
-    k = C.check_csr(op, n, perm, offsets, diff.device)
-    C.check_shape_arg(op, "diff", diff, (k, diff.shape[1]))
-    per_class = diff * (coef * grad) / offsets.diff().clamp_min(1).to(diff.dtype)[:, None]
-    return per_class.index_select(0, C.row_labels(perm, offsets, n)).to(dtype)
-
-
-@_mm_backward.register_fake
-def _(grad, diff, perm, offsets, n, coef, dtype):
-    return diff.new_empty((n, diff.shape[1]), dtype=dtype)
-
-
-torch.library.register_autograd("edfkern::mean_matching_backward", no_double_backward("mean_matching_loss"),
-                                setup_context=lambda ctx, inputs, output: None)
-
-
-def _mm_bwd(ctx, g, _g_diff):
-    syn_perm, syn_offsets, real_perm, real_offsets, diff = ctx.saved_tensors
-    grads = [None] * 7
-    if g is None:
-        return tuple(grads)
-    w2 = 2.0 * ctx.weight  # dL/dmean_syn_k = 2w (mean_syn_k - mean_real_k)
-    if ctx.needs_input_grad[0]:
-        grads[0] = _mm_backward(g, diff, syn_perm, syn_offsets, ctx.n_syn, w2, ctx.dtypes[0])
-    if ctx.needs_input_grad[3]:
-        grads[3] = _mm_backward(g, diff, real_perm, real_offsets, ctx.n_real, -w2, ctx.dtypes[1])
-    return tuple(grads)
-
-
-torch.library.register_autograd("edfkern::mean_matching_loss", _mm_bwd, setup_context=_mm_setup)
-
+from ._util import keep_context, no_double_backward
 
 # ----------------------------------------------------------------------------- public API
-
-
-def _as_rows(name: str, x: Tensor) -> Tensor:
-    C.check_float_tensor(name, x)
-    if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
-        raise ValueError(f"{name} must have shape (N, D) with N, D >= 1 (other shapes are flattened per row), "
-                         f"got {tuple(x.shape)}")
-    return x.reshape(x.shape[0], -1) if x.dim() != 2 else x
 
 
 def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None,
@@ -177,7 +43,7 @@ def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: 
     weight = C.check_number("weight", weight)
     g = C.resolve_groups(groups, x.shape[0], x.device, num_groups, k_max=x.shape[0])
     C.require_nonempty(g, "feat")
-    return _cc_loss(x, g.perm, g.offsets, weight)[0]
+    return _class_centralization_loss_op(x, g.perm, g.offsets, weight)[0]
 
 
 def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, real_groups: C.GroupsArg,
@@ -204,4 +70,150 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, re
                        weight=weight, process_group=process_group)
     s, r = _as_rows("syn", syn), _as_rows("real", real)
     weight, gs, gr = C.check_matching_pair(s, r, syn_groups, real_groups, num_groups, weight, "feature size D")
-    return _mm_loss(s, gs.perm, gs.offsets, r, gr.perm, gr.offsets, weight)[0]
+    return _mean_matching_loss_op(s, gs.perm, gs.offsets, r, gr.perm, gr.offsets, weight)[0]
+
+
+# ----------------------------------------------------------------------------- registered ops
+#
+# torch.ops.edfkern.<name>: opaque to torch.compile, each checking its own tensors (they may be
+# called directly), the kernel chosen at run time by kernel("<kernel>", device); fake and autograd below.
+
+
+@torch.library.custom_op("edfkern::class_centralization_loss", mutates_args=())
+def _class_centralization_loss_op(feat: Tensor, perm: Optional[Tensor], offsets: Tensor,
+                                  weight: float) -> tuple[Tensor, Tensor]:
+    """Returns (loss, mean (K,D)); ``mean`` is kept for backward."""
+    C.check_rows_csr("edfkern::class_centralization_loss", "feat", feat, 2, perm, offsets)
+    sq, mean = kernel("cc_forward", feat.device)(feat.contiguous(), perm, offsets)
+    return weight * sq, mean
+
+
+@_class_centralization_loss_op.register_fake
+def _class_centralization_loss_fake(feat, perm, offsets, weight):
+    acc = C.acc_dtype(feat.dtype)
+    return feat.new_empty((), dtype=acc), feat.new_empty((offsets.shape[0] - 1, feat.shape[1]), dtype=acc)
+
+
+def _class_centralization_loss_setup(ctx, inputs, output):
+    feat, perm, offsets, weight = inputs
+    ctx.weight = weight
+    ctx.save_for_backward(feat, perm, offsets, output[1])
+
+
+def _class_centralization_loss_autograd(ctx, g, _g_mean):
+    feat, perm, offsets, mean = ctx.saved_tensors
+    if g is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return _class_centralization_backward_op(g, feat, perm, offsets, mean, 2.0 * ctx.weight), None, None, None
+
+
+_class_centralization_loss_op.register_autograd(_class_centralization_loss_autograd,
+                                                setup_context=_class_centralization_loss_setup)
+
+
+@torch.library.custom_op("edfkern::class_centralization_backward", mutates_args=())
+def _class_centralization_backward_op(grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor,
+                                      mean: Tensor, coef: float) -> Tensor:
+    """coef * grad * (f_i - mu_k), (N,D) in feat.dtype."""
+    _check_cc_backward_args(grad, feat, perm, offsets, mean)
+    return kernel("cc_backward", feat.device)(grad, feat.contiguous(), perm, offsets, mean, coef)
+
+
+@_class_centralization_backward_op.register_fake
+def _class_centralization_backward_fake(grad, feat, perm, offsets, mean, coef):
+    return torch.empty_like(feat, memory_format=torch.contiguous_format)
+
+
+_class_centralization_backward_op.register_autograd(no_double_backward("class_centralization_loss"),
+                                                    setup_context=keep_context)
+
+
+@torch.library.custom_op("edfkern::mean_matching_loss", mutates_args=())
+def _mean_matching_loss_op(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets: Tensor, real: Tensor,
+                           real_perm: Optional[Tensor], real_offsets: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+    """Returns (loss, mean_syn - mean_real (K,D)); the difference is kept for backward."""
+    op = "edfkern::mean_matching_loss"
+    ks = C.check_rows_csr(op, "syn", syn, 2, syn_perm, syn_offsets, "syn")
+    kr = C.check_rows_csr(op, "real", real, 2, real_perm, real_offsets, "real")
+    if ks != kr or syn.shape[1] != real.shape[1] or syn.device != real.device:
+        raise ValueError(f"{op}: syn and real must share K, D and device, got K={ks} {tuple(syn.shape)} "
+                         f"{syn.device} and K={kr} {tuple(real.shape)} {real.device}")
+    mean = kernel("seg_mean", syn.device)
+    diff = mean(syn.contiguous(), syn_perm, syn_offsets) - mean(real.contiguous(), real_perm, real_offsets)
+    return weight * (diff * diff).sum(), diff
+
+
+@_mean_matching_loss_op.register_fake
+def _mean_matching_loss_fake(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight):
+    acc = C.acc_dtype(syn.dtype)
+    return syn.new_empty((), dtype=acc), syn.new_empty((syn_offsets.shape[0] - 1, syn.shape[1]), dtype=acc)
+
+
+def _mean_matching_loss_setup(ctx, inputs, output):
+    syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight = inputs
+    ctx.weight, ctx.n_syn, ctx.n_real = weight, syn.shape[0], real.shape[0]
+    ctx.dtypes = (syn.dtype, real.dtype)
+    ctx.save_for_backward(syn_perm, syn_offsets, real_perm, real_offsets, output[1])
+
+
+def _mean_matching_loss_autograd(ctx, g, _g_diff):
+    syn_perm, syn_offsets, real_perm, real_offsets, diff = ctx.saved_tensors
+    grads = [None] * 7
+    if g is None:
+        return tuple(grads)
+    w2 = 2.0 * ctx.weight  # dL/dmean_syn_k = 2w (mean_syn_k - mean_real_k)
+    if ctx.needs_input_grad[0]:
+        grads[0] = _mean_matching_backward_op(g, diff, syn_perm, syn_offsets, ctx.n_syn, w2, ctx.dtypes[0])
+    if ctx.needs_input_grad[3]:
+        grads[3] = _mean_matching_backward_op(g, diff, real_perm, real_offsets, ctx.n_real, -w2, ctx.dtypes[1])
+    return tuple(grads)
+
+
+_mean_matching_loss_op.register_autograd(_mean_matching_loss_autograd, setup_context=_mean_matching_loss_setup)
+
+
+@torch.library.custom_op("edfkern::mean_matching_backward", mutates_args=())
+def _mean_matching_backward_op(grad: Tensor, diff: Tensor, perm: Optional[Tensor], offsets: Tensor, n: int,
+                               coef: float, dtype: torch.dtype) -> Tensor:
+    """Row i of group k gets ``coef * grad * diff_k / n_k``: (n, D) in ``dtype``.
+
+    Plain torch ops (no backend kernel): one scale and one gather per call.
+    """
+    op = "edfkern::mean_matching_backward"
+    if dtype not in C.FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be a floating dtype, got {dtype}")
+    n = C.check_int("n", n, lo=0, hi=C.MAX_NUMEL)
+    C.check_tensor_arg(op, "diff", diff, dims=(2,))
+    C.check_tensor_arg(op, "grad", grad, dims=(0,), device=diff.device)
+    k = C.check_csr(op, n, perm, offsets, diff.device)
+    C.check_shape_arg(op, "diff", diff, (k, diff.shape[1]))
+    per_class = diff * (coef * grad) / offsets.diff().clamp_min(1).to(diff.dtype)[:, None]
+    return per_class.index_select(0, C.row_labels(perm, offsets, n)).to(dtype)
+
+
+@_mean_matching_backward_op.register_fake
+def _mean_matching_backward_fake(grad, diff, perm, offsets, n, coef, dtype):
+    return diff.new_empty((n, diff.shape[1]), dtype=dtype)
+
+
+_mean_matching_backward_op.register_autograd(no_double_backward("mean_matching_loss"), setup_context=keep_context)
+
+
+# ----------------------------------------------------------------------------- argument checks and helpers
+
+
+def _as_rows(name: str, x: Tensor) -> Tensor:
+    C.check_float_tensor(name, x)
+    if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must have shape (N, D) with N, D >= 1 (other shapes are flattened per row), "
+                         f"got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1) if x.dim() != 2 else x
+
+
+def _check_cc_backward_args(grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor,
+                            mean: Tensor) -> None:
+    op = "edfkern::class_centralization_backward"
+    k = C.check_rows_csr(op, "feat", feat, 2, perm, offsets)
+    C.check_tensor_arg(op, "grad", grad, dims=(0,), device=feat.device)
+    C.check_tensor_arg(op, "mean", mean, device=feat.device)
+    C.check_shape_arg(op, "mean", mean, (k, feat.shape[1]))

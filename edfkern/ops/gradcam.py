@@ -17,10 +17,42 @@ from ._util import keep_context, not_differentiable
 
 METHODS = ("gradcam", "gradcam++", "smoothgradcam++")
 
+# ----------------------------------------------------------------------------- public API
+
+
+def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam", size: Optional[tuple[int, int]] = None,
+             normalize: bool = True, clean_activations: Optional[Tensor] = None) -> Tensor:
+    """Class activation maps for a batch, in one fused op.
+
+    Args:
+        activations: target-layer activations ``A``, ``(N, C, h, w)``; ``(S, N, C, h, w)`` for
+            ``"smoothgradcam++"`` (one slice per noisy pass).
+        gradients: gradients of the class scores w.r.t. ``A``, same shape as ``activations``.
+        method: ``"gradcam"`` (``w = mean_hw G``), ``"gradcam++"`` (``alpha = G^2 / (2G^2 +
+            sum_hw(A G^3) + 1e-8)``, ``w = sum_hw alpha ReLU(G)``) or ``"smoothgradcam++"`` (the same with
+            ``G^2``, ``G^3`` averaged over the S passes and ``A_clean`` in the denominator; weights and
+            map from the last pass, as torchcam 0.4 does).
+        size: ``(H, W)`` to upsample the normalised map to (bilinear, ``align_corners=False``).
+        normalize: per-map ``cam -= min; cam /= max + 1e-8`` (torchcam's order).
+        clean_activations: ``(N, C, h, w)`` activations of the clean input; required for
+            ``"smoothgradcam++"``, rejected otherwise.
+
+    Returns:
+        ``(N, h, w)``, or ``(N, H, W)`` with ``size``; float32 (float64 for float64 inputs).
+    """
+    hw = _check_args(activations, gradients, clean_activations, method, normalize, size)
+    return _grad_cam_op(activations, gradients, clean_activations, method, bool(normalize), hw)
+
+
+# ----------------------------------------------------------------------------- registered op
+#
+# torch.ops.edfkern.grad_cam: opaque to torch.compile, checked again here (it may be called
+# directly), the kernel chosen at run time by kernel("grad_cam", device); fake and autograd below.
+
 
 @torch.library.custom_op("edfkern::grad_cam", mutates_args=())
-def _grad_cam(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str,
-              normalize: bool, size: Optional[list[int]]) -> Tensor:
+def _grad_cam_op(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str,
+                 normalize: bool, size: Optional[list[int]]) -> Tensor:
     _check_args(activations, gradients, clean_activations, method, normalize, size)
     clean = None if clean_activations is None else clean_activations.contiguous()
     return kernel("grad_cam", activations.device)(
@@ -28,18 +60,19 @@ def _grad_cam(activations: Tensor, gradients: Tensor, clean_activations: Optiona
         None if size is None else (int(size[0]), int(size[1])))
 
 
-@_grad_cam.register_fake
-def _(activations, gradients, clean_activations, method, normalize, size):
+@_grad_cam_op.register_fake
+def _grad_cam_fake(activations, gradients, clean_activations, method, normalize, size):
     n, h, w = activations.shape[-4], activations.shape[-2], activations.shape[-1]
     hh, ww = (h, w) if size is None else size
     return activations.new_empty((n, hh, ww), dtype=C.acc_dtype(activations.dtype))
 
 
-torch.library.register_autograd(
-    "edfkern::grad_cam",
+_grad_cam_op.register_autograd(
     not_differentiable("grad_cam", "activations/gradients", "CAMs are used as constants by DAE"),
-    setup_context=keep_context,
-)
+    setup_context=keep_context)
+
+
+# ----------------------------------------------------------------------------- argument checks
 
 
 def _check_args(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str,
@@ -73,27 +106,3 @@ def _check_args(activations: Tensor, gradients: Tensor, clean_activations: Optio
     n = activations.shape[-4]
     C.check_numel("the CAMs", (n,) + (tuple(hw) if hw else tuple(activations.shape[-2:])))
     return hw
-
-
-def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam", size: Optional[tuple[int, int]] = None,
-             normalize: bool = True, clean_activations: Optional[Tensor] = None) -> Tensor:
-    """Class activation maps for a batch, in one fused op.
-
-    Args:
-        activations: target-layer activations ``A``, ``(N, C, h, w)``; ``(S, N, C, h, w)`` for
-            ``"smoothgradcam++"`` (one slice per noisy pass).
-        gradients: gradients of the class scores w.r.t. ``A``, same shape as ``activations``.
-        method: ``"gradcam"`` (``w = mean_hw G``), ``"gradcam++"`` (``alpha = G^2 / (2G^2 +
-            sum_hw(A G^3) + 1e-8)``, ``w = sum_hw alpha ReLU(G)``) or ``"smoothgradcam++"`` (the same with
-            ``G^2``, ``G^3`` averaged over the S passes and ``A_clean`` in the denominator; weights and
-            map from the last pass, as torchcam 0.4 does).
-        size: ``(H, W)`` to upsample the normalised map to (bilinear, ``align_corners=False``).
-        normalize: per-map ``cam -= min; cam /= max + 1e-8`` (torchcam's order).
-        clean_activations: ``(N, C, h, w)`` activations of the clean input; required for
-            ``"smoothgradcam++"``, rejected otherwise.
-
-    Returns:
-        ``(N, h, w)``, or ``(N, H, W)`` with ``size``; float32 (float64 for float64 inputs).
-    """
-    hw = _check_args(activations, gradients, clean_activations, method, normalize, size)
-    return _grad_cam(activations, gradients, clean_activations, method, bool(normalize), hw)

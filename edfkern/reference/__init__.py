@@ -4,15 +4,20 @@ Backend kernel contract
 =======================
 Every backend module (``edfkern.reference``, ``edfkern.triton``,
 ``edfkern.native``) exposes the functions below with exactly these arguments and
-results. Callers (the registered ops in ``edfkern/ops/``) have already checked
-every argument, so kernels do no validation. Tensors arrive **contiguous**, on
-one device. ``acc`` means float64 for float64 inputs, float32 otherwise.
+results, as plain functions (no ``torch.library`` registration of their own). Callers
+(the registered ops in ``edfkern/ops/``, through ``edfkern._dispatch.kernel``) have
+already checked every argument, so kernels do no validation. Tensors arrive
+**contiguous**, on one device, detached and with grad mode off: kernels compute
+values only (gradients are the ops' autograd formulas). A kernel whose name ends in
+``_`` writes its first tensor(s) in place (``grad``; ``param`` and ``buf``) and
+returns None; no kernel writes any other argument. ``acc`` means float64 for
+float64 inputs, float32 otherwise (``edfkern._checks.acc_dtype``).
 Groups arrive in CSR form: ``perm`` (int64 ``(N,)`` or ``None`` = identity) and
 ``offsets`` (int64 ``(K+1,)``); sorted row ``j`` is input row ``perm[j]`` and
 class ``k`` owns sorted rows ``offsets[k]:offsets[k+1]`` (possibly empty).
 
 DAE (``dae.py``; ``threshold=None`` means "per-image mean of the upsampled map"; math in
-float64 when grad/param or cam is float64, else float32)
+``acc_dtype(cam.dtype, grad.dtype)``: float64 when grad/param or cam is float64, else float32)
     dae_mask(cam (N,h,w), beta, threshold, H, W) -> (N,1,H,W) in cam.dtype
     dae_(grad (N,C,H,W), cam (N,h,w), beta, threshold) -> None   # grad *= mask
     dae_sgd_step_(param, grad, buf | None, cam, lr, beta, threshold, momentum,

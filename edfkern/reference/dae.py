@@ -18,10 +18,10 @@ def _mask(cam: Tensor, beta: float, threshold: Optional[float], size: tuple[int,
           like: Optional[Tensor] = None) -> Tensor:
     """(N,H,W) mask in acc: U(cam)+beta where U(cam) >= tau, else 1.
 
-    acc is float64 when the CAM or the tensor it scales (``like``) is float64, else float32.
+    acc: ``acc_dtype`` of the CAM and the tensor it scales (``like``): float64 if either is float64.
     A flat map (all values equal and finite) upsamples to that value exactly and is its own mean.
     """
-    acc = torch.promote_types(acc_dtype(cam.dtype), acc_dtype(like.dtype if like is not None else cam.dtype))
+    acc = acc_dtype(cam.dtype, like.dtype if like is not None else cam.dtype)
     c = cam.to(acc)
     u = upsample(c, size)
     fv = flat_values(c)[:, None, None]

@@ -1,8 +1,10 @@
 """The ``triton`` backend: fused Triton kernels for every function of the backend contract.
 
 Same names, arguments and results as ``edfkern.reference`` (see its docstring for the
-contract). Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set
-before triton is imported), which is how CI without a GPU tests it.
+contract). Plain functions, registered nowhere: the ``edfkern::`` ops (``edfkern/ops/``) check
+the arguments and call them through ``edfkern._dispatch.kernel``. Runs on CUDA tensors, and on
+CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported), which is how CI
+without a GPU tests it.
 
 One op family per module, each read top-down (kernels, then launchers):
 ``dae.py``, ``gradcam.py``, ``cpd.py``, ``covariance.py``, ``features.py``; launch
@@ -19,21 +21,3 @@ __all__ = [
     "cov_forward", "cov_backward", "seg_mean", "cc_forward", "cc_backward",
 ]
 
-
-def _check_registered_ops() -> None:
-    """``torch.ops.edfkern_triton.*`` are callable directly: give each one the contract's argument
-    checks (edfkern/ops/_contract.py) as its eager CPU/CUDA kernel, so bad offsets, perms or shapes
-    raise ``ValueError``/``TypeError`` instead of reaching a kernel. Under torch.compile the op is
-    traced into its Triton kernels as before."""
-    import torch
-
-    from ..ops._contract import checked
-
-    ns = getattr(torch.ops, "edfkern_triton", None)
-    for name in __all__:
-        if ns is None or not hasattr(ns, name):
-            continue
-        torch.library.register_kernel(f"edfkern_triton::{name}", ("cpu", "cuda"), checked(name, globals()[name]))
-
-
-_check_registered_ops()

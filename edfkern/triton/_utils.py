@@ -126,24 +126,14 @@ def cast_to(x, DT: tl.constexpr):
     return y
 
 
-# ----------------------------------------------------------------------------- torch.library registration
-
-try:  # torch >= 2.6
-    from torch.library import triton_op as _triton_op
-    from torch.library import wrap_triton as _torch_wrap_triton
-except ImportError:  # older torch: launch directly, register nothing
-    _triton_op = None
-
-    def _torch_wrap_triton(kernel):  # type: ignore[no-redef]
-        return kernel
-
-
 # ----------------------------------------------------------------------------- launch capture
 #
 # ``edfkern.gpucheck compile-sm90`` needs the exact specialisations the launchers choose
 # (argument types, constexprs, num_warps, num_stages) at real sizes, without running them.
-# Inside ``capture_launches()`` every launch is recorded and *not* executed; outside it
-# ``wrap_triton`` is torch's, untouched (so torch.compile traces the launchers as before).
+# Every launcher launches through :func:`launch`: inside ``capture_launches()`` a launch is
+# recorded and *not* executed; outside it the kernel launches as usual. (No ``torch.library``
+# wrapper is needed: the launchers only ever run inside the opaque ``edfkern::`` custom ops,
+# docs/design.md, "Registration: one layer".)
 
 #: Launches recorded by the innermost ``capture_launches`` (None: not capturing).
 _CAPTURE: Optional[list] = None
@@ -160,16 +150,16 @@ class _CapturedLaunch:
         self.kernel, self.log = kernel, log
 
     def __getitem__(self, grid):
-        def launch(*args, **kwargs):
+        def record(*args, **kwargs):
             self.log.append((self.kernel, tuple(grid), args, dict(kwargs)))
-        return launch
+        return record
 
 
-def wrap_triton(kernel):
-    """torch's ``wrap_triton(kernel)``; inside :func:`capture_launches`, a recorder instead."""
+def launch(kernel):
+    """``kernel`` itself (``kernel[grid](...)`` launches it); inside :func:`capture_launches`, a recorder instead."""
     if _CAPTURE is not None:
         return _CapturedLaunch(kernel, _CAPTURE)
-    return _torch_wrap_triton(kernel)
+    return kernel
 
 
 @contextlib.contextmanager
@@ -198,15 +188,3 @@ def device_sm_count() -> Optional[int]:
     if interpreting() or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-
-
-def register(name: str, fn, mutates_args=()):
-    """Register launcher ``fn`` as ``torch.ops.edfkern_triton.<name>`` (a ``triton_op``).
-
-    The launchers launch through ``wrap_triton``, so ``torch.compile`` traces into these ops
-    and sees the Triton kernels. The backend contract functions call the launchers
-    directly, which skips the dispatcher's per-call overhead in eager mode.
-    """
-    if _triton_op is None:
-        return None
-    return _triton_op(f"edfkern_triton::{name}", fn, mutates_args=mutates_args)

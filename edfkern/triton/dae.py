@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_tl, as_acc, bilinear, calculate_settings, cast_to, next_pow2, register, wrap_triton
+from ._utils import acc_tl, acc_torch, as_acc, bilinear, calculate_settings, cast_to, launch, next_pow2
 
 MODE_MASK, MODE_SCALE, MODE_SGD = 0, 1, 2
 
@@ -180,17 +180,12 @@ def _dae_apply_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _acc_dtype(cam: Tensor, data: Tensor) -> torch.dtype:
-    """fp64 math if the CAM or the data is fp64, else fp32 (the reference uses the CAM's acc)."""
-    return torch.float64 if torch.float64 in (cam.dtype, data.dtype) else torch.float32
-
-
 def _stats(cam: Tensor, H: int, W: int, threshold: Optional[float], acc: torch.dtype) -> tuple[Tensor, Tensor]:
     """Per-image thresholds (N,) (a 1-element dummy when the threshold is fixed) and flat values (N,), in acc."""
     n, h, w = cam.shape
     ws = torch.empty(2 * n if threshold is None else n + 1, dtype=acc, device=cam.device)
     flat, tau = ws[:n], ws[n:]
-    wrap_triton(_dae_stats_kernel)[(n,)](
+    launch(_dae_stats_kernel)[(n,)](
         cam, tau, flat, h, w, H, W,
         FIXED_THR=threshold is not None, IDENTITY=(h, w) == (H, W),
         BLOCK_A=min(64, next_pow2(h)), BLOCK_B=min(64, next_pow2(w)), BLOCK_O=min(128, next_pow2(max(H, W))),
@@ -200,18 +195,18 @@ def _stats(cam: Tensor, H: int, W: int, threshold: Optional[float], acc: torch.d
     return tau, flat
 
 
-def _launch(mode: int, cam: Tensor, H: int, W: int, C: int, beta: float, threshold: Optional[float],
-            out: Tensor, grad: Tensor, param: Tensor, buf: Optional[Tensor], lr: float = 0.0,
-            momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-            maximize: bool = False, first_step: bool = False) -> None:
+def _apply(mode: int, cam: Tensor, H: int, W: int, C: int, beta: float, threshold: Optional[float],
+           out: Tensor, grad: Tensor, param: Tensor, buf: Optional[Tensor], lr: float = 0.0,
+           momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+           maximize: bool = False, first_step: bool = False) -> None:
     n, h, w = cam.shape
     if n == 0 or H * W == 0 or C == 0:
         return
-    acc = _acc_dtype(cam, param)
+    acc = acc_torch(cam.dtype, param.dtype)  # float64 if either is float64
     tau, flat = _stats(cam, H, W, threshold, acc)
     block, warps = calculate_settings(H * W, max_block=1024, lo=16)
     grid = (triton.cdiv(H * W, block), n)
-    wrap_triton(_dae_apply_kernel)[grid](
+    launch(_dae_apply_kernel)[grid](
         cam, tau, flat, out, grad, param, buf if buf is not None else param,
         C, h, w, H, W,
         float(beta), float(threshold) if threshold is not None else 0.0,
@@ -225,25 +220,18 @@ def _launch(mode: int, cam: Tensor, H: int, W: int, C: int, beta: float, thresho
 
 def dae_mask(cam: Tensor, beta: float, threshold: Optional[float], H: int, W: int) -> Tensor:
     out = torch.empty((cam.shape[0], 1, H, W), dtype=cam.dtype, device=cam.device)
-    _launch(MODE_MASK, cam, H, W, 1, beta, threshold, out, out, out, None)
+    _apply(MODE_MASK, cam, H, W, 1, beta, threshold, out, out, out, None)
     return out
 
 
 def dae_(grad: Tensor, cam: Tensor, beta: float, threshold: Optional[float]) -> None:
     _, C, H, W = grad.shape
-    _launch(MODE_SCALE, cam, H, W, C, beta, threshold, grad, grad, grad, None)
+    _apply(MODE_SCALE, cam, H, W, C, beta, threshold, grad, grad, grad, None)
 
 
 def dae_sgd_step_(param: Tensor, grad: Tensor, buf: Optional[Tensor], cam: Tensor, lr: float, beta: float,
                   threshold: Optional[float], momentum: float, dampening: float, weight_decay: float,
                   nesterov: bool, maximize: bool, first_step: bool) -> None:
     _, C, H, W = param.shape
-    _launch(MODE_SGD, cam, H, W, C, beta, threshold, param, grad, param, buf,
-            lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
-
-
-# ----------------------------------------------------------------------------- registration
-
-register("dae_mask", dae_mask, mutates_args=())
-register("dae_", dae_, mutates_args=('grad',))
-register("dae_sgd_step_", dae_sgd_step_, mutates_args=('param', 'buf'))
+    _apply(MODE_SGD, cam, H, W, C, beta, threshold, param, grad, param, buf,
+           lr, momentum, dampening, weight_decay, nesterov, maximize, first_step)
