@@ -7,7 +7,8 @@
 // Workspace: outputs (K*C*C + K*C*L) plus two (C, B*L) blocks, B*L ~ 4096 columns.
 // FLOPs: 2*N*C*C*L forward (GEMM), 2*N*C*C*L backward; bytes: x read twice forward, twice backward.
 //
-// Fast path (AVX-512 builds, fp32 accumulation, L a multiple of 16): own micro-kernels in x's own
+// Fast path (AVX-512 builds, fp32 accumulation, L a multiple of 16; FLOPs about 1.1*N*C*(C+1)*L
+// forward, one triangle plus tile waste, 2*N*C*C*L backward): own micro-kernels in x's own
 // layout, where one zmm register holds 16 positions l of one channel. MKL runs its AVX2 code on
 // AMD CPUs, at well under half of what their AVX-512 FMA units do (benchmarks/NOTES.md,
 // 2026-12-02). Forward: the lower triangle only of each Gram, as lane-parallel dot products
@@ -27,6 +28,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <type_traits>
@@ -35,7 +37,6 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#include <cstdlib>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
