@@ -47,7 +47,7 @@ def _tag(with_cuda: bool) -> str:
 
     ver = torch.__version__.split("+")[0]
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
-    arch = f"-native{_cpu_fingerprint()}" if _build.host_arch_flags() and not _build.sanitize() else ""
+    arch = f"-native{_cpu_fingerprint()}" if _build.host_arch_flags() else ""
     san = "-asan-ubsan" if _build.sanitize() else ""  # its own build directory, never mixed with release builds
     return f"torch{ver}-{flavour}{arch}{san}-py{sys.version_info[0]}{sys.version_info[1]}"
 

@@ -33,7 +33,8 @@ def sanitize() -> bool:
 def cxx_flags() -> list[str]:
     """Host compiler flags of a just-in-time build: the release flags, or -O1 plus the sanitizers."""
     if sanitize():
-        return [f for f in CXX_FLAGS if f not in ("-O3", "-DNDEBUG")] + ["-O1"] + SANITIZE_FLAGS
+        # -march=native here too, so the sanitizers see the CPU-specific vector paths (AVX-512 CM)
+        return [f for f in CXX_FLAGS if f not in ("-O3", "-DNDEBUG")] + ["-O1"] + SANITIZE_FLAGS + host_arch_flags()
     return list(CXX_FLAGS) + host_arch_flags()
 
 

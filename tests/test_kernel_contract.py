@@ -356,6 +356,27 @@ def test_covariance_many_blocks(K):
     vs_reference(K.cov_backward(x, perm, offsets, mean, M), "cov_backward", x, perm, offsets, mean, M, name="grad")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(200, 37, 32, 3, "labels"), (130, 128, 16, 2, "equal"), (40, 13, 16, 2, "labels"),
+                                  (9, 5, 48, 3, "labels")], ids=str)
+def test_covariance_l_multiple_of_16(K, dtype, case):
+    """L a multiple of 16: the native CPU kernel's vector path on AVX-512 builds (other L and fp64
+    take the BLAS path). Channel counts that are not multiples of its 4x6 / 8-row tiles, a perm, many
+    rows per class, an empty class (n=9 over K=3 labels may leave one empty) and every dtype."""
+    n, c, L, k, kind = case
+    n, perm, offsets = groups(kind, n, k, seed=L + c)
+    x = randn(n, c, L, dtype=dtype, seed=c) + 0.5
+    sigma, mean = K.cov_forward(x, perm, offsets)
+    vs_reference(sigma, "cov_forward", x, perm, offsets, name="sigma", index=0)
+    vs_reference(mean, "cov_forward", x, perm, offsets, name="mean", index=1)
+    M = randn(k, c, c, dtype=sigma.dtype, seed=3)
+    M = M + M.transpose(1, 2)  # the loss's M is symmetric; the kernel must not assume it
+    M[0, 0, 1] += 1.0
+    got = K.cov_backward(x, perm, offsets, mean, M)
+    assert got.dtype == dtype
+    vs_reference(got, "cov_backward", x, perm, offsets, mean, M, name="cov_backward")
+
+
 def test_covariance_allow_tf32_flag_reaches_triton():
     if "triton" not in [n for n, i in edfkern.backends().items() if i["available"] and DEVICE in i["devices"]]:
         pytest.skip("triton unavailable")
