@@ -34,13 +34,16 @@ Steps (cifar10 shapes of docs/benchmarks.md: K = 10 classes, 3x32x32 images)
     ResNet-18 at ``layer4``): a ConvNet of width ``--cam-width`` (default 32, so a refresh at
     IPC 1000 fits a CPU run), maps at its last block (4x4).
 
-Every (step, version, IPC) runs in a fresh child process (:func:`edfkern.bench.memory.run_isolated`):
-a tiny warm-up iteration, then one memory-measured iteration (:func:`edfkern.bench.memory.measure_call`:
-``VmHWM`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), then ``--repeat`` timed iterations.
+Memory: every (step, version, IPC) runs in a fresh child process (:func:`edfkern.bench.memory.run_isolated`):
+a tiny warm-up iteration, then one iteration (with the CAM refresh for MTT) under
+:func:`edfkern.bench.memory.measure_call` (``VmHWM`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+Time: one more fresh child per IPC steps both versions in lockstep (as the demos do, so a load change
+on a shared machine hits both alike): one untimed full-size iteration each, then ``--repeat`` timed
+rounds; the median is reported. MTT's refresh time is the one timed in each version's memory child.
 Before a child starts, its peak is estimated from the shapes (the activations autograd keeps, see
-:func:`estimate_peak_bytes`) and the IPC is skipped, with the reason on one line, when the estimate
-passes ``--budget-mb`` or the machine's available memory; a watchdog kills any child whose resident
-set passes the limit, and ``--timeout`` bounds each child.
+:func:`estimate_peak_bytes`) and the point is skipped, with the reason on one line, when the estimate
+passes ``--budget-mb`` or the machine's available memory (or its estimated time passes ``--timeout``);
+a watchdog kills any child whose resident set passes the limit, and ``--timeout`` bounds each child.
 """
 from __future__ import annotations
 
@@ -97,7 +100,7 @@ class StepParams:
     lr_img_dm: float = 1.0
     # MTT + EDF
     syn_steps: int = 10
-    batch_syn: int = 20
+    batch_syn: int = 10
     interval: int = 50
     lr_img_mtt: float = 1000.0
     lr_teacher: float = 0.01
@@ -310,6 +313,12 @@ class MTTEDFStep:
                     self.cams = ext(self.image_syn, self.label_syn, generator=self.g_cam, noise=noise)
                 self.opt_img.set_cam(self.image_syn, self.cams)
 
+    def use_cams(self, cams: Tensor) -> None:
+        """Take given ``(N, h, w)`` maps instead of refreshing (the lockstep timing run shares one refresh)."""
+        self.cams = cams.detach().clone()
+        if self.version != "loop":
+            self.opt_img.set_cam(self.image_syn, self.cams)
+
     def iteration(self, parts: Parts) -> None:
         p, image_syn, label_syn = self.p, self.image_syn, self.label_syn
         loop = self.version == "loop"
@@ -408,41 +417,35 @@ def iteration_flops(step: str, version: str, ipc: int, p: StepParams) -> tuple[f
     return p.syn_steps * B * 9 * F_, cam
 
 
-def estimate_seconds(step: str, version: str, ipc: int, p: StepParams, repeat: int, flops_per_s: float) -> float:
-    """Seconds one child needs: (1 + repeat) iterations + one refresh, at ``flops_per_s``."""
+def estimate_seconds(step: str, version: str, ipc: int, p: StepParams, iterations: int, refreshes: int,
+                     flops_per_s: float) -> float:
+    """Seconds for ``iterations`` iterations and ``refreshes`` CAM refreshes of one version at ``flops_per_s``."""
     it, cam = iteration_flops(step, version, ipc, p)
-    return ((1 + repeat) * it + cam) / max(flops_per_s, 1.0)
+    return (iterations * it + refreshes * cam) / max(flops_per_s, 1.0)
 
 
 # ----------------------------------------------------------------------------- the child
 
 
-def run_step_task(task: dict) -> dict[str, Any]:
-    """Build, measure and time one (step, version, IPC) in this (fresh) process; plain dicts in and out.
-
-    Order: a warm-up iteration at IPC 1 with a tiny real batch (loads kernels, starts thread pools),
-    then the full-size step: one iteration (with the CAM refresh for MTT) under
-    :func:`edfkern.bench.memory.measure_call`, then ``repeat`` timed iterations.
-    """
-    res: dict[str, Any] = dict(task)
-    if task.get("threads"):
-        torch.set_num_threads(int(task["threads"]))
-    device, step, version, ipc = task["device"], task["step"], task["version"], task["ipc"]
-    p = StepParams(**task["params"])
-    seed = task.get("seed", 0)
+def _warm_up(step: str, version: str, p: StepParams, device: str, seed: int) -> None:
+    """One iteration at IPC 1 with a tiny real batch and student: loads kernels, starts thread pools."""
     tiny = make_step(step, version, 1, replace(p, real_per_class=2, batch_syn=2, syn_steps=1), device=device,
                      seed=seed + 99)
     tiny.prepare(0)
     tiny.refresh(Parts(device))
     tiny.iteration(Parts(device))
-    del tiny
+
+
+def _memory_task(task: dict) -> dict[str, Any]:
+    device, p, seed = task["device"], StepParams(**task["params"]), task.get("seed", 0)
+    _warm_up(task["step"], task["version"], p, device, seed)
     memory.trim_heap()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
     else:
         before = memory.rss_bytes() or 0
-    s = make_step(step, version, ipc, p, device=device, seed=seed)
+    s = make_step(task["step"], task["version"], task["ipc"], p, device=device, seed=seed)
     first = Parts(device)
 
     def first_iteration():
@@ -451,25 +454,62 @@ def run_step_task(task: dict) -> dict[str, Any]:
         s.iteration(first)
 
     mem, _ = memory.measure_call(first_iteration, lambda out: 0, device=device, before_inputs=before)
-    res["memory"] = mem.as_dict()
-    res["peak_bytes"] = mem.footprint
-    res["refresh_s"] = first.s.get("CAM refresh")
-    iters: list[float] = []
-    parts: list[dict[str, float]] = []
+    return dict(memory=mem.as_dict(), peak_bytes=mem.footprint, refresh_s=first.s.get("CAM refresh"))
+
+
+def _timing_task(task: dict) -> dict[str, Any]:
+    device, p, seed, versions = task["device"], StepParams(**task["params"]), task.get("seed", 0), task["versions"]
+    for v in versions:
+        _warm_up(task["step"], v, p, device, seed)
+    steps = {v: make_step(task["step"], v, task["ipc"], p, device=device, seed=seed) for v in versions}
+    if task["step"] == "mtt-edf":  # one refresh (untimed here), its maps handed to every version
+        ref = steps.get("edfkern", steps[versions[0]])
+        ref.refresh(Parts(device))
+        for s in steps.values():
+            if s is not ref:
+                s.use_cams(ref.cams)
+    for v in versions:  # a full-size iteration each, untimed (first touch of the activations' pages)
+        steps[v].prepare(0)
+        steps[v].iteration(Parts(device))
+    out = {v: dict(iteration_s=[], parts=[]) for v in versions}
     for r in range(task["repeat"]):
-        s.prepare(r + 1)
-        pt = Parts(device)
-        pt.sync()
-        t0 = time.perf_counter()
-        s.iteration(pt)
-        pt.sync()
-        iters.append(time.perf_counter() - t0)
-        parts.append(pt.s)
-    res["iteration_s"] = iters
-    res["parts_s"] = {k: statistics.median(d.get(k, 0.0) for d in parts) for k in parts[0]}
-    res["loss"] = s.loss
-    res["status"] = "ok"
-    return res
+        for v in (versions if r % 2 == 0 else versions[::-1]):  # alternate who goes first
+            s = steps[v]
+            s.prepare(r + 1)
+            pt = Parts(device)
+            pt.sync()
+            t0 = time.perf_counter()
+            s.iteration(pt)
+            pt.sync()
+            out[v]["iteration_s"].append(time.perf_counter() - t0)
+            out[v]["parts"].append(pt.s)
+    for v in versions:
+        parts = out[v].pop("parts")
+        out[v]["parts_s"] = {k: statistics.median(d.get(k, 0.0) for d in parts) for k in parts[0]}
+        out[v]["loss"] = steps[v].loss
+    return out
+
+
+def run_step_task(task: dict) -> dict[str, Any]:
+    """One child's work (a fresh process; plain dicts in and out), by ``task["mode"]``:
+
+    ``memory``
+        one version: a warm-up iteration at IPC 1, then the full-size step's first iteration (with
+        the CAM refresh for MTT, timed: the refresh time of the report) under
+        :func:`edfkern.bench.memory.measure_call`. Returns ``memory``, ``peak_bytes``, ``refresh_s``.
+    ``time``
+        every version of ``task["versions"]`` in one process, stepped in lockstep (as the demos do), so
+        a load change on a shared machine hits both alike: warm-ups, one untimed full-size iteration
+        each, then ``repeat`` timed rounds. MTT's CAMs come from one untimed refresh shared by all
+        versions. Returns ``{version: {iteration_s, parts_s, loss}}``.
+    """
+    if task.get("threads"):
+        torch.set_num_threads(int(task["threads"]))
+    if task["mode"] == "memory":
+        return _memory_task(task)
+    if task["mode"] == "time":
+        return _timing_task(task)
+    raise ValueError(f"task mode must be 'memory' or 'time', got {task['mode']!r}")
 
 
 # ----------------------------------------------------------------------------- watchdog
@@ -673,7 +713,7 @@ def describe(step: str, p: StepParams) -> str:
                 f"CM on the last block's 128x(4x4)-style local features (weight {p.w_cm:g}); SGD lr {p.lr_img_dm:g} "
                 f"momentum 0.5")
     return (f"{head}; syn_steps {p.syn_steps}, batch_syn {p.batch_syn}, CAM refresh every interval={p.interval} "
-            f"iterations (timed once, refresh/interval added to each iteration), Smooth Grad-CAM++ "
+            f"iterations (timed once per version, in its memory run; refresh/interval added to each iteration), Smooth Grad-CAM++ "
             f"{p.cam_samples} samples std {p.cam_std:g} on a ConvNet of width {p.cam_width} (CAMExtractor "
             f"batch_size {p.cam_batch}); CPD drop {p.drop_ratio:g}, DAE beta {p.beta:g}, lr_img {p.lr_img_mtt:g}, "
             f"lr_lr {p.lr_lr:g}. These are the demo's values (python/demo_mtt_edf.py: syn_steps 10, interval 50) "
@@ -865,51 +905,87 @@ def main(argv: Optional[list[str]] = None) -> int:
     limit = budget + (memory.rss_bytes() or 512 * MB) + 256 * MB
     if avail is not None:
         limit = min(limit, int(0.9 * avail))
-    tasks, results = [], []
+    results = {(ipc, v): dict(step=args.step, version=v, ipc=ipc, N=p.K * ipc) for ipc in sweep for v in versions}
+    tasks = []
+    common = dict(step=args.step, device=device, seed=args.seed, threads=args.threads, params=asdict(p))
     for ipc in sweep:
+        fit = []
         for v in versions:
+            r = results[(ipc, v)]
             est = estimate_peak_bytes(args.step, v, ipc, p)
-            secs = estimate_seconds(args.step, v, ipc, p, args.repeat, conv_rate)
-            base = dict(step=args.step, version=v, ipc=ipc, N=p.K * ipc, estimate_bytes=est, estimate_s=secs)
+            secs = estimate_seconds(args.step, v, ipc, p, 1, 1, conv_rate)
+            r.update(estimate_bytes=est, estimate_s=secs)
             why = None
             if est > budget:
                 why = f"estimated peak {_mb(est)} > --budget-mb {args.budget_mb:g}"
             elif avail is not None and est > 0.8 * avail:
                 why = f"estimated peak {_mb(est)} > 80% of the available memory ({_mb(avail)})"
             elif secs > args.timeout:
-                why = f"estimated time {secs:.0f} s > --timeout {args.timeout:g}"
+                why = f"estimated time of the memory run {secs:.0f} s > --timeout {args.timeout:g}"
             if why:
                 print(f"skip {args.step} IPC {ipc} {v}: {why}")
-                results.append(dict(base, status="skipped", reason=why))
+                r.update(status="skipped", reason=why)
                 continue
-            tasks.append(dict(base, device=device, repeat=args.repeat, seed=args.seed, threads=args.threads,
-                              params=asdict(p)))
+            fit.append(v)
+            tasks.append(dict(common, mode="memory", version=v, ipc=ipc, estimate_s=secs))
+        if not fit:
+            continue
+        # the lockstep run holds every version's inputs at once, and one version's activations at a time
+        est = max(estimate_peak_bytes(args.step, v, ipc, p) for v in fit) + (len(fit) - 1) * input_bytes(args.step, ipc, p)
+        secs = sum(estimate_seconds(args.step, v, ipc, p, 1 + args.repeat, 0, conv_rate) for v in fit) \
+            + (estimate_seconds(args.step, "edfkern", ipc, p, 0, 1, conv_rate) if args.step == "mtt-edf" else 0)
+        why = None
+        if est > budget:
+            why = f"estimated peak of the lockstep run {_mb(est)} > --budget-mb {args.budget_mb:g}"
+        elif secs > args.timeout:
+            why = f"estimated time of the lockstep run {secs:.0f} s > --timeout {args.timeout:g}"
+        if why:
+            print(f"skip timing {args.step} IPC {ipc}: {why}")
+            for v in fit:
+                results[(ipc, v)].update(status="skipped", reason=why)
+            continue
+        tasks.append(dict(common, mode="time", versions=fit, ipc=ipc, repeat=args.repeat, estimate_s=secs))
     try:
         from tqdm import tqdm
-        bar = tqdm(total=len(tasks), desc=f"edfkern.bench --step {args.step}", unit="point", file=sys.stderr,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(total=len(tasks), desc=f"edfkern.bench --step {args.step}", unit="child", file=sys.stderr,
+                   leave=False, dynamic_ncols=True, mininterval=0)
     except ImportError:
         bar = None
     with Watchdog(limit) as dog:
         for task in tasks:
+            what = task.get("version") or "+".join(task["versions"])
             if bar is not None:
-                bar.set_postfix_str(f"IPC {task['ipc']} {task['version']} (est. {task['estimate_s']:.0f} s)")
+                bar.set_postfix_str(f"IPC {task['ipc']} {task['mode']} {what} (est. {task['estimate_s']:.0f} s)")
+            mine = [task["version"]] if task["mode"] == "memory" else task["versions"]
+            if any(results[(task["ipc"], v)].get("status") == "error" for v in mine):
+                if bar is not None:
+                    bar.update(1)
+                continue
             n_killed = len(dog.killed)
             try:
-                res = memory.run_isolated(run_step_task, task, timeout=args.timeout)
+                out = memory.run_isolated(run_step_task, task, timeout=args.timeout)
+                if task["mode"] == "memory":
+                    results[(task["ipc"], task["version"])].update(out)
+                else:
+                    for v, o in out.items():
+                        results[(task["ipc"], v)].update(o, status="ok", repeat=task["repeat"])
             except Exception as e:
-                reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                reason = f"{task['mode']} run: " + (str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
                 if len(dog.killed) > n_killed:
-                    reason = (f"killed by the watchdog: resident set {_mb(dog.killed[-1][1])} passed the limit "
-                              f"{_mb(limit)}")
-                res = dict(task, status="error", reason=reason)
-            if res["status"] == "ok":
-                summarise(res, p)
-            results.append(res)
+                    reason = (f"{task['mode']} run killed by the watchdog: resident set {_mb(dog.killed[-1][1])} "
+                              f"passed the limit {_mb(limit)}")
+                for v in mine:
+                    results[(task["ipc"], v)].update(status="error", reason=reason)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
+    results = list(results.values())
+    for r in results:
+        r.setdefault("status", "error")
+        r.setdefault("reason", "not run")
+        if r["status"] == "ok":
+            summarise(r, p)
     results.sort(key=lambda r: (r["ipc"], VERSIONS.index(r["version"])))
     notes = print_report(args.step, results, budget, versions)
     wall = time.perf_counter() - t_start
