@@ -891,7 +891,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from .ceilings import measure_ceilings
     ceil = measure_ceilings(device, quick=True)
-    conv_rate = 0.25 * ceil.matmul_flops  # convolutions reach a fraction of the matmul rate (calibrated on CPU)
+    conv_rate = 0.4 * ceil.matmul_flops  # convolutions reach about this fraction of the matmul rate (CPU, measured)
     avail = available_bytes()
     print(f"step {args.step} on {device}; torch {torch.__version__}, edfkern {edfkern.__version__}, "
           f"torch threads {args.threads or torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} on "
@@ -899,7 +899,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                       if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1) else ""))
     print(describe(args.step, p))
     print(f"budget {args.budget_mb:g} MB; available memory {_mb(avail)}; fp32 matmul {ceil.matmul_flops / 1e9:.1f} "
-          f"GFLOP/s (time estimates use a quarter of it)")
+          f"GFLOP/s (time estimates use 40% of it)")
 
     # kill limit: the budget plus what a fresh child with torch loaded already holds
     limit = budget + (memory.rss_bytes() or 512 * MB) + 256 * MB
