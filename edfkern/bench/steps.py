@@ -558,7 +558,7 @@ class Watchdog:
     looked at. ``killed`` lists ``(pid, rss)`` of what it killed.
     """
 
-    def __init__(self, limit: int, period: float = 0.1) -> None:
+    def __init__(self, limit: int, period: float = 0.25) -> None:
         self.limit, self.period = limit, period
         self.killed: list[tuple[int, int]] = []
         self._stop = threading.Event()
@@ -707,14 +707,15 @@ def describe(step: str, p: StepParams) -> str:
     """One line with the shapes and hyper-parameters the step runs at."""
     net = f"ConvNet width {p.width} depth {p.depth} ({conv_costs(**p.net_kw()).params:,} params)"
     head = f"K={p.K}, {p.channels}x{p.size}x{p.size} images, {net}"
+    h = p.size // 2 ** p.depth
     if step == "dm-iid":
         return (f"{head}, fresh random net per iteration (drawn outside the timed parts), real batch "
                 f"{p.real_per_class}/class; loss = DM (weight 1) + CC on the flat embedding (weight {p.w_cc:g}) + "
-                f"CM on the last block's 128x(4x4)-style local features (weight {p.w_cm:g}); SGD lr {p.lr_img_dm:g} "
+                f"CM on the last block's local features {p.width}x({h}x{h}) (weight {p.w_cm:g}); SGD lr {p.lr_img_dm:g} "
                 f"momentum 0.5")
     return (f"{head}; syn_steps {p.syn_steps}, batch_syn {p.batch_syn}, CAM refresh every interval={p.interval} "
-            f"iterations (timed once per version, in its memory run; refresh/interval added to each iteration), Smooth Grad-CAM++ "
-            f"{p.cam_samples} samples std {p.cam_std:g} on a ConvNet of width {p.cam_width} (CAMExtractor "
+            f"iterations (timed once per version, in its memory run; refresh/interval added to each "
+            f"iteration), Smooth Grad-CAM++ {p.cam_samples} samples std {p.cam_std:g} on a ConvNet of width {p.cam_width} (CAMExtractor "
             f"batch_size {p.cam_batch}); CPD drop {p.drop_ratio:g}, DAE beta {p.beta:g}, lr_img {p.lr_img_mtt:g}, "
             f"lr_lr {p.lr_lr:g}. These are the demo's values (python/demo_mtt_edf.py: syn_steps 10, interval 50) "
             f"with a fixed minibatch batch_syn, so the student's cost does not grow with IPC; the repository "
@@ -744,7 +745,7 @@ def summarise(r: dict, p: StepParams) -> None:
 
 def largest_fit(rows: list[dict], budget: float) -> tuple[Optional[int], str]:
     """The largest IPC within ``budget`` bytes: a measured point, or a linear extrapolation (said so)."""
-    ok = sorted((r["ipc"], r["peak_bytes"]) for r in rows if r["status"] == "ok")
+    ok = sorted((r["ipc"], r["peak_bytes"]) for r in rows if r.get("peak_bytes") is not None)
     if not ok:
         return None, "no measured point"
     fits = [i for i, b in ok if b <= budget]
