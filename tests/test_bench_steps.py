@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = replace(StepParams(), width=16, real_per_class=8, batch_syn=8, syn_steps=2, cam_width=8, cam_batch=16)
 
 
-def _one_iteration(step: str, version: str, dtype: torch.dtype, ipc: int = 3):
+def _one_iteration(step: str, version: str, dtype: torch.dtype, ipc: int = 3, params: StepParams = TINY):
     kw = {"given_noise": True} if step == "mtt-edf" else {}
-    s = make_step(step, version, ipc, TINY, dtype=dtype, seed=5, **kw)
+    s = make_step(step, version, ipc, params, dtype=dtype, seed=5, **kw)
     x0 = s.image_syn.detach().clone()
     s.prepare(0)
     s.refresh(Parts("cpu"))
@@ -45,6 +45,10 @@ def test_loop_and_edfkern_steps_make_the_same_update(step):
     assert oracle.abs().max() > 0, "the step did not move the images"
     assert_fp_rule(actual, oracle, plain, name=f"{step} image update")
     assert loop32.loss == pytest.approx(fused.loss, rel=1e-5)
+    if step == "dm-iid":  # the edfkern version with the loop's per-class forward: the same update too
+        per_class = replace(TINY, dm_batched_forward=False)
+        assert_fp_rule(_one_iteration(step, "edfkern", torch.float32, params=per_class)[1], oracle, plain,
+                       name="dm-iid image update, per-class forward")
     if step == "mtt-edf":  # the CAMs the masks were built from (test_cam.py's float32 bar)
         assert (fused.cams - loop32.cams).abs().max() < 1e-4
         assert fused.syn_lr.item() == pytest.approx(loop32.syn_lr.item(), rel=1e-6)

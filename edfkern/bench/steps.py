@@ -98,6 +98,7 @@ class StepParams:
     w_cc: float = 0.001
     w_cm: float = 0.01
     lr_img_dm: float = 1.0
+    dm_batched_forward: bool = True  # edfkern version: one forward over all N images (INTEGRATION.md section 4)
     # MTT + EDF
     syn_steps: int = 10
     batch_syn: int = 10
@@ -183,7 +184,7 @@ class DMIIDStep:
         with parts("net forward (real)"), torch.no_grad():  # identical in both versions: class by class
             loc_real = torch.cat([feats(self.real[c * R:(c + 1) * R]) for c in range(K)]).flatten(2)
         with parts("net forward (syn)"):
-            if loop:  # the authors' per-class loop
+            if loop or not p.dm_batched_forward:  # the authors' per-class loop
                 loc_syn = torch.cat([feats(self.image_syn[c * ipc:(c + 1) * ipc]) for c in range(K)])
             else:
                 loc_syn = feats(self.image_syn)
@@ -636,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("shapes and hyper-parameters")
     g.add_argument("--width", type=int, default=d.width, help="ConvNet width (default %(default)s)")
     g.add_argument("--real-per-class", type=int, default=d.real_per_class, help="DM real batch per class (%(default)s)")
+    g.add_argument("--dm-forward", choices=("batched", "per-class"), default="batched",
+                   help="DM edfkern version: embed the synthetic set in one forward (INTEGRATION.md) or class by "
+                        "class as the loop does (default %(default)s)")
     g.add_argument("--syn-steps", type=int, default=d.syn_steps, help="MTT unrolled student steps (%(default)s)")
     g.add_argument("--batch-syn", type=int, default=d.batch_syn,
                    help="MTT synthetic images per student step (%(default)s)")
@@ -688,7 +692,7 @@ def _params(parser, args) -> StepParams:
         _fail(parser, f"argument --budget-mb: must be > 0, got {args.budget_mb:g}")
     return replace(StepParams(), width=args.width, real_per_class=args.real_per_class, syn_steps=args.syn_steps,
                    batch_syn=args.batch_syn, interval=args.interval, cam_width=args.cam_width,
-                   cam_batch=args.cam_batch)
+                   cam_batch=args.cam_batch, dm_batched_forward=args.dm_forward == "batched")
 
 
 def _mb(b: Optional[float]) -> str:
@@ -709,7 +713,9 @@ def describe(step: str, p: StepParams) -> str:
     head = f"K={p.K}, {p.channels}x{p.size}x{p.size} images, {net}"
     h = p.size // 2 ** p.depth
     if step == "dm-iid":
-        return (f"{head}, fresh random net per iteration (drawn outside the timed parts), real batch "
+        fwd = "one batched forward" if p.dm_batched_forward else "a per-class forward, as the loop"
+        return (f"{head}, fresh random net per iteration (drawn outside the timed parts); edfkern version: {fwd}; "
+                f"real batch "
                 f"{p.real_per_class}/class; loss = DM (weight 1) + CC on the flat embedding (weight {p.w_cc:g}) + "
                 f"CM on the last block's local features {p.width}x({h}x{h}) (weight {p.w_cm:g}); SGD lr {p.lr_img_dm:g} "
                 f"momentum 0.5")
