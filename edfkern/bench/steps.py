@@ -1,0 +1,1017 @@
+"""``python -m edfkern.bench --step dm-iid|mtt-edf``: whole distillation iterations, loops vs edfkern.
+
+The per-op tables of ``python -m edfkern.bench`` say how much faster each op is. This mode answers
+the user's question one level up: how much faster, and how much leaner, is a *whole* distillation
+iteration at large IPC, and which share of it can edfkern speed up at all?
+
+Each step is written twice, with the same data, the same network and the same random numbers:
+
+``loop``
+    the authors' structure, built from :mod:`edfkern.baselines`: per-class forward passes and
+    losses, the per-class / per-sample loss loops, the full-sort CPD block, the per-image mask loop
+    with ``grad *= mask`` and ``torch.optim.SGD``, torchcam-style Grad-CAM class by class;
+``edfkern``
+    the drop-in version (INTEGRATION.md): one batched forward, the public edfkern losses,
+    ``edfkern.cpd_trajectory_loss``, :class:`edfkern.optim.DAESGD` and :class:`edfkern.cam.CAMExtractor`.
+
+Steps (cifar10 shapes of docs/benchmarks.md: K = 10 classes, 3x32x32 images)
+
+``dm-iid``
+    DM + IID. A ConvNet (width 128, depth 3, instance norm) freshly initialised every iteration
+    and not trained (DM); the fresh net is drawn outside the timed parts. The real batch
+    (256 per class) is embedded class by class without a graph in both versions. Loss on the
+    synthetic embeddings: DM mean matching on the flat embedding (weight 1) + CC on the flat
+    embedding + CM on the last block's local features 128 x (4x4) (weights as in
+    ``python/demo_dm_iid.py``: CC 0.001, CM 0.01), backward to the images, SGD (momentum 0.5).
+``mtt-edf``
+    MTT + EDF. A student ConvNet (width 128, depth 3: P = 320,010, the config's CPD P) unrolled
+    over ``syn_steps`` SGD steps from the expert's start parameters (functional parameters,
+    ``create_graph=True``, ``batch_syn`` synthetic images per step, a learnable lr), CPD against
+    the expert's target parameters, backward to the images and the lr, DAE + the image step, and
+    a Smooth Grad-CAM++ refresh every ``interval`` iterations, amortised: the refresh is timed
+    once (in the first, memory-measured iteration) and ``refresh / interval`` is added to the
+    time per iteration. The CAM network stands in for EDF's separately trained one (EDF: ImageNet
+    ResNet-18 at ``layer4``): a ConvNet of width ``--cam-width`` (default 32, so a refresh at
+    IPC 1000 fits a CPU run), maps at its last block (4x4).
+
+Memory: every (step, version, IPC) runs in a fresh child process (:func:`edfkern.bench.memory.run_isolated`):
+a tiny warm-up iteration, then one iteration (with the CAM refresh for MTT) under
+:func:`edfkern.bench.memory.measure_call` (``VmHWM`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+Time: one more fresh child per IPC steps both versions in lockstep (as the demos do, so a load change
+on a shared machine hits both alike): one untimed full-size iteration each, then ``--repeat`` timed
+rounds; the median is reported. MTT's refresh time is the one timed in each version's memory child.
+Before a child starts, its peak is estimated from the shapes (the activations autograd keeps, see
+:func:`estimate_peak_bytes`) and the point is skipped, with the reason on one line, when the estimate
+passes ``--budget-mb`` or the machine's available memory (or its estimated time passes ``--timeout``);
+a watchdog kills any child whose resident set passes the limit, and ``--timeout`` bounds each child.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import edfkern
+from edfkern import baselines
+
+from edfkern.cam import CAMExtractor
+from edfkern.optim import DAESGD
+
+from . import memory
+from .step_models import FlatStudent, conv_costs, flat_params, seeded_convnet
+
+__all__ = ["STEPS", "VERSIONS", "StepParams", "DMIIDStep", "MTTEDFStep", "make_step", "cams_per_class_loop",
+           "estimate_peak_bytes", "estimate_seconds", "input_bytes", "run_step_task", "build_parser", "main"]
+
+STEPS = ("dm-iid", "mtt-edf")
+VERSIONS = ("loop", "edfkern")
+DEFAULT_SWEEP = (10, 50, 100)
+CATEGORIES = ("network", "CAM", "losses", "update")
+MB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """The shapes and hyper-parameters of one step (defaults: the cifar10 config, the demos' values)."""
+
+    K: int = 10
+    channels: int = 3
+    size: int = 32
+    width: int = 128
+    depth: int = 3
+    # DM + IID
+    real_per_class: int = 256
+    w_cc: float = 0.001
+    w_cm: float = 0.01
+    lr_img_dm: float = 1.0
+    dm_batched_forward: bool = True  # edfkern version: one forward over all N images (INTEGRATION.md section 4)
+    # MTT + EDF
+    syn_steps: int = 10
+    batch_syn: int = 10
+    interval: int = 50
+    lr_img_mtt: float = 1000.0
+    lr_teacher: float = 0.01
+    lr_lr: float = 1e-5
+    drop_ratio: float = 0.375
+    beta: float = 1.0
+    threshold: Optional[float] = None
+    cam_width: int = 32
+    cam_samples: int = 4
+    cam_std: float = 0.3
+    cam_batch: int = 1024
+
+    def net_kw(self, width: Optional[int] = None) -> dict:
+        return dict(channels=self.channels, num_classes=self.K, width=width or self.width, depth=self.depth,
+                    size=self.size)
+
+
+# ----------------------------------------------------------------------------- timing of parts
+
+
+class Parts:
+    """Wall time per named part of an iteration (synchronising the device at each boundary)."""
+
+    def __init__(self, device: str) -> None:
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        self.s: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _randn(shape, g: torch.Generator, dtype: torch.dtype, device: str) -> Tensor:
+    """float32 draws (so a float64 run sees exactly the float32 run's values), cast to ``dtype``."""
+    return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- DM + IID
+
+
+class DMIIDStep:
+    """One DM + IID iteration; ``version`` is ``"loop"`` (edfkern.baselines) or ``"edfkern"``."""
+
+    #: part -> category (what the table groups by)
+    PARTS = {"net forward (real)": "network", "net forward (syn)": "network", "losses fwd+bwd": "losses",
+             "net backward": "network", "update": "update"}
+
+    def __init__(self, version: str, ipc: int, p: StepParams, *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        self.version, self.ipc, self.p, self.device, self.dtype, self.seed = version, ipc, p, device, dtype, seed
+        g = torch.Generator().manual_seed(seed)
+        n_img = (p.channels, p.size, p.size)
+        self.image_syn = _randn((p.K * ipc,) + n_img, g, dtype, device).requires_grad_(True)
+        self.real = _randn((p.K * p.real_per_class,) + n_img, g, dtype, device)  # class-contiguous
+        self.opt = torch.optim.SGD([self.image_syn], lr=p.lr_img_dm, momentum=0.5)  # DM's image optimizer
+        self.net = None
+        self.loss = float("nan")
+
+    def prepare(self, it: int) -> None:
+        """Untimed: DM's fresh random ConvNet for iteration ``it`` (the same in both versions)."""
+        self.net = seeded_convnet(1_000_003 * self.seed + it, dtype=self.dtype, device=self.device,
+                                  **self.p.net_kw())
+        for w in self.net.parameters():
+            w.requires_grad_(False)
+
+    def refresh(self, parts: Parts) -> None:
+        """DM has no CAM."""
+
+    def iteration(self, parts: Parts) -> None:
+        p, K, ipc, feats = self.p, self.p.K, self.ipc, self.net.features
+        R = p.real_per_class
+        loop = self.version == "loop"
+        ops = baselines if loop else edfkern
+        with parts("net forward (real)"), torch.no_grad():  # identical in both versions: class by class
+            loc_real = torch.cat([feats(self.real[c * R:(c + 1) * R]) for c in range(K)]).flatten(2)
+        with parts("net forward (syn)"):
+            if loop or not p.dm_batched_forward:  # the authors' per-class loop
+                loc_syn = torch.cat([feats(self.image_syn[c * ipc:(c + 1) * ipc]) for c in range(K)])
+            else:
+                loc_syn = feats(self.image_syn)
+        with parts("losses fwd+bwd"):
+            f = loc_syn.detach().flatten(2).requires_grad_(True)  # (N, C, L): IID's local features
+            loss = (ops.mean_matching_loss(f.flatten(1), loc_real.flatten(1), syn_groups=K, real_groups=K)
+                    + ops.class_centralization_loss(f.flatten(1), groups=K, weight=p.w_cc)
+                    + ops.covariance_matching_loss(f, loc_real, syn_groups=K, real_groups=K, weight=p.w_cm))
+            loss.backward()
+        with parts("net backward"):
+            self.opt.zero_grad(set_to_none=True)
+            loc_syn.backward(f.grad.view_as(loc_syn))
+        with parts("update"):
+            self.opt.step()
+        self.loss = float(loss.detach())
+
+
+# ----------------------------------------------------------------------------- MTT + EDF
+
+
+def cams_per_class_loop(model: torch.nn.Module, layer: str, images: Tensor, ipc: int, *, num_samples: int,
+                        std: float, generator: Optional[torch.Generator] = None,
+                        noise: Optional[Tensor] = None) -> Tensor:
+    """EDF's ``get_activation_maps``: torchcam-0.4 ``SmoothGradCAMpp``, class by class -> ``(N, h, w)``.
+
+    Per class: a clean forward, then ``num_samples`` noisy forward + full ``backward()`` passes
+    (``model.zero_grad()`` before each, gradients from a tensor hook on ``layer``), then the per-image
+    map loop :func:`edfkern.baselines.grad_cam`. The noise follows :class:`~edfkern.cam.CAMExtractor`'s
+    convention (pass ``s``: one ``randn(images.shape) * std`` draw for all N images), so both see the same
+    draws (``noise=``: given ``(num_samples, N, C, H, W)`` standard-normal draws, as the extractor takes them);
+    the passes run pass by pass over the classes, so only one draw is held at a time.
+    The per-class loop is written here because ``edfkern.baselines`` has no CAM loop yet
+    (``python/demo_mtt_edf.py`` has its own copy).
+    """
+    module = model.get_submodule(layer)
+    store: dict[str, Tensor] = {}
+
+    def hook(m, i, o):
+        store["a"] = o.detach()
+        if o.requires_grad:
+            o.register_hook(lambda gr: store.__setitem__("g", gr.detach()))
+
+    x = images.detach()
+    K = x.shape[0] // ipc
+    handle = module.register_forward_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        clean, acts, grads = [], [[] for _ in range(K)], [[] for _ in range(K)]
+        for c in range(K):
+            model(x[c * ipc:(c + 1) * ipc])
+            clean.append(store["a"])
+        for s in range(num_samples):
+            draw = (noise[s] * std if noise is not None
+                    else torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device).mul_(std))
+            for c in range(K):
+                sl = slice(c * ipc, (c + 1) * ipc)
+                out = model(x[sl] + draw[sl])
+                model.zero_grad()
+                out[:, c].sum().backward()
+                acts[c].append(store["a"])
+                grads[c].append(store["g"])
+            del draw
+        maps = [baselines.grad_cam(torch.stack(acts[c]), torch.stack(grads[c]), method="smoothgradcam++",
+                                   clean_activations=clean[c]) for c in range(K)]
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return torch.cat(maps)
+
+
+class MTTEDFStep:
+    """One MTT + EDF iteration (and the CAM refresh EDF runs every ``interval`` iterations)."""
+
+    PARTS = {"CAM refresh": "CAM", "student unroll (net fwd+bwd)": "network", "CPD loss fwd+bwd": "losses",
+             "unroll backward (net)": "network", "DAE + update": "update"}
+    def __init__(self, version: str, ipc: int, p: StepParams, *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0, given_noise: bool = False) -> None:
+        """``given_noise``: draw the CAM noise up front in float32 and hand it to both CAM paths (so a
+        float64 run sees the float32 run's draws: the tests' oracle); else each path draws from the
+        generator (CAMExtractor's convention; no ``(S, N, C, H, W)`` tensor is held)."""
+        self.version, self.ipc, self.p, self.device, self.dtype, self.seed = version, ipc, p, device, dtype, seed
+        self.given_noise = given_noise
+        g = torch.Generator().manual_seed(seed)
+        K, N = p.K, p.K * ipc
+        self.image_syn = _randn((N, p.channels, p.size, p.size), g, dtype, device).requires_grad_(True)
+        self.label_syn = torch.arange(K, device=device).repeat_interleave(ipc)
+        net = seeded_convnet(seed + 1, dtype=dtype, device=device, **p.net_kw())
+        self.student = FlatStudent(net)
+        self.start = flat_params(net)  # the expert at epoch t ...
+        self.target = self.start + 0.01 * _randn(self.start.shape, g, dtype, device)  # ... and at t + M
+        self.syn_lr = torch.tensor(p.lr_teacher, dtype=dtype, device=device, requires_grad=True)
+        if version == "loop":
+            self.opt_img = torch.optim.SGD([self.image_syn], lr=p.lr_img_mtt, momentum=0.5)
+        else:
+            self.opt_img = DAESGD([self.image_syn], lr=p.lr_img_mtt, momentum=0.5, beta=p.beta,
+                                                threshold=p.threshold)
+        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=p.lr_lr, momentum=0.5)
+        self.cam_net = seeded_convnet(seed + 2, dtype=dtype, device=device, **p.net_kw(p.cam_width)).eval()
+        self.cam_layer = f"features.{p.depth - 1}"
+        self.g_order = torch.Generator().manual_seed(seed + 3)
+        self.g_cam = torch.Generator(device=device if not given_noise else "cpu").manual_seed(seed + 4)
+        self.cams: Optional[Tensor] = None
+        self.order: list[Tensor] = []
+        self.loss = float("nan")
+
+    def prepare(self, it: int) -> None:
+        """Untimed: the minibatches of the unrolled student for this iteration."""
+        N, B = self.image_syn.shape[0], min(self.p.batch_syn, self.image_syn.shape[0])
+        self.order = [torch.randperm(N, generator=self.g_order)[:B].to(self.device) for _ in range(self.p.syn_steps)]
+
+    def refresh(self, parts: Parts) -> None:
+        """EDF's CAM refresh (every ``interval`` iterations)."""
+        p = self.p
+        noise = None
+        if self.given_noise:
+            noise = _randn((p.cam_samples,) + tuple(self.image_syn.shape), self.g_cam, self.dtype, self.device)
+        with parts("CAM refresh"):
+            if self.version == "loop":
+                self.cams = cams_per_class_loop(self.cam_net, self.cam_layer, self.image_syn, self.ipc,
+                                                num_samples=p.cam_samples, std=p.cam_std, generator=self.g_cam,
+                                                noise=noise)
+            else:
+                with CAMExtractor(self.cam_net, self.cam_layer, num_samples=p.cam_samples, std=p.cam_std,
+                                  batch_size=p.cam_batch) as ext:
+                    self.cams = ext(self.image_syn, self.label_syn, generator=self.g_cam, noise=noise)
+                self.opt_img.set_cam(self.image_syn, self.cams)
+
+    def use_cams(self, cams: Tensor) -> None:
+        """Take given ``(N, h, w)`` maps instead of refreshing (the lockstep timing run shares one refresh)."""
+        self.cams = cams.detach().clone()
+        if self.version != "loop":
+            self.opt_img.set_cam(self.image_syn, self.cams)
+
+    def iteration(self, parts: Parts) -> None:
+        p, image_syn, label_syn = self.p, self.image_syn, self.label_syn
+        loop = self.version == "loop"
+        with parts("student unroll (net fwd+bwd)"):
+            w = self.start.clone().requires_grad_(True)
+            for idx in self.order:
+                ce = F.cross_entropy(self.student(w, image_syn[idx]), label_syn[idx])
+                (gw,) = torch.autograd.grad(ce, w, create_graph=True)
+                w = w - self.syn_lr * gw
+        with parts("CPD loss fwd+bwd"):
+            leaf = w.detach().requires_grad_(True)
+            cpd = baselines.cpd_trajectory_loss if loop else edfkern.cpd_trajectory_loss
+            loss = cpd(leaf, self.target, self.start, drop_ratio=p.drop_ratio)
+            loss.backward()
+        with parts("unroll backward (net)"):
+            self.opt_img.zero_grad(set_to_none=True)
+            self.opt_lr.zero_grad(set_to_none=True)
+            w.backward(leaf.grad)
+            del w
+        with parts("DAE + update"):
+            if loop:
+                image_syn.grad *= baselines.create_soft_mask(self.cams, tuple(image_syn.shape[-2:]), p.beta,
+                                                             p.threshold)
+            self.opt_img.step()
+            self.opt_lr.step()
+        self.loss = float(loss.detach())
+
+
+_STEP_CLASSES = {"dm-iid": DMIIDStep, "mtt-edf": MTTEDFStep}
+
+
+def make_step(step: str, version: str, ipc: int, p: StepParams, **kw):
+    """The step object for ``step`` in ``version`` at ``ipc`` images per class."""
+    if step not in _STEP_CLASSES:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+        raise ValueError(f"ipc must be an int >= 1, got {ipc!r}")
+    return _STEP_CLASSES[step](version, ipc, p, **kw)
+
+
+# ----------------------------------------------------------------------------- estimates from the shapes
+
+
+def input_bytes(step: str, ipc: int, p: StepParams) -> int:
+    """What the step holds before any work: synthetic images (value, grad, momentum buffer) plus the
+    real batch (DM) or the expert's start and target parameters (MTT), in float32."""
+    img = p.channels * p.size * p.size * 4
+    syn = 3 * p.K * ipc * img
+    if step == "dm-iid":
+        return syn + p.K * p.real_per_class * img
+    return syn + 2 * conv_costs(**p.net_kw()).params * 4
+
+
+def estimate_peak_bytes(step: str, version: str, ipc: int, p: StepParams) -> int:
+    """Peak above the process before the step existed, from the shapes (float32).
+
+    DM: the inputs, the activations autograd keeps for the N synthetic images (saved floats per image
+    of :func:`~edfkern.bench.step_models.conv_costs`), the backward's transient gradient (the largest
+    activation per image), and the real batch's per-class forward (two of the largest activation per
+    real image of one class). (Checked against measured peaks: within +10% / +40% on CPU at IPC 10-50.) MTT: the inputs, the unrolled student's graph (about
+    three forward's worth of saved activations per image and step: forward, its backward, both kept
+    by ``create_graph``), the CAM refresh (loop: one class's forward + backward; edfkern: ``cam_batch``
+    rows forward), and the loop's full-resolution ``(N, 1, H, W)`` upsampled map and mask.
+    """
+    N, f = p.K * ipc, 4
+    base = input_bytes(step, ipc, p)
+    c = conv_costs(**p.net_kw())
+    if step == "dm-iid":
+        syn = N * (c.saved_floats + c.peak_layer_floats) * f
+        real = p.real_per_class * 2 * c.peak_layer_floats * f
+        return base + syn + real
+    B = min(p.batch_syn, N)
+    student = p.syn_steps * B * 3 * c.saved_floats * f + B * 2 * c.peak_layer_floats * f
+    cc = conv_costs(**p.net_kw(p.cam_width))
+    if version == "loop":
+        cam = ipc * (cc.saved_floats + 3 * cc.peak_layer_floats) * f + N * p.channels * p.size * p.size * f
+        mask = 2 * N * p.size * p.size * f
+    else:
+        cam = min(p.cam_batch, p.cam_samples * N) * 3 * cc.peak_layer_floats * f \
+            + N * p.channels * p.size * p.size * f
+        mask = 0
+    return base + max(student, cam) + mask
+
+
+def iteration_flops(step: str, version: str, ipc: int, p: StepParams) -> tuple[float, float]:
+    """(FLOPs of one iteration, FLOPs of one CAM refresh), convolutions only (the rest is small)."""
+    N = p.K * ipc
+    F_ = conv_costs(**p.net_kw()).fwd_flops
+    if step == "dm-iid":
+        return p.K * p.real_per_class * F_ + 3 * N * F_, 0.0
+    B = min(p.batch_syn, N)
+    Fc = conv_costs(**p.net_kw(p.cam_width)).fwd_flops
+    cam = N * (1 + 3 * p.cam_samples) * Fc if version == "loop" else N * (1 + p.cam_samples) * Fc
+    return p.syn_steps * B * 9 * F_, cam
+
+
+def estimate_seconds(step: str, version: str, ipc: int, p: StepParams, iterations: int, refreshes: int,
+                     flops_per_s: float) -> float:
+    """Seconds for ``iterations`` iterations and ``refreshes`` CAM refreshes of one version at ``flops_per_s``."""
+    it, cam = iteration_flops(step, version, ipc, p)
+    return (iterations * it + refreshes * cam) / max(flops_per_s, 1.0)
+
+
+# ----------------------------------------------------------------------------- the child
+
+
+def _warm_up(step: str, version: str, p: StepParams, device: str, seed: int) -> None:
+    """One iteration at IPC 1 with a tiny real batch and student: loads kernels, starts thread pools."""
+    tiny = make_step(step, version, 1, replace(p, real_per_class=2, batch_syn=2, syn_steps=1), device=device,
+                     seed=seed + 99)
+    tiny.prepare(0)
+    tiny.refresh(Parts(device))
+    tiny.iteration(Parts(device))
+
+
+def _memory_task(task: dict) -> dict[str, Any]:
+    device, p, seed = task["device"], StepParams(**task["params"]), task.get("seed", 0)
+    _warm_up(task["step"], task["version"], p, device, seed)
+    memory.trim_heap()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = memory.rss_bytes() or 0
+    s = make_step(task["step"], task["version"], task["ipc"], p, device=device, seed=seed)
+    first = Parts(device)
+
+    def first_iteration():
+        s.prepare(0)
+        s.refresh(first)
+        s.iteration(first)
+
+    mem, _ = memory.measure_call(first_iteration, lambda out: 0, device=device, before_inputs=before)
+    return dict(memory=mem.as_dict(), peak_bytes=mem.footprint, refresh_s=first.s.get("CAM refresh"))
+
+
+def _timing_task(task: dict) -> dict[str, Any]:
+    device, p, seed, versions = task["device"], StepParams(**task["params"]), task.get("seed", 0), task["versions"]
+    for v in versions:
+        _warm_up(task["step"], v, p, device, seed)
+    steps = {v: make_step(task["step"], v, task["ipc"], p, device=device, seed=seed) for v in versions}
+    if task["step"] == "mtt-edf":  # one refresh (untimed here), its maps handed to every version
+        ref = steps.get("edfkern", steps[versions[0]])
+        ref.refresh(Parts(device))
+        for s in steps.values():
+            if s is not ref:
+                s.use_cams(ref.cams)
+    for v in versions:  # a full-size iteration each, untimed (first touch of the activations' pages)
+        steps[v].prepare(0)
+        steps[v].iteration(Parts(device))
+    out = {v: dict(iteration_s=[], parts=[]) for v in versions}
+    for r in range(task["repeat"]):
+        for v in (versions if r % 2 == 0 else versions[::-1]):  # alternate who goes first
+            s = steps[v]
+            s.prepare(r + 1)
+            pt = Parts(device)
+            pt.sync()
+            t0 = time.perf_counter()
+            s.iteration(pt)
+            pt.sync()
+            out[v]["iteration_s"].append(time.perf_counter() - t0)
+            out[v]["parts"].append(pt.s)
+    for v in versions:
+        parts = out[v].pop("parts")
+        out[v]["parts_s"] = {k: statistics.median(d.get(k, 0.0) for d in parts) for k in parts[0]}
+        out[v]["loss"] = steps[v].loss
+    return out
+
+
+def run_step_task(task: dict) -> dict[str, Any]:
+    """One child's work (a fresh process; plain dicts in and out), by ``task["mode"]``:
+
+    ``memory``
+        one version: a warm-up iteration at IPC 1, then the full-size step's first iteration (with
+        the CAM refresh for MTT, timed: the refresh time of the report) under
+        :func:`edfkern.bench.memory.measure_call`. Returns ``memory``, ``peak_bytes``, ``refresh_s``.
+    ``time``
+        every version of ``task["versions"]`` in one process, stepped in lockstep (as the demos do), so
+        a load change on a shared machine hits both alike: warm-ups, one untimed full-size iteration
+        each, then ``repeat`` timed rounds. MTT's CAMs come from one untimed refresh shared by all
+        versions. Returns ``{version: {iteration_s, parts_s, loss}}``.
+    """
+    if task.get("threads"):
+        torch.set_num_threads(int(task["threads"]))
+    if task["mode"] == "memory":
+        return _memory_task(task)
+    if task["mode"] == "time":
+        return _timing_task(task)
+    raise ValueError(f"task mode must be 'memory' or 'time', got {task['mode']!r}")
+
+
+# ----------------------------------------------------------------------------- watchdog
+
+
+def _descendants(root: int) -> list[int]:
+    """Pids of every live descendant of ``root`` (read from /proc; empty where /proc is missing)."""
+    parent: dict[int, int] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                stat = fh.read()
+            parent[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == pid]
+        out.extend(kids)
+        frontier.extend(kids)
+    return out
+
+
+def _rss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class Watchdog:
+    """Kills (SIGKILL) any descendant process of this one whose resident set passes ``limit`` bytes.
+
+    Only processes this process started (directly or through the multiprocessing forkserver) are
+    looked at. ``killed`` lists ``(pid, rss)`` of what it killed.
+    """
+
+    def __init__(self, limit: int, period: float = 0.25) -> None:
+        self.limit, self.period = limit, period
+        self.killed: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.wait(self.period):
+            for pid in _descendants(me):
+                rss = _rss_of(pid)
+                if rss > self.limit:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.append((pid, rss))
+                    except OSError:
+                        pass
+
+    def __enter__(self) -> "Watchdog":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def available_bytes() -> Optional[int]:
+    """``MemAvailable`` of /proc/meminfo, or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad input: one line on stderr naming the argument, exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _fail(parser: argparse.ArgumentParser, msg: str):
+    parser.error(msg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = StepParams()
+    p = _Parser(prog="python -m edfkern.bench --step", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--step", required=True, help=f"the iteration to profile: {', '.join(STEPS)}")
+    p.add_argument("--sweep", default="ipc=" + ",".join(map(str, DEFAULT_SWEEP)), metavar="ipc=V1,V2,...",
+                   help="images per class to run: the only key is ipc (default %(default)s; e.g. "
+                        "ipc=10,50,100,500,1000)")
+    p.add_argument("--budget-mb", type=float, default=6144.0,
+                   help="memory budget: IPCs whose estimated peak passes it are skipped, a child passing it "
+                        "(plus the runtime's own resident set) is killed, and the table names the largest IPC "
+                        "within it (default 6144)")
+    p.add_argument("--repeat", type=int, default=3, help="timed iterations per point, after the warm-up and the "
+                                                         "memory-measured one (default 3); the median is reported")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per child before it is killed; a point "
+                                                               "whose estimated time passes it is skipped (600)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads in each child")
+    p.add_argument("--json", metavar="PATH", help="write every result and the run's metadata as JSON")
+    p.add_argument("--plot", metavar="PATH.png", help="time and peak memory against IPC (needs matplotlib)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--versions", default="loop,edfkern", help="comma-separated subset of loop,edfkern")
+    g = p.add_argument_group("shapes and hyper-parameters")
+    g.add_argument("--width", type=int, default=d.width, help="ConvNet width (default %(default)s)")
+    g.add_argument("--real-per-class", type=int, default=d.real_per_class, help="DM real batch per class (%(default)s)")
+    g.add_argument("--dm-forward", choices=("batched", "per-class"), default="batched",
+                   help="DM edfkern version: embed the synthetic set in one forward (INTEGRATION.md) or class by "
+                        "class as the loop does (default %(default)s)")
+    g.add_argument("--syn-steps", type=int, default=d.syn_steps, help="MTT unrolled student steps (%(default)s)")
+    g.add_argument("--batch-syn", type=int, default=d.batch_syn,
+                   help="MTT synthetic images per student step (%(default)s)")
+    g.add_argument("--interval", type=int, default=d.interval, help="EDF CAM refresh interval (%(default)s)")
+    g.add_argument("--cam-width", type=int, default=d.cam_width, help="width of the CAM ConvNet (%(default)s)")
+    g.add_argument("--cam-batch", type=int, default=d.cam_batch,
+                   help="CAMExtractor batch_size: rows per noisy pass (%(default)s)")
+    return p
+
+
+def parse_sweep(parser: argparse.ArgumentParser, s: str) -> list[int]:
+    """``ipc=V1,V2,...`` -> the IPCs; anything else is a one-line ``--sweep`` error (exit 2)."""
+    key, sep, vals = s.partition("=")
+    if not sep or key.strip() != "ipc":
+        _fail(parser, f"argument --sweep: the only sweep key is 'ipc' (ipc=V1,V2,...), got {s!r}")
+    out = []
+    for v in vals.split(","):
+        v = v.strip()
+        try:
+            out.append(int(v))
+        except ValueError:
+            _fail(parser, f"argument --sweep: IPC values must be integers, got {v!r}")
+    if not out:
+        _fail(parser, "argument --sweep: give at least one IPC, e.g. ipc=10,50")
+    bad = [v for v in out if v < 1]
+    if bad:
+        _fail(parser, f"argument --sweep: IPC values must be positive, got {bad}")
+    return sorted(set(out))
+
+
+def _device(parser, arg: str) -> str:
+    if arg == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        _fail(parser, "argument --device: cuda, but torch sees no CUDA device")
+    if arg != "cpu" and not arg.startswith("cuda"):
+        _fail(parser, f"argument --device: must be auto, cpu or cuda, got {arg!r}")
+    return arg
+
+
+def _params(parser, args) -> StepParams:
+    for name in ("width", "real_per_class", "syn_steps", "batch_syn", "interval", "cam_width", "cam_batch",
+                 "repeat"):
+        v = getattr(args, name)
+        if v < 1:
+            _fail(parser, f"argument --{name.replace('_', '-')}: must be >= 1, got {v}")
+    if args.timeout <= 0:
+        _fail(parser, f"argument --timeout: must be > 0, got {args.timeout:g}")
+    if not args.budget_mb > 0:
+        _fail(parser, f"argument --budget-mb: must be > 0, got {args.budget_mb:g}")
+    return replace(StepParams(), width=args.width, real_per_class=args.real_per_class, syn_steps=args.syn_steps,
+                   batch_syn=args.batch_syn, interval=args.interval, cam_width=args.cam_width,
+                   cam_batch=args.cam_batch, dm_batched_forward=args.dm_forward == "batched")
+
+
+def _mb(b: Optional[float]) -> str:
+    if b is None:
+        return "-"
+    return f"{b / MB:.0f} MB" if b < 10 * 1024 * MB else f"{b / MB / 1024:.1f} GB"
+
+
+def _ms(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def describe(step: str, p: StepParams) -> str:
+    """One line with the shapes and hyper-parameters the step runs at."""
+    net = f"ConvNet width {p.width} depth {p.depth} ({conv_costs(**p.net_kw()).params:,} params)"
+    head = f"K={p.K}, {p.channels}x{p.size}x{p.size} images, {net}"
+    h = p.size // 2 ** p.depth
+    if step == "dm-iid":
+        fwd = "one batched forward" if p.dm_batched_forward else "a per-class forward, as the loop"
+        return (f"{head}, fresh random net per iteration (drawn outside the timed parts); edfkern version: {fwd}; "
+                f"real batch "
+                f"{p.real_per_class}/class; loss = DM (weight 1) + CC on the flat embedding (weight {p.w_cc:g}) + "
+                f"CM on the last block's local features {p.width}x({h}x{h}) (weight {p.w_cm:g}); SGD lr {p.lr_img_dm:g} "
+                f"momentum 0.5")
+    return (f"{head}; syn_steps {p.syn_steps}, batch_syn {p.batch_syn}, CAM refresh every interval={p.interval} "
+            f"iterations (timed once per version, in its memory run; refresh/interval added to each "
+            f"iteration), Smooth Grad-CAM++ {p.cam_samples} samples std {p.cam_std:g} on a ConvNet of width {p.cam_width} (CAMExtractor "
+            f"batch_size {p.cam_batch}); CPD drop {p.drop_ratio:g}, DAE beta {p.beta:g}, lr_img {p.lr_img_mtt:g}, "
+            f"lr_lr {p.lr_lr:g}. These are the demo's values (python/demo_mtt_edf.py: syn_steps 10, interval 50) "
+            f"with a fixed minibatch batch_syn, so the student's cost does not grow with IPC; the repository "
+            f"does not state EDF's own CIFAR-10 values")
+
+
+def summarise(r: dict, p: StepParams) -> None:
+    """Add the per-iteration time (median + refresh/interval), per-category shares to an ok result."""
+    it = statistics.median(r["iteration_s"])
+    refresh = r.get("refresh_s") or 0.0
+    amort = refresh / p.interval if r["step"] == "mtt-edf" else 0.0
+    total = it + amort
+    r["time_s"] = total
+    r["iteration_median_s"] = it
+    r["refresh_per_iteration_s"] = amort
+    parts = dict(r["parts_s"])
+    if r["step"] == "mtt-edf":
+        parts["CAM refresh"] = amort
+    known = _STEP_CLASSES[r["step"]].PARTS
+    cats = {c: 0.0 for c in CATEGORIES}
+    for name, sec in parts.items():
+        cats[known.get(name, "update")] += sec
+    s = sum(parts.values()) or 1.0
+    r["share"] = {c: cats[c] / s for c in CATEGORIES}
+    r["parts_per_iteration_s"] = parts
+
+
+def largest_fit(rows: list[dict], budget: float) -> tuple[Optional[int], str]:
+    """The largest IPC within ``budget`` bytes: a measured point, or a linear extrapolation (said so)."""
+    ok = sorted((r["ipc"], r["peak_bytes"]) for r in rows if r.get("peak_bytes") is not None)
+    if not ok:
+        return None, "no measured point"
+    fits = [i for i, b in ok if b <= budget]
+    if not fits:
+        return None, f"even IPC {ok[0][0]} needs {_mb(ok[0][1])}"
+    best = max(fits)
+    if len(ok) >= 2:
+        (i0, b0), (i1, b1) = ok[-2], ok[-1]
+        slope = (b1 - b0) / max(i1 - i0, 1)
+        if slope > 0:
+            x = int(i1 + (budget - b1) / slope)
+            if x > ok[-1][0]:
+                return best, (f"measured up to IPC {best}; extrapolated (linear from IPC {i0} and {i1}, "
+                              f"{slope / MB:.1f} MB per IPC): about IPC {x}")
+            if x > best:  # between a fitting and a failing measured point
+                return best, f"measured: IPC {best}; interpolated: about IPC {x}"
+    return best, f"measured: IPC {best}"
+
+
+def print_report(step: str, results: list[dict], budget: float, versions: list[str]) -> list[str]:
+    """The table (rich if installed) and the budget lines; returns the lines printed below the table."""
+    cols = ["IPC", "version", "time / iter", "peak memory", "est. peak", "network", "CAM", "losses", "update",
+            "speedup", "memory ratio"]
+    rows = []
+    by = {(r["ipc"], r["version"]): r for r in results}
+    for ipc in sorted({r["ipc"] for r in results}):
+        lo, ed = by.get((ipc, "loop")), by.get((ipc, "edfkern"))
+        for v in versions:
+            r = by.get((ipc, v))
+            if r is None:
+                continue
+            if r["status"] != "ok":
+                rows.append([str(ipc), v, r["status"], "-", _mb(r.get("estimate_bytes"))] + ["-"] * 6)
+                continue
+            sh = r["share"]
+            sp = mr = "-"
+            if v == "edfkern" and lo is not None and lo["status"] == "ok":
+                sp = f"{lo['time_s'] / r['time_s']:.2f}x"
+                mr = f"{lo['peak_bytes'] / max(r['peak_bytes'], 1):.2f}x"
+            rows.append([str(ipc), v, _ms(r["time_s"]), _mb(r["peak_bytes"]), _mb(r.get("estimate_bytes")),
+                         *(f"{100 * sh[c]:.0f}%" for c in CATEGORIES), sp, mr])
+    notes = []
+    for v in versions:
+        mine = [r for r in results if r["version"] == v]
+        ipc, why = largest_fit(mine, budget)
+        notes.append(f"largest IPC within --budget-mb {budget / MB:g} ({v}): " + (str(ipc) if ipc else "none")
+                     + f" ({why})")
+    for r in results:
+        if r["status"] != "ok":
+            notes.append(f"IPC {r['ipc']} {r['version']}: {r['status']}: {r.get('reason', '')}")
+    title = f"{step}: one whole distillation iteration, loop vs edfkern"
+    caption = ("time / iter = median of --repeat iterations after warm-up"
+               + (" + CAM refresh / interval" if step == "mtt-edf" else "")
+               + "; peak memory = peak above the process before the step's tensors existed "
+                 "(VmHWM of a fresh child on CPU, max_memory_allocated on CUDA); network / CAM / losses / update = "
+                 "share of the iteration; speedup and memory ratio = loop / edfkern")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        Console = None
+    if Console is not None:
+        t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+        for c in cols:
+            t.add_column(c, justify="left" if c in ("IPC", "version") else "right", no_wrap=True)
+        for row in rows:
+            t.add_row(*row, style="dim" if row[2] in ("skipped", "error") else None)
+        Console(file=sys.stdout, width=160, soft_wrap=False).print(t)
+    else:
+        widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+        print(f"\n{title}")
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+        for row in rows:
+            print("  " + "  ".join(x.rjust(w) for x, w in zip(row, widths)))
+        print("  " + caption)
+    for n in notes:
+        print(n)
+    return notes
+
+
+def plot(path: str, step: str, results: list[dict], budget: float, title: str) -> None:
+    """One PNG: time per iteration and peak memory against IPC, one line per version."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"loop": "tab:red", "edfkern": "tab:purple"}
+    ipcs = sorted({r["ipc"] for r in results})
+    for v in VERSIONS:
+        pts = sorted((r for r in results if r["version"] == v and r["status"] == "ok"), key=lambda r: r["ipc"])
+        if not pts:
+            continue
+        x = [r["ipc"] for r in pts]
+        a0.plot(x, [r["time_s"] for r in pts], marker="o", color=colors[v], label=v)
+        a1.plot(x, [r["peak_bytes"] / MB for r in pts], marker="o", color=colors[v], label=v)
+        est = [(r["ipc"], r["estimate_bytes"] / MB) for r in results if r["version"] == v and r.get("estimate_bytes")]
+        if est:
+            est.sort()
+            a1.plot([e[0] for e in est], [e[1] for e in est], linestyle=":", color=colors[v],
+                    label=f"{v} (estimate from shapes)")
+    a1.axhline(budget / MB, color="gray", linestyle="--", label="--budget-mb")
+    a0.set_title("time per iteration" + (" (+ CAM refresh / interval)" if step == "mtt-edf" else ""))
+    a0.set_ylabel("seconds (median)")
+    a1.set_title("peak memory")
+    a1.set_ylabel("MB above the process before the step")
+    for ax in (a0, a1):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(ipcs, [str(i) for i in ipcs])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("images per class (IPC)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.step not in STEPS:
+        _fail(parser, f"argument --step: unknown step {args.step!r}; expected one of {', '.join(STEPS)}")
+    sweep = parse_sweep(parser, args.sweep)
+    p = _params(parser, args)
+    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
+    if not versions or any(v not in VERSIONS for v in versions):
+        _fail(parser, f"argument --versions: expected a subset of {','.join(VERSIONS)}, got {args.versions!r}")
+    budget = args.budget_mb * MB
+    need = input_bytes(args.step, sweep[0], p)
+    if need > budget:
+        _fail(parser, f"argument --budget-mb: {args.budget_mb:g} MB is less than the inputs alone at IPC {sweep[0]} "
+                      f"({need / MB:.0f} MB: synthetic images, their gradient and momentum buffer, "
+                      + ("the real batch)" if args.step == "dm-iid" else "the expert's start and target params)"))
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _fail(parser, "argument --plot: needs matplotlib, which is not installed (pip install matplotlib)")
+    device = _device(parser, args.device)
+    t_start = time.perf_counter()
+
+    from .ceilings import measure_ceilings
+    ceil = measure_ceilings(device, quick=True)
+    conv_rate = 0.4 * ceil.matmul_flops  # convolutions reach about this fraction of the matmul rate (CPU, measured)
+    avail = available_bytes()
+    print(f"step {args.step} on {device}; torch {torch.__version__}, edfkern {edfkern.__version__}, "
+          f"torch threads {args.threads or torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} on "
+          f"{os.cpu_count()} CPUs" + (" (shared machine: expect noisy times)"
+                                      if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1) else ""))
+    print(describe(args.step, p))
+    print(f"budget {args.budget_mb:g} MB; available memory {_mb(avail)}; fp32 matmul {ceil.matmul_flops / 1e9:.1f} "
+          f"GFLOP/s (time estimates use 40% of it)")
+
+    # kill limit: the budget plus what a fresh child with torch loaded already holds
+    limit = budget + (memory.rss_bytes() or 512 * MB) + 256 * MB
+    if avail is not None:
+        limit = min(limit, int(0.9 * avail))
+    results = {(ipc, v): dict(step=args.step, version=v, ipc=ipc, N=p.K * ipc) for ipc in sweep for v in versions}
+    tasks = []
+    common = dict(step=args.step, device=device, seed=args.seed, threads=args.threads, params=asdict(p))
+    for ipc in sweep:
+        fit = []
+        for v in versions:
+            r = results[(ipc, v)]
+            est = estimate_peak_bytes(args.step, v, ipc, p)
+            secs = estimate_seconds(args.step, v, ipc, p, 1, 1, conv_rate)
+            r.update(estimate_bytes=est, estimate_s=secs)
+            why = None
+            if est > budget:
+                why = f"estimated peak {_mb(est)} > --budget-mb {args.budget_mb:g}"
+            elif avail is not None and est > 0.8 * avail:
+                why = f"estimated peak {_mb(est)} > 80% of the available memory ({_mb(avail)})"
+            elif secs > args.timeout:
+                why = f"estimated time of the memory run {secs:.0f} s > --timeout {args.timeout:g}"
+            if why:
+                print(f"skip {args.step} IPC {ipc} {v}: {why}")
+                r.update(status="skipped", reason=why)
+                continue
+            fit.append(v)
+            tasks.append(dict(common, mode="memory", version=v, ipc=ipc, estimate_s=secs))
+        if not fit:
+            continue
+        # the lockstep run holds every version's inputs at once, and one version's activations at a time
+        est = max(estimate_peak_bytes(args.step, v, ipc, p) for v in fit) + (len(fit) - 1) * input_bytes(args.step, ipc, p)
+        secs = sum(estimate_seconds(args.step, v, ipc, p, 1 + args.repeat, 0, conv_rate) for v in fit) \
+            + (estimate_seconds(args.step, "edfkern", ipc, p, 0, 1, conv_rate) if args.step == "mtt-edf" else 0)
+        why = None
+        if est > budget:
+            why = f"estimated peak of the lockstep run {_mb(est)} > --budget-mb {args.budget_mb:g}"
+        elif secs > args.timeout:
+            why = f"estimated time of the lockstep run {secs:.0f} s > --timeout {args.timeout:g}"
+        if why:
+            print(f"skip timing {args.step} IPC {ipc}: {why}")
+            for v in fit:
+                results[(ipc, v)].update(status="skipped", reason=why)
+            continue
+        tasks.append(dict(common, mode="time", versions=fit, ipc=ipc, repeat=args.repeat, estimate_s=secs))
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(tasks), desc=f"edfkern.bench --step {args.step}", unit="child", file=sys.stderr,
+                   leave=False, dynamic_ncols=True, mininterval=0)
+    except ImportError:
+        bar = None
+    with Watchdog(limit) as dog:
+        for task in tasks:
+            what = task.get("version") or "+".join(task["versions"])
+            if bar is not None:
+                bar.set_postfix_str(f"IPC {task['ipc']} {task['mode']} {what} (est. {task['estimate_s']:.0f} s)")
+            mine = [task["version"]] if task["mode"] == "memory" else task["versions"]
+            if any(results[(task["ipc"], v)].get("status") == "error" for v in mine):
+                if bar is not None:
+                    bar.update(1)
+                continue
+            n_killed = len(dog.killed)
+            try:
+                out = memory.run_isolated(run_step_task, task, timeout=args.timeout)
+                if task["mode"] == "memory":
+                    results[(task["ipc"], task["version"])].update(out)
+                else:
+                    for v, o in out.items():
+                        results[(task["ipc"], v)].update(o, status="ok", repeat=task["repeat"])
+            except Exception as e:
+                reason = f"{task['mode']} run: " + (str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+                if len(dog.killed) > n_killed:
+                    reason = (f"{task['mode']} run killed by the watchdog: resident set {_mb(dog.killed[-1][1])} "
+                              f"passed the limit {_mb(limit)}")
+                for v in mine:
+                    results[(task["ipc"], v)].update(status="error", reason=reason)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    results = list(results.values())
+    for r in results:
+        r.setdefault("status", "error")
+        r.setdefault("reason", "not run")
+        if r["status"] == "ok":
+            summarise(r, p)
+    results.sort(key=lambda r: (r["ipc"], VERSIONS.index(r["version"])))
+    notes = print_report(args.step, results, budget, versions)
+    wall = time.perf_counter() - t_start
+    print(f"wall time {wall:.1f} s; load average at end {os.getloadavg()[0]:.2f}")
+    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    if args.plot:
+        plot(args.plot, args.step, results, budget,
+             title=f"edfkern.bench --step {args.step}: loop vs edfkern, {device} ({dev_name})")
+        print(f"plot written to {args.plot}")
+    if args.json:
+        meta = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    command=" ".join(["python -m edfkern.bench", *(argv if argv is not None else sys.argv[1:])]),
+                    step=args.step, device=device, device_name=dev_name, torch=torch.__version__,
+                    edfkern=edfkern.__version__, python=platform.python_version(), params=asdict(p),
+                    description=describe(args.step, p), sweep_ipc=sweep, budget_mb=args.budget_mb,
+                    kill_limit_bytes=limit, available_bytes=avail, matmul_flops=ceil.matmul_flops,
+                    notes=notes, wall_s=wall, threads=args.threads or torch.get_num_threads(),
+                    loadavg_end=os.getloadavg()[0])
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "results": results}, fh, indent=1, default=str)
+        print(f"JSON written to {args.json}")
+    return 0 if not any(r["status"] == "error" for r in results) else 1
