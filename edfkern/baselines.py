@@ -133,7 +133,8 @@ def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam",
 
 
 def cams_per_class(model: nn.Module, layer: nn.Module, images: Tensor, ipc: int, *, num_samples: int = 4,
-                   std: float = 0.3, generator: Optional[torch.Generator] = None) -> Tensor:
+                   std: float = 0.3, generator: Optional[torch.Generator] = None,
+                   noise: Optional[Tensor] = None) -> Tensor:
     """EDF's ``get_activation_maps``: one torchcam-0.4 ``SmoothGradCAMpp`` pass per class.
 
     ``images`` is ``(K * ipc, C, H, W)``, class ``c`` owning rows ``c*ipc : (c+1)*ipc``; returns the
@@ -142,11 +143,15 @@ def cams_per_class(model: nn.Module, layer: nn.Module, images: Tensor, ipc: int,
     ``backward()`` passes (gradients from a tensor hook on ``layer``'s output, ``model.zero_grad()``
     before each), then the class's maps at once, as torchcam computes them. The noise follows ``CAMExtractor``'s
     convention (one ``randn(images.shape, generator=generator) * std`` per pass, drawn first), so the
-    maps are comparable with the extractor's. The model runs in eval mode; every module's mode is restored and
+    maps are comparable with the extractor's (``noise=``: the draws given, as ``CAMExtractor(noise=)``).
+    The model runs in eval mode; every module's mode is restored and
     its parameters' ``.grad`` are left ``None``.
     """
-    noises = [torch.randn(images.shape, generator=generator, dtype=images.dtype, device=images.device) * std
-              for _ in range(num_samples)]
+    if noise is not None:  # given standard-normal draws, (num_samples, *images.shape), as CAMExtractor takes them
+        noises = [noise[s].to(images.dtype) * std for s in range(num_samples)]
+    else:
+        noises = [torch.randn(images.shape, generator=generator, dtype=images.dtype, device=images.device) * std
+                  for _ in range(num_samples)]
     store = {}
 
     def hook(m, i, o):

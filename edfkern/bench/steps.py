@@ -74,7 +74,7 @@ from edfkern.optim import DAESGD
 from . import memory
 from .step_models import FlatStudent, conv_costs, flat_params, seeded_convnet
 
-__all__ = ["STEPS", "VERSIONS", "StepParams", "DMIIDStep", "MTTEDFStep", "make_step", "cams_per_class_loop",
+__all__ = ["STEPS", "VERSIONS", "StepParams", "DMIIDStep", "MTTEDFStep", "make_step",
            "estimate_peak_bytes", "estimate_seconds", "input_bytes", "run_step_task", "build_parser", "main"]
 
 STEPS = ("dm-iid", "mtt-edf")
@@ -205,58 +205,6 @@ class DMIIDStep:
 # ----------------------------------------------------------------------------- MTT + EDF
 
 
-def cams_per_class_loop(model: torch.nn.Module, layer: str, images: Tensor, ipc: int, *, num_samples: int,
-                        std: float, generator: Optional[torch.Generator] = None,
-                        noise: Optional[Tensor] = None) -> Tensor:
-    """EDF's ``get_activation_maps``: torchcam-0.4 ``SmoothGradCAMpp``, class by class -> ``(N, h, w)``.
-
-    Per class: a clean forward, then ``num_samples`` noisy forward + full ``backward()`` passes
-    (``model.zero_grad()`` before each, gradients from a tensor hook on ``layer``), then the per-image
-    map loop :func:`edfkern.baselines.grad_cam`. The noise follows :class:`~edfkern.cam.CAMExtractor`'s
-    convention (pass ``s``: one ``randn(images.shape) * std`` draw for all N images), so both see the same
-    draws (``noise=``: given ``(num_samples, N, C, H, W)`` standard-normal draws, as the extractor takes them);
-    the passes run pass by pass over the classes, so only one draw is held at a time.
-    The per-class loop is written here because ``edfkern.baselines`` has no CAM loop yet
-    (``python/demo_mtt_edf.py`` has its own copy).
-    """
-    module = model.get_submodule(layer)
-    store: dict[str, Tensor] = {}
-
-    def hook(m, i, o):
-        store["a"] = o.detach()
-        if o.requires_grad:
-            o.register_hook(lambda gr: store.__setitem__("g", gr.detach()))
-
-    x = images.detach()
-    K = x.shape[0] // ipc
-    handle = module.register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
-    try:
-        clean, acts, grads = [], [[] for _ in range(K)], [[] for _ in range(K)]
-        for c in range(K):
-            model(x[c * ipc:(c + 1) * ipc])
-            clean.append(store["a"])
-        for s in range(num_samples):
-            draw = (noise[s] * std if noise is not None
-                    else torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device).mul_(std))
-            for c in range(K):
-                sl = slice(c * ipc, (c + 1) * ipc)
-                out = model(x[sl] + draw[sl])
-                model.zero_grad()
-                out[:, c].sum().backward()
-                acts[c].append(store["a"])
-                grads[c].append(store["g"])
-            del draw
-        maps = [baselines.grad_cam(torch.stack(acts[c]), torch.stack(grads[c]), method="smoothgradcam++",
-                                   clean_activations=clean[c]) for c in range(K)]
-    finally:
-        handle.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return torch.cat(maps)
-
-
 class MTTEDFStep:
     """One MTT + EDF iteration (and the CAM refresh EDF runs every ``interval`` iterations)."""
 
@@ -305,9 +253,9 @@ class MTTEDFStep:
             noise = _randn((p.cam_samples,) + tuple(self.image_syn.shape), self.g_cam, self.dtype, self.device)
         with parts("CAM refresh"):
             if self.version == "loop":
-                self.cams = cams_per_class_loop(self.cam_net, self.cam_layer, self.image_syn, self.ipc,
-                                                num_samples=p.cam_samples, std=p.cam_std, generator=self.g_cam,
-                                                noise=noise)
+                self.cams = baselines.cams_per_class(self.cam_net, self.cam_net.get_submodule(self.cam_layer),
+                                                     self.image_syn.detach(), self.ipc, num_samples=p.cam_samples,
+                                                     std=p.cam_std, generator=self.g_cam, noise=noise)
             else:
                 with CAMExtractor(self.cam_net, self.cam_layer, num_samples=p.cam_samples, std=p.cam_std,
                                   batch_size=p.cam_batch) as ext:
