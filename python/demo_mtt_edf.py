@@ -47,6 +47,7 @@ import _common as U  # noqa: E402  (sets sys.path for a checkout)
 
 import edfkern  # noqa: E402
 import edfkern.baselines as baselines  # noqa: E402
+from edfkern.bench.step_models import FlatStudent  # noqa: E402
 from edfkern.cam import CAMExtractor  # noqa: E402
 from edfkern.optim import DAESGD  # noqa: E402
 
@@ -78,19 +79,11 @@ def train_expert(data: U.Digits, epochs: int, seed: int, lr: float) -> list[Tens
     return traj
 
 
-class Student:
-    """A ConvNet evaluated from a flat parameter vector (MTT's ReparamModule), via torch.func."""
+class Student(FlatStudent):
+    """The demo's ConvNet evaluated from a flat parameter vector (MTT's ReparamModule), via torch.func."""
 
     def __init__(self) -> None:
-        self.net = U.seeded_net(0)
-        self.specs = [(n, p.shape, p.numel()) for n, p in self.net.named_parameters()]
-
-    def __call__(self, flat: Tensor, x: Tensor) -> Tensor:
-        params, off = {}, 0
-        for name, shape, n in self.specs:
-            params[name] = flat[off:off + n].view(shape)
-            off += n
-        return torch.func.functional_call(self.net, params, (x,))
+        super().__init__(U.seeded_net(0))
 
 
 def cam_model(flat: Tensor) -> torch.nn.Module:

@@ -112,6 +112,15 @@ class MemoryResult:
         return asdict(self)
 
 
+def usage_before(device: str) -> int:
+    """Memory in use now, as the zero of a peak measurement: ``memory_allocated`` on CUDA (after a
+    sync), this process's resident set on CPU (0 where /proc is unavailable)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return rss_bytes() or 0
+
+
 def measure_call(fn: Callable[[], Any], held: Callable[[Any], int], *, device: str, before_inputs: int = 0,
                  reset: Optional[Callable[[], None]] = None) -> tuple[MemoryResult, Any]:
     """Run ``fn()`` once and measure its workspace; returns (result, fn's output).

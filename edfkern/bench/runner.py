@@ -79,11 +79,7 @@ def run_task(task: dict) -> dict[str, Any]:
             tiny.fn()
         del tiny
         memory.trim_heap()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-        else:
-            before = memory.rss_bytes() or 0
+        before = memory.usage_before(device)
         case = make_case(task["op"], task["provider"], task["mode"], cfg, device=device, seed=task.get("seed", 0))
     except Unavailable as e:
         res.update(status="skipped", reason=str(e))

@@ -389,11 +389,7 @@ def _memory_task(task: dict) -> dict[str, Any]:
     device, p, seed = task["device"], StepParams(**task["params"]), task.get("seed", 0)
     _warm_up(task["step"], task["version"], p, device, seed)
     memory.trim_heap()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = memory.rss_bytes() or 0
+    before = memory.usage_before(device)
     s = make_step(task["step"], task["version"], task["ipc"], p, device=device, seed=seed)
     first = Parts(device)
 
