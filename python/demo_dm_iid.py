@@ -206,7 +206,7 @@ def run_distributed(args, data: U.Digits) -> int:
         ok = U.report_distributed(trace, one.image_syn.detach(), full, ctrl, args.iters, rel_first, every=100)
         print(f"ms / iteration (median): single process {one.it_time.median_ms:.2f}, distributed rank 0 "
               f"{mine.it_time.median_ms:.2f}")
-    dist.destroy_process_group()
+    edfkern.distributed.shutdown()
     return 0 if ok else 1
 
 

@@ -256,7 +256,7 @@ def run_distributed(args, data: U.Digits, experts) -> int:
                                   rel_first, every=50, what="CPD loss")
         one.close()
     mine.close()
-    dist.destroy_process_group()
+    edfkern.distributed.shutdown()
     return 0 if ok else 1
 
 

@@ -565,7 +565,7 @@ def main() -> int:
         print(f"rank {RANK}: torch._dynamo imported: {'torch._dynamo' in sys.modules}", flush=True)
     with open(os.path.join(out, f"rank{RANK}.json"), "w") as f:
         json.dump(results, f)
-    dist.destroy_process_group()
+    edfkern.distributed.shutdown()
     return 0
 
 

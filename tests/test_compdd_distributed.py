@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import edfkern.compdd as compdd
+import edfkern.distributed
 from edfkern.compdd._cli import TensorImages
 
 WORLD = 2
@@ -48,7 +49,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                            save_maps=os.path.join(out_dir, "maps.npy"), progress=False)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             f.write(res.to_json())
-        dist.destroy_process_group()
+        edfkern.distributed.shutdown()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())

@@ -152,9 +152,9 @@ def _score(args: argparse.Namespace) -> int:
                   f"wrote {os.path.join(args.out, 'complexity.json')} and complexity.csv")
     finally:
         if started:
-            import torch.distributed as dist
+            from ..distributed import shutdown
 
-            dist.destroy_process_group()
+            shutdown()
     return 0
 
 

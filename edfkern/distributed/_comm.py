@@ -154,6 +154,21 @@ def all_reduce_sum_(tensors: Sequence[Tensor], *, group: Optional[object],
     return tensors
 
 
+def shutdown(*, timeout: Optional[datetime.timedelta] = None) -> None:
+    """End this process's part in the default process group: a bounded barrier, then
+    ``destroy_process_group``. The barrier keeps a rank from closing its connections while a peer is
+    still finishing the last collective (gloo then dies in a background thread with "terminate called
+    without an active exception"). A no-op when no process group is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        all_reduce_sum_([torch.zeros(1)] if dist.get_backend() == "gloo" else
+                        [torch.zeros(1, device="cuda")], group=dist.group.WORLD, timeout=timeout,
+                        what="shutdown barrier")
+    finally:
+        dist.destroy_process_group()
+
+
 def all_gather_object_sizes(n: int, *, group: Optional[object],
                             timeout: Optional[datetime.timedelta] = None) -> list[int]:
     """Every rank's integer ``n`` (e.g. its chunk length), in rank order; ``[n]`` for one process."""
