@@ -1,5 +1,5 @@
 // Grad-CAM (docs/ops.md) on CPU: channel weights, weighted sum, ReLU, min-max, upsample.
-// One task per block of images; everything for an image stays in a per-thread scratch of O(h*w).
+// Blocks of images shared out to the threads; an image's scratch is per thread, O(h*w).
 //
 // The channel weights and the weighted channel sum are accumulated in double: gradcam++'s alpha
 // divides by 2G^2 + sum(A G^3), which nearly cancels on some channels, and a float sum there lands
@@ -18,6 +18,7 @@
 #include <edfkern/common.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -66,6 +67,11 @@ inline __m512d relu8(__m512d v) {  // v < 0 ? 0 : v (NaN and -0 kept)
   return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(v, z, _CMP_LT_OQ), v, z);
 }
 
+#ifndef EDFKERN_GRADCAM_PREFETCH
+#define EDFKERN_GRADCAM_PREFETCH 1024
+#endif
+constexpr int64_t kPrefetch = EDFKERN_GRADCAM_PREFETCH;
+
 template <typename scalar_t, int64_t NB>
 void channel_loop_avx512(const scalar_t* g_all, const scalar_t* a_last, const scalar_t* act_all, int64_t slice,
                          int64_t S, int64_t n, int64_t C, CamMethod method, sum_t guard, sum_t* csum) {
@@ -76,6 +82,15 @@ void channel_loop_avx512(const scalar_t* g_all, const scalar_t* a_last, const sc
   for (int64_t c = 0; c < C; ++c) {
     const int64_t base = (n * C + c) * hw;
     const scalar_t* g = g_all + g_off + base;
+    // S + 2 streams (S + 1 for gradcam, 2 for gradcam++) of hw elements a channel: the hardware
+    // prefetchers alone leave the loads waiting on DRAM; fetch kPrefetch bytes ahead in each.
+    {
+      const int64_t ahead = base + kPrefetch / static_cast<int64_t>(sizeof(scalar_t));
+      const int64_t ns = method == CamMethod::Smooth ? S : 1;
+      for (int64_t s = 0; s < ns; ++s) _mm_prefetch(reinterpret_cast<const char*>(g_all + (S - ns + s) * slice + ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(a_last + ahead), _MM_HINT_T0);
+      if (method == CamMethod::Smooth) _mm_prefetch(reinterpret_cast<const char*>(act_all + ahead), _MM_HINT_T0);
+    }
     sum_t wc;
     if (method == CamMethod::GradCAM) {
       __m512d l = load8(g);
@@ -148,7 +163,13 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
   for (int64_t x = 0; x < W; ++x) linear_src<acc_t>(x, w, W, x0[x], x1[x], wx0[x], wx1[x]);
   acc_t* o = out.data_ptr<acc_t>();
 
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  // Images are independent: each worker takes blocks of kBlock images from a shared counter, so
+  // a thread the OS deschedules (the machine is shared) leaves its work to the others instead of
+  // holding up a static split. The result does not depend on which thread takes which block.
+  constexpr int64_t kBlock = 16;
+  const int64_t nblocks = (N + kBlock - 1) / kBlock;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(nblocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     // d2, d3, t: hwp entries, zero beyond hw (never written there): the lane sums' padding.
     std::vector<sum_t> buf(3 * hwp + hw, sum_t(0));
     sum_t* __restrict d2 = buf.data();
@@ -156,7 +177,8 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
     sum_t* __restrict t = d3 + hwp;
     sum_t* __restrict csum = t + hwp;
     std::vector<acc_t> cam(hw), rows(h * W);
-    for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;)
+    for (int64_t n = blk * kBlock, n1 = std::min(N, n + kBlock); n < n1; ++n) {
 #if defined(__AVX512F__)
       if constexpr (HW > 0 && HW % kLanes == 0 &&
                     (std::is_same<scalar_t, float>::value || std::is_same<scalar_t, double>::value)) {
