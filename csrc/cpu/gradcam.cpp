@@ -87,7 +87,8 @@ void channel_loop_avx512(const scalar_t* g_all, const scalar_t* a_last, const sc
     {
       const int64_t ahead = base + kPrefetch / static_cast<int64_t>(sizeof(scalar_t));
       const int64_t ns = method == CamMethod::Smooth ? S : 1;
-      for (int64_t s = 0; s < ns; ++s) _mm_prefetch(reinterpret_cast<const char*>(g_all + (S - ns + s) * slice + ahead), _MM_HINT_T0);
+      for (int64_t s = S - ns; s < S; ++s)
+        _mm_prefetch(reinterpret_cast<const char*>(g_all + s * slice + ahead), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(a_last + ahead), _MM_HINT_T0);
       if (method == CamMethod::Smooth) _mm_prefetch(reinterpret_cast<const char*>(act_all + ahead), _MM_HINT_T0);
     }
@@ -177,7 +178,7 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
     sum_t* __restrict t = d3 + hwp;
     sum_t* __restrict csum = t + hwp;
     std::vector<acc_t> cam(hw), rows(h * W);
-    for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;)
+    for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;) {
     for (int64_t n = blk * kBlock, n1 = std::min(N, n + kBlock); n < n1; ++n) {
 #if defined(__AVX512F__)
       if constexpr (HW > 0 && HW % kLanes == 0 &&
@@ -187,42 +188,42 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
       } else
 #endif
       {
-      std::fill(csum, csum + hw, sum_t(0));
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t base = (n * C + c) * hw;
-        const scalar_t* __restrict g = g_last + base;
-        const scalar_t* __restrict al = a_last + base;
-        sum_t wc;
-        if (method == CamMethod::GradCAM) {
-          for (int64_t p = 0; p < hw; ++p) t[p] = static_cast<sum_t>(g[p]);
-          wc = lane_sum(t, nb) / static_cast<sum_t>(hw);
-        } else {
-          const scalar_t* __restrict act = smooth ? a_clean + base : al;
-          for (int64_t p = 0; p < hw; ++p) {  // D2s, D3s: sums over the S passes
-            const sum_t v = static_cast<sum_t>(g_all[base + p]);
-            const sum_t v2 = v * v;
-            d2[p] = v2;
-            d3[p] = v2 * v;
-          }
-          for (int64_t s = 1; s < S; ++s) {
-            const scalar_t* __restrict gs = g_all + s * slice + base;
-            for (int64_t p = 0; p < hw; ++p) {
-              const sum_t v = static_cast<sum_t>(gs[p]);
+        std::fill(csum, csum + hw, sum_t(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t base = (n * C + c) * hw;
+          const scalar_t* __restrict g = g_last + base;
+          const scalar_t* __restrict al = a_last + base;
+          sum_t wc;
+          if (method == CamMethod::GradCAM) {
+            for (int64_t p = 0; p < hw; ++p) t[p] = static_cast<sum_t>(g[p]);
+            wc = lane_sum(t, nb) / static_cast<sum_t>(hw);
+          } else {
+            const scalar_t* __restrict act = smooth ? a_clean + base : al;
+            for (int64_t p = 0; p < hw; ++p) {  // D2s, D3s: sums over the S passes
+              const sum_t v = static_cast<sum_t>(g_all[base + p]);
               const sum_t v2 = v * v;
-              d2[p] += v2;
-              d3[p] += v2 * v;
+              d2[p] = v2;
+              d3[p] = v2 * v;
             }
+            for (int64_t s = 1; s < S; ++s) {
+              const scalar_t* __restrict gs = g_all + s * slice + base;
+              for (int64_t p = 0; p < hw; ++p) {
+                const sum_t v = static_cast<sum_t>(gs[p]);
+                const sum_t v2 = v * v;
+                d2[p] += v2;
+                d3[p] += v2 * v;
+              }
+            }
+            for (int64_t p = 0; p < hw; ++p) t[p] = static_cast<sum_t>(act[p]) * d3[p];
+            const sum_t k = lane_sum(t, nb) + guard;
+            for (int64_t p = 0; p < hw; ++p) {
+              const sum_t alpha = d2[p] / (sum_t(2) * d2[p] + k);
+              t[p] = alpha * relu_nan(static_cast<sum_t>(g[p]));
+            }
+            wc = lane_sum(t, nb);
           }
-          for (int64_t p = 0; p < hw; ++p) t[p] = static_cast<sum_t>(act[p]) * d3[p];
-          const sum_t k = lane_sum(t, nb) + guard;
-          for (int64_t p = 0; p < hw; ++p) {
-            const sum_t alpha = d2[p] / (sum_t(2) * d2[p] + k);
-            t[p] = alpha * relu_nan(static_cast<sum_t>(g[p]));
-          }
-          wc = lane_sum(t, nb);
+          for (int64_t p = 0; p < hw; ++p) csum[p] += wc * static_cast<sum_t>(al[p]);
         }
-        for (int64_t p = 0; p < hw; ++p) csum[p] += wc * static_cast<sum_t>(al[p]);
-      }
       }
       for (int64_t p = 0; p < hw; ++p) cam[p] = relu_nan(static_cast<acc_t>(csum[p]));
       if (normalize) {
@@ -247,6 +248,7 @@ void grad_cam_impl(const at::Tensor& A, const at::Tensor& G, const at::Tensor* A
       for (int64_t y = 0; y < H; ++y)
         for (int64_t x = 0; x < W; ++x)
           on[y * W + x] = wy0[y] * rows[y0[y] * W + x] + wy1[y] * rows[y1[y] * W + x];
+    }
     }
   });
 }
