@@ -221,13 +221,16 @@ def test_dae_sgd_step(K, dtype, cfg, identity):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "smoothgradcam++"])
 @pytest.mark.parametrize("size", [None, (9, 13)], ids=str)
-def test_grad_cam(K, dtype, method, size, request):
-    if K.__name__ == "edfkern.triton" and dtype == torch.bfloat16 and method == "gradcam++":
-        # Known defect, kept visible: on these bf16-valued inputs Triton's tile reductions (the
-        # interpreter's, and the same with the values given as fp32) land 2.9e-4 from fp64 where
-        # every plain float32 order tried lands within 4.4e-5. Not yet explained; see benchmarks/NOTES.md.
+@pytest.mark.parametrize("hw", [(5, 3), (4, 4)], ids=str)  # 4x4: the native CPU kernel's vector path
+def test_grad_cam(K, dtype, method, size, hw, request):
+    if K.__name__ == "edfkern.triton" and method == "gradcam++" and (dtype, hw) in (
+            (torch.bfloat16, (5, 3)), (torch.float16, (4, 4))):
+        # Known defect, kept visible: on these half-precision-valued inputs Triton's tile reductions
+        # (the interpreter's, and the same with the values given as fp32) land 2.9e-4 (bf16, 5x3) and
+        # 2.1e-3 (fp16, 4x4, normalize=False) from fp64, where every plain float32 order tried lands
+        # within 4.4e-5 and 3.5e-4: 6x the plain error. Not yet explained; see benchmarks/NOTES.md.
         request.applymarker(pytest.mark.xfail(strict=True, reason="triton gradcam++ accuracy on an ill-conditioned input"))
-    s, n, c, h, w = 3, 2, 37, 5, 3
+    (h, w), s, n, c = hw, 3, 2, 37
     A = rand(s, n, c, h, w, dtype=dtype, seed=1)  # activations after a ReLU
     G = randn(s, n, c, h, w, dtype=dtype, seed=2)
     Ac = rand(n, c, h, w, dtype=dtype, seed=3) if method == "smoothgradcam++" else None

@@ -159,11 +159,12 @@ GRADCAM_CASES = [  # (method, normalize, size, where, kind)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hw", [(5, 6), (4, 4)], ids=str)  # 4x4: the native CPU kernel's vector path
 @pytest.mark.parametrize("case", GRADCAM_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_nan_inf_like_loop_grad_cam(backend, device, dtype, case):
+def test_nan_inf_like_loop_grad_cam(backend, device, dtype, case, hw):
     method, normalize, size, where, kind = case
     gen = torch.Generator().manual_seed(len(method) + (size is None))
-    N, C, h, w, S = 3, 4, 5, 6, 3
+    (h, w), N, C, S = hw, 3, 4, 3
     shape = (S, N, C, h, w) if method == "smoothgradcam++" else (N, C, h, w)
     A = randn(*shape, dtype=dtype, gen=gen).abs()
     G = randn(*shape, dtype=dtype, gen=gen)
