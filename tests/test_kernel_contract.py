@@ -544,3 +544,32 @@ def test_covariance_cifar10_ipc1000_gpu(K):
     vs_reference(sigma, "cov_forward", x, None, offsets, name="sigma", index=0)
     M = torch.randn(k, c, c, device="cuda")
     vs_reference(K.cov_backward(x, None, offsets, mean, M), "cov_backward", x, None, offsets, mean, M, name="grad")
+
+
+def test_native_covariance_backward_with_huge_pages():
+    """EDFKERN_HUGEPAGES=1 (read once per process): the native CPU backward's large output is backed
+    by transparent huge pages; the gradient must be the same bits as with ordinary pages."""
+    if "native" not in [n for n, i in edfkern.backends().items() if i["available"] and "cpu" in i["devices"]]:
+        pytest.skip("native unavailable")
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, edfkern.native as N\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(3000, 64, 16, generator=g)\n"  # 12 MB output: above the 4 MB huge-page threshold
+        "off = torch.tensor([0, 1000, 2000, 3000])\n"
+        "sig, mean = N.cov_forward(x, None, off)\n"
+        "M = torch.randn(3, 64, 64, generator=g)\n"
+        "out = N.cov_backward(x, None, off, mean, M)\n"
+        "torch.save(out, __import__('sys').argv[1])\n"
+    )
+    outs = []
+    for flag in ("0", "1"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"edfkern-hp-{os.getpid()}-{flag}.pt")
+        env = dict(os.environ, EDFKERN_HUGEPAGES=flag)
+        subprocess.run([sys.executable, "-c", code, path], env=env, check=True, timeout=300)
+        outs.append(torch.load(path))
+        os.remove(path)
+    assert torch.equal(outs[0], outs[1])
+    assert outs[1].abs().max() > 0

@@ -50,16 +50,22 @@ namespace cpu {
 
 namespace {
 
-// A fresh tensor like x (contiguous). A large one is backed by transparent huge pages where the
-// kernel offers them on request (THP "madvise" mode, common): first-touching 82 MB of 4 KB pages
-// costs about 40 ms of page faults on one core, more than the backward's GEMM work; with 2 MB
-// pages about 6 ms (benchmarks/NOTES.md, 2026-12-02). This is what THP_MEM_ALLOC_ENABLE=1 does for
-// PyTorch's own allocator.
+// A fresh tensor like x (contiguous). With EDFKERN_HUGEPAGES=1 a large one is backed by transparent
+// huge pages where the kernel offers them on request (THP "madvise" mode): first-touching 82 MB of
+// 4 KB pages costs about 40 ms of page faults on one core, with 2 MB pages about 6 ms. Opt-in only:
+// where THP defrag is "madvise" (common), a fault in such a region may stall in direct compaction,
+// and a bench run after other work measured CM forward+backward at 44-145 ms (median 58) with huge
+// pages against a steady 49-51 ms without (benchmarks/NOTES.md, 2026-12-02). The same trade-off as
+// THP_MEM_ALLOC_ENABLE=1 for PyTorch's own allocator.
 at::Tensor empty_output_like(const at::Tensor& x) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHuge = size_t(2) << 20;
   const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
-  if (bytes >= 2 * kHuge) {
+  static const bool on = [] {
+    const char* e = std::getenv("EDFKERN_HUGEPAGES");
+    return e != nullptr && e[0] != '\0' && e[0] != '0';
+  }();
+  if (bytes >= 2 * kHuge && on) {
     void* p = nullptr;
     const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
     if (posix_memalign(&p, kHuge, rounded) == 0) {
