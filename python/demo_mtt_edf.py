@@ -359,4 +359,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import edfkern.distributed
+
+    edfkern.distributed.exit_process(main())  # os._exit after a distributed run: see its docstring

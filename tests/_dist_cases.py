@@ -570,4 +570,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    ED.exit_process(main())  # os._exit after shutdown: torch's gloo finalization may abort (see its docstring)

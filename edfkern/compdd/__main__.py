@@ -1,5 +1,4 @@
-import sys
-
+from ..distributed import exit_process
 from ._cli import main
 
-sys.exit(main())
+exit_process(main())  # sys.exit, or os._exit after a distributed run (see exit_process)

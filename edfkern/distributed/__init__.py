@@ -23,7 +23,7 @@ Modules, top-down:
 - :mod:`.cpd`: distributed CPD by an all-reduced radix select.
 """
 from ._comm import (CommStats, all_reduce_sum_, default_group, last_call_stats, record, shard_classes,
-                    shutdown, world)
+                    shutdown, exit_process, world)
 from .cpd import cpd_keep_mask, cpd_trajectory_loss
 from .features import class_centralization_loss, covariance_matching_loss, local_covariance, mean_matching_loss
 from .stats import reduce_class_stats
@@ -31,5 +31,5 @@ from .stats import reduce_class_stats
 __all__ = [
     "shard_classes", "default_group", "world", "all_reduce_sum_", "reduce_class_stats",
     "local_covariance", "covariance_matching_loss", "class_centralization_loss", "mean_matching_loss",
-    "cpd_trajectory_loss", "cpd_keep_mask", "last_call_stats", "record", "CommStats", "shutdown",
+    "cpd_trajectory_loss", "cpd_keep_mask", "last_call_stats", "record", "CommStats", "shutdown", "exit_process",
 ]
