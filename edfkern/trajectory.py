@@ -447,14 +447,13 @@ class _ConstantMemory(torch.autograd.Function):
         prof = ctx.prof
         a = syn_lr.detach().reshape(()).to(plan.start.dtype)
         lam = ctx.lam * grad_out.to(ctx.lam.dtype)
-        ctx.lam = ctx.saved = None
         x, y = images.detach(), labels.detach()
         dx = torch.zeros_like(x) if need_x else None
         dy = torch.zeros_like(y) if need_y else None
         da = torch.zeros((), dtype=lam.dtype, device=lam.device)
         for seg_start in reversed(plan.checkpoints()):
             seg_end = min(seg_start + plan.every, plan.steps)
-            ws = [saved.pop(seg_start)]
+            ws = [saved[seg_start]]  # kept: a retained graph may run backward again
             with _Clock(prof, "recompute"):
                 for i in range(seg_start, seg_end - 1):  # the segment's w_i, from its checkpoint
                     loss, g = _step_grad(plan, ws[-1], x, y, i, prof)
