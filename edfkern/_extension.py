@@ -13,12 +13,13 @@ CPU kernels with AddressSanitizer and UBSan into a cache directory of their own 
 The cache heals itself (issue 20, class 3):
 
 * **Lock.** A process builds or loads the cache only while it holds ``edfkern-build.lock`` there
-  (``flock``: the kernel releases it when its holder dies, however it dies; the file names the
-  holder's pid and host). A process that finds it held waits at most ``EDFKERN_BUILD_LOCK_TIMEOUT``
-  seconds (default 1800), then reports the backend unavailable, naming the holder. torch's own
-  ``lock`` file, which a killed build leaves behind and which makes every later ``load`` wait forever,
-  is then removed once no process on this host holds it open and no orphaned ``ninja`` of the killed
-  build still runs in the directory (waited for, within the same bound).
+  (``flock``: the kernel releases it when its holder dies, however it dies; the file, which stays,
+  names the last holder's pid and host). A process that finds it held waits at most
+  ``EDFKERN_BUILD_LOCK_TIMEOUT`` seconds (default 1800), then reports the backend unavailable,
+  naming the holder. torch's own ``lock`` file, which a killed build leaves behind and which made
+  every later ``load`` wait forever, is then removed once no process on this host holds it open
+  (an older edfkern building) and no ninja or compiler of the killed build still runs in the
+  directory (they are waited for, within the same bound; then the build runs again).
 * **Integrity.** After each successful load the size and SHA-256 of the extension are recorded in
   ``edfkern-manifest.json``. Before loading, a cached ``.so`` whose size or hash differs from the
   record, or (with no record, e.g. a cache from an older edfkern) whose ELF headers point past its
@@ -110,6 +111,7 @@ TORCH_LOCK_FILE = "lock"  # torch.utils.cpp_extension's FileBaton: O_EXCL file, 
 MANIFEST_FILE = "edfkern-manifest.json"  # {"files": {"<name>.so": {"size": int, "sha256": str}}}
 DEFAULT_LOCK_TIMEOUT_S = 1800.0
 _POLL_S = 0.2
+_QUIET_WAIT_S = 5.0  # say that we wait only past this: ranks starting together each hold the lock briefly
 
 
 class CacheError(RuntimeError):
@@ -138,24 +140,26 @@ def build_lock(bdir: str, timeout: float) -> Iterator[None]:
     body runs without it, as before this lock existed.
     """
     path = os.path.join(bdir, LOCK_FILE)
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
     told = False
     while True:
+        if fcntl is None:
+            yield
+            return
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
-            fd = None
-        if fd is None or fcntl is None:
             yield
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - start
+            if waited > timeout:
                 raise CacheError(f"{_lock_owner(path)} has held the build lock {path} for more than {timeout:g} s "
                                  "(EDFKERN_BUILD_LOCK_TIMEOUT)") from None
-            if not told:
+            if not told and waited > _QUIET_WAIT_S:  # a load holds it for a moment; a build for minutes
                 print(f"edfkern: waiting for {_lock_owner(path)}, which is building the native extension in {bdir}",
                       file=sys.stderr, flush=True)
                 told = True
@@ -167,8 +171,9 @@ def build_lock(bdir: str, timeout: float) -> Iterator[None]:
             return
         try:
             if _same_file(fd, path):  # not removed (e.g. build --force by hand) while we waited
-                os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+                with contextlib.suppress(OSError):  # the holder's name is for messages only
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
                 yield
                 return
         finally:
@@ -244,8 +249,12 @@ def clear_stale_torch_lock(bdir: str, deadline: float) -> None:
             print(f"edfkern: waiting for process(es) {users}, still building in {bdir}", file=sys.stderr, flush=True)
             told = True
         if not users:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.remove(lock)
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # e.g. a directory in its place
+                raise CacheError(f"cannot remove the stale build lock {lock}: {e}") from e
             print(f"edfkern: removed {lock}, left by a build that was killed; building again",
                   file=sys.stderr, flush=True)
             return

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,8 @@ from unittest import mock
 import pytest
 
 from edfkern import _extension
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the cache checks read /proc and ELF")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPORT_BOUND_S = 180  # a load from an intact (or relinked) cache, with torch's import, on a loaded 2-core machine
@@ -173,17 +176,16 @@ def test_a_live_lock_holder_bounds_the_wait_and_is_named(built, tmp_path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, f"pid {me} on this-test\n".encode())
-        r = _load(ext, EDFKERN_BUILD_LOCK_TIMEOUT="2")
+        r = _load(ext, EDFKERN_BUILD_LOCK_TIMEOUT="1")
     finally:
         os.close(fd)
     assert r.rc == 0 and r.d["AVAILABLE"] == "False", r
     assert f"pid {me}" in r.d["REASON"] and "EDFKERN_BUILD_LOCK_TIMEOUT" in r.d["REASON"], r
-    assert f"waiting for another process (pid {me}" in r.err, r
 
     torch_lock = os.path.join(bdir, _extension.TORCH_LOCK_FILE)
     fd = os.open(torch_lock, os.O_CREAT | os.O_EXCL)  # as torch's FileBaton holds it while building
     try:
-        r = _load(ext, EDFKERN_BUILD_LOCK_TIMEOUT="2")
+        r = _load(ext, EDFKERN_BUILD_LOCK_TIMEOUT="1")
     finally:
         os.close(fd)
     assert r.rc == 0 and r.d["AVAILABLE"] == "False", r
@@ -196,8 +198,7 @@ def test_a_live_lock_holder_bounds_the_wait_and_is_named(built, tmp_path):
 @pytest.mark.parametrize("value", ["abc", "-5", "0", "nan", "inf", "1e400"])
 def test_lock_timeout_must_be_a_positive_finite_number(monkeypatch, value):
     monkeypatch.setenv("EDFKERN_BUILD_LOCK_TIMEOUT", value)
-    with pytest.raises(_extension.CacheError, match=r"EDFKERN_BUILD_LOCK_TIMEOUT must be a finite number.*" +
-                       repr(value).replace("+", r"\+")):
+    with pytest.raises(_extension.CacheError, match=r"EDFKERN_BUILD_LOCK_TIMEOUT must be .*" + re.escape(repr(value))):
         _extension.lock_timeout()
 
 
@@ -333,6 +334,18 @@ def _compiling_in(bdir: str) -> bool:
     return False
 
 
+def _kill_builds_in(bdir: str) -> None:
+    """SIGKILL what is left of this test's builds: the processes working in its own ``bdir`` (ninja
+    starts each compiler in a process group of its own, so killing the session misses them)."""
+    real = os.path.realpath(bdir)
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and os.readlink(f"/proc/{d}/cwd") == real:
+                os.kill(int(d), signal.SIGKILL)
+        except OSError:
+            continue
+
+
 def _kill_mid_compile(built: str, ext: str, whole_group: bool) -> tuple[Run, str, float]:
     """Copy the cache without one kernel's object and the library, start an import (it compiles that
     unit), SIGKILL it once the compiler runs, then import again: ``(second run, bdir, seconds to kill)``."""
@@ -357,6 +370,7 @@ def _kill_mid_compile(built: str, ext: str, whole_group: bool) -> tuple[Run, str
         return _load(ext, bound=REBUILD_BOUND_S), bdir, killed_after
     finally:
         _kill_group(first)  # whatever of the first build is left
+        _kill_builds_in(bdir)
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +384,9 @@ def killed_runs(built, tmp_path_factory) -> dict[str, tuple[Run, str, float]]:
 @pytest.mark.parametrize("how", ["pid", "group"])
 def test_a_build_killed_mid_compile_is_rebuilt(killed_runs, how):
     """``pid``: ``os.kill`` of the importing process only (the literal report: before, the next import
-    waited forever on the lock). ``group``: its ninja and compiler die with it."""
+    waited forever on the lock); its ninja and compiler go on, orphaned. ``group``: ``os.killpg`` of
+    the session it leads, ninja included; the compiler ninja started (a process group of its own)
+    goes on. Either way the next import waits for the orphans, removes the lock and builds."""
     r, bdir, _ = killed_runs[how]
     assert r.available, r
     assert "left by a build that was killed" in r.err, r
