@@ -74,6 +74,8 @@ def grads(case: Case, memory: str, *, seed: int = 5, **kw) -> tuple[float, dict[
         kw.pop("checkpoint_every", None)
         kw.pop("process_group", None)
         kw.setdefault("batch_syn", x.shape[0])
+        if kw.get("batches") is not None:
+            kw.setdefault("syn_steps", len(kw["batches"]))
         loss = baselines.trajectory_matching_loop(case.student, x, y, case.start, case.target, a, **kw)
     else:
         loss = edfkern.trajectory_matching_loss(case.student, x, y, case.start, case.target, a, memory=memory, **kw)
