@@ -497,7 +497,8 @@ def reduce_class_stats_and_shards():
     assert torch.equal(s, torch.arange(K, dtype=torch.float64) * tot) and torch.equal(c, torch.full((K,), tot))
     assert torch.equal(sums, torch.arange(K, dtype=torch.float64) * (RANK + 1)), "inputs must stay unchanged"
     if WORLD > 1:
-        _raises(lambda: ED.reduce_class_stats(torch.zeros(K + RANK), torch.zeros(K + RANK), group=PG), "disagree")
+        _raises(lambda: ED.reduce_class_stats(torch.zeros(K + RANK), torch.zeros(K + RANK), group=PG),
+                "the shape of sums must be the same on every rank")
 
 
 @case

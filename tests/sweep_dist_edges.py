@@ -3,7 +3,7 @@
 Not collected by pytest (the CI tests are ``tests/test_edges_distributed.py``); run by hand::
 
     PYTHONPATH=. python tests/sweep_dist_edges.py            # worlds of 2 and 3, every probe
-    PYTHONPATH=. python tests/sweep_dist_edges.py 2 cpd      # world of 2, probes whose name contains "cpd"
+    PYTHONPATH=. python tests/sweep_dist_edges.py 2 cpd,limit  # world of 2, probes whose name contains a word
 
 Each probe runs in its *own* spawned gloo world (a probe may kill its world: gloo aborts the process on
 mismatched buffer sizes), with ``EDFKERN_DIST_TIMEOUT=6`` and a 60 s wall-clock deadline. A probe is a
@@ -116,7 +116,7 @@ def _steps():
                                   ("val", lambda: good("covariance_matching_loss", 1), []),
                                   ("val", lambda: good("cpd_trajectory_loss", 2), [])]
     # -- a local error on one rank, then the next call (must not pair with the others' previous one)
-    x3 = torch.randn(4, 2, 3, dtype=torch.float64)
+    x3 = torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(99))  # same on every rank
     local = {
         "cpd drop_ratio=1.5": ("cpd_trajectory_loss", bad_cpd_ratio, ["drop_ratio"]),
         "cpd_keep_mask drop_ratio='a'": ("cpd_keep_mask", lambda: on(0, lambda: ED.cpd_keep_mask(
@@ -193,7 +193,57 @@ def _steps():
     P["message:CM weight 1e-3 vs 1e-2"] = [("err", lambda: ED.covariance_matching_loss(
         x3, x3, syn_groups=2, real_groups=2, weight=1e-3 if RANK else 1e-2, process_group=PG), ["0.001", "0.01"]),
         ("val", lambda: good("mean_matching_loss", 7), [])]
+    # -- a call interrupted before its header on rank 0 (a BaseException the op cannot send)
+    class Interrupting(float):
+        def __float__(self):
+            raise KeyboardInterrupt
+
+    def interrupted():
+        if RANK == 0:
+            try:
+                ED.cpd_trajectory_loss(x3.flatten(), x3.flatten(), x3.flatten(), drop_ratio=Interrupting(0.5),
+                                       process_group=PG)
+            except KeyboardInterrupt:
+                return None
+            raise AssertionError("no interrupt")
+        return good("cpd_trajectory_loss", 8)
+    P["out-of-step:interrupted call on rank 0"] = [("behind", interrupted, ["out of step"]),
+                                                   ("val", lambda: good("cpd_trajectory_loss", 9), []),
+                                                   ("val", lambda: good("covariance_matching_loss", 9), [])]
+    # -- more than one thing wrong at once
+    P["several:two ranks fail their checks differently"] = [("err", lambda: ED.cpd_trajectory_loss(
+        *(([1.0] if RANK == 1 else x3.flatten()),) * 3, drop_ratio=1.5 if RANK == 0 else 0.5, process_group=PG),
+        ["rank 0: drop_ratio", "rank 1: student"]), ("val", lambda: good("cpd_keep_mask", 10), [])]
+    P["several:local error and a different op"] = [("err", lambda: bad_cpd_ratio() if RANK == 0 else
+                                                     good("local_covariance", 11), ["different edfkern ops"]),
+                                                   ("val", lambda: good("local_covariance", 12), [])]
+    long_type = type("L" * 3000, (), {})
+    P["several:a 3000-character message"] = [("err", lambda: ED.local_covariance(
+        x3, groups=long_type() if RANK == 0 else 2, process_group=PG), ["rank 0", "LLLL"]),
+        ("val", lambda: good("local_covariance", 13), [])]
+    P["several:num_groups=10**30 on one rank"] = [("err", lambda: ED.local_covariance(
+        x3, groups=torch.tensor([0, 1, 0, 1]), num_groups=10**30 if RANK == 0 else 2, process_group=PG),
+        ["rank 0"]), ("val", lambda: good("local_covariance", 14), [])]
+    P["several:numel=10**30 on one rank"] = [("err", lambda: ED.cpd_keep_mask(
+        torch.ones(4), 0.5, numel=10**30 if RANK == 0 else 4 * WORLD, process_group=PG), ["rank 0", "numel"]),
+        ("val", lambda: good("cpd_keep_mask", 15), [])]
+    P["several:numpy weight equal to a float weight"] = [("val", lambda: (ED.class_centralization_loss(
+        x3.flatten(1), groups=2, weight=__import__("numpy").float64(0.25) if RANK else 0.25, process_group=PG),
+        B_cc(x3, 0.25)), []), ("val", lambda: good("mean_matching_loss", 16), [])]
+    # -- known limits: what a header cannot see
+    P["limit:raw all_reduce_sum_ on one rank, an op on the other"] = [("err", lambda: ED.all_reduce_sum_(
+        [torch.ones(3)], group=PG) if RANK == 0 else good("local_covariance", 17), ["edfkern"])]
+    P["limit:process_group=None on one rank"] = [("err", lambda: ED.local_covariance(
+        x3, groups=2, process_group=None if RANK == 0 else PG), ["process_group"])]
     return P
+
+
+def B_cc(x3, w):
+    """The union of every rank's identical x3 rows under CC with groups=2 on each rank."""
+    import torch
+    import edfkern.baselines as B
+    lab = torch.tensor([0, 0, 1, 1] * WORLD)
+    return B.class_centralization_loss(x3.flatten(1).repeat(WORLD, 1), groups=lab, weight=w)
 
 
 def _run_step(kind: str, fn, words) -> dict:
@@ -202,7 +252,7 @@ def _run_step(kind: str, fn, words) -> dict:
         out = fn()
     except Exception as e:  # noqa: BLE001
         return {"raised": type(e).__name__, "msg": str(e)[:600], "tb": traceback.format_exc()[-1500:]}
-    if kind == "val":
+    if kind == "val" or (kind == "behind" and out is not None):
         got, exp = out
         ok = got.shape == exp.shape and torch.allclose(got.double(), exp.double(), rtol=1e-9, atol=1e-12)
         return {"value": float(got.double().sum()), "expected": float(exp.double().sum()), "correct": bool(ok)}
@@ -267,12 +317,18 @@ def run_probe(world: int, probe: str, steps, timeout_s: float = 6.0) -> tuple[st
             return "crash", f"step {i}: rank(s) {bad} exit {[codes[r] for r in bad]}: {tail[0][:160]}"
         if any("did not complete" in g.get("msg", "") for g in got):
             return "hang", f"step {i}: collective timed out: {next(g['msg'] for g in got if 'msg' in g)[:200]}"
+        if kind == "behind":
+            if got[0].get("raised") or any(g.get("raised") != "ValueError" or not all(w in g["msg"] for w in words)
+                                           for g in got[1:]):
+                return ("wrong" if any("value" in g for g in got[1:]) else "unclear"), f"step {i}: {got}"[:400]
+            continue
         if kind == "val":
             wrong = [(r, g) for r, g in enumerate(got) if not g.get("correct")]
             if wrong:
                 r, g = wrong[0]
                 what = g.get("msg") or f"{g['value']!r} != {g['expected']!r}"
-                return ("wrong" if "correct" in g else "unclear"), f"step {i} rank {r}: {g.get('raised', '')} {what[:300]}"
+                outcome = "wrong" if "correct" in g else "unclear"
+                return outcome, f"step {i} rank {r}: {g.get('raised', '')} {what[:300]}"
             continue
         raised = [g.get("raised") for g in got]
         if not all(raised):
@@ -326,7 +382,7 @@ def main() -> int:
     for w in sizes:
         WORLD = w
         for name, steps in _steps().items():
-            if filt not in name:
+            if not any(f in name for f in filt.split(",")):
                 continue
             t0 = time.monotonic()
             outcome, why = run_probe(w, name, steps)

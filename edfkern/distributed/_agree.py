@@ -196,7 +196,10 @@ class op_call:
         self.exchanged = True
         dev = _header_device(self.group)
         while True:
-            table = _comm.gather_ints(row, group=self.group, device=dev, timeout=timeout, what=f"{self.op} header")
+            table = _comm.gather_ints(row, group=self.group, device=dev, timeout=timeout,
+                                      what=f"{self.op} header (call {self.counter} on this group; a rank that never "
+                                           "makes this call, for example with process_group=None, leaves the others "
+                                           "waiting here)")
             foreign = [r for r, t in enumerate(table) if t[0] != MAGIC]
             if foreign:
                 raise _agreed(ValueError(
@@ -349,6 +352,7 @@ def agree(sides: Sequence[Side], extras: dict[str, float], *, what: str,
     declared = {r[j * _W + 4] for r in table for j in range(len(sides))} - {0}
     if len(declared) > 1:
         raise ValueError(f"the sides disagree on the number of groups: {sorted(declared)}")
+    inferred = not declared
     if declared:
         k = declared.pop()
     else:
@@ -365,7 +369,7 @@ def agree(sides: Sequence[Side], extras: dict[str, float], *, what: str,
         rows = sum(row[j * _W + 1] for row in table)
         k_max = max(rows, C.MAX_SPARSE_GROUPS) if allow_empty_groups else rows
         if k > k_max:
-            how = "num_groups" if declared or any(row[j * _W + 8] == 0 for row in table) else "max label + 1"
+            how = "max label + 1" if inferred else "num_groups"
             rule = ("at most max(rows over all ranks, MAX_SPARSE_GROUPS)" if allow_empty_groups else
                     "at most the rows over all ranks (every group of a loss needs a row)")
             raise ValueError(f"{what}: {how} = {k} groups is more than {k_max} allowed for {s.name} with {rows} "
