@@ -106,17 +106,27 @@ def trajectory_matching_loss(forward: Forward, images: Tensor, labels: Tensor, s
         TrajectoryReplayError: in the backward, when a step recomputed from its saved state gives another
             loss than in the forward (dropout, an augmentation drawing from another RNG, ...).
     """
-    plan = _Plan.build(forward, images, labels, start, target, syn_lr, syn_steps=syn_steps, batch_syn=batch_syn,
-                       batches=batches, augment=augment, generator=generator, loss_fn=loss_fn,
-                       drop_ratio=drop_ratio, memory=memory, checkpoint_every=checkpoint_every,
-                       process_group=process_group, replay_rtol=replay_rtol)
-    a = syn_lr if isinstance(syn_lr, Tensor) else torch.tensor(float(syn_lr), dtype=start.dtype, device=start.device)
+    kw = dict(syn_steps=syn_steps, batch_syn=batch_syn, batches=batches, augment=augment, generator=generator,
+              loss_fn=loss_fn, drop_ratio=drop_ratio, memory=memory, checkpoint_every=checkpoint_every,
+              process_group=process_group, replay_rtol=replay_rtol)
+    if process_group is not None:
+        from .distributed._agree import op_call
+        # the op's header: a check failing on one rank raises on every rank, and the ranks must agree on the call
+        with op_call("trajectory_matching_loss", process_group) as call:
+            plan = _Plan.build(forward, images, labels, start, target, syn_lr, **kw)
+            _agree(plan, images, labels, call)
+            return _ConstantMemory.apply(plan, images, labels, _as_tensor(syn_lr, start))
+    plan = _Plan.build(forward, images, labels, start, target, syn_lr, **kw)
     if plan.memory == "unrolled":
         return baselines.trajectory_matching_loop(
-            forward, images, labels, start, target, a, syn_steps=plan.steps, batch_syn=plan.batch_syn,
-            batches=plan.given_batches, augment=augment, generator=generator, loss_fn=plan.loss_fn,
-            drop_ratio=plan.drop_ratio)
-    return _ConstantMemory.apply(plan, images, labels, a)
+            forward, images, labels, start, target, _as_tensor(syn_lr, start), syn_steps=plan.steps,
+            batch_syn=plan.batch_syn, batches=plan.given_batches, augment=augment, generator=generator,
+            loss_fn=plan.loss_fn, drop_ratio=plan.drop_ratio)
+    return _ConstantMemory.apply(plan, images, labels, _as_tensor(syn_lr, start))
+
+
+def _as_tensor(syn_lr: Union[Tensor, float], start: Tensor) -> Tensor:
+    return syn_lr if isinstance(syn_lr, Tensor) else torch.tensor(float(syn_lr), dtype=start.dtype, device=start.device)
 
 
 @dataclass
@@ -415,7 +425,6 @@ class _ConstantMemory(torch.autograd.Function):
     def forward(ctx, plan: _Plan, images: Tensor, labels: Tensor, syn_lr: Tensor) -> Tensor:
         global _LAST_PROFILE
         prof = _LAST_PROFILE = Profile()
-        _agree(plan, images, labels, syn_lr)
         a = syn_lr.detach().reshape(()).to(plan.start.dtype)
         x, y = images.detach(), labels.detach()
         keep = set(plan.checkpoints())
@@ -554,23 +563,20 @@ def _fingerprint(*parts: object) -> int:
     return int.from_bytes(h.digest(), "little") >> 2
 
 
-def _agree(plan: _Plan, images: Tensor, labels: Tensor, syn_lr: Tensor) -> None:
-    """With a process group: every rank must hold the same call (shapes, scalars, batches or RNG state),
-    or every rank raises the same ``ValueError`` before any step runs."""
-    if plan.group is None:
-        return
-    from .distributed import _comm
+def _agree(plan: _Plan, images: Tensor, labels: Tensor, call) -> None:
+    """With a process group: every rank must make the same call (shapes, scalars, batches, RNG state),
+    or every rank raises the same ``ValueError`` before any step runs. The words travel in the op's
+    header (:class:`edfkern.distributed._agree.op_call`)."""
     draws = plan.given_batches is None
-    names = ["call (shapes, scalars, batches)", "torch RNG state / generator", "syn_lr value"]
+    names = ["call (shapes, scalars, batches)", "torch RNG state / generator"]
     mine = [
         _fingerprint("trajectory_matching_loss", tuple(images.shape), images.dtype, tuple(labels.shape), labels.dtype,
                      plan.start.numel(), plan.start.dtype, plan.steps, plan.batch_syn, plan.drop_ratio, plan.every,
                      plan.augment is not None, *(plan.given_batches or [])),
         _fingerprint(*(_rng_state(images.device) if (draws and plan.generator is None) or plan.augment is not None
                        else ()), plan.generator.get_state() if draws and plan.generator is not None else 0),
-        _fingerprint(syn_lr.detach().reshape(-1)),
     ]
-    table = _comm.gather_ints(mine, group=plan.group, what="trajectory_matching_loss header")
+    table = call.exchange(mine)
     for j, name in enumerate(names):
         col = [row[j] for row in table]
         if len(set(col)) > 1:
