@@ -299,7 +299,7 @@ def test_class2_entry_point_prints_one_line(ws):
     files = _bad_data_files(ws)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ws.root), root]), EDFKERN_NO_NATIVE="1")
-    for data in (files["truncated.pt"], files["empty.npz"]):
+    for data in (files["truncated.pt"], files["empty.npz"], files["foreign.pt"]):  # foreign: torch warns too
         p = subprocess.run([sys.executable, "-m", "edfkern.compdd", *ws.args(data, ws.root / "o")], env=env,
                            capture_output=True, text=True, timeout=300)
         one_line_error(p.returncode, p.stderr, "--data")

@@ -130,7 +130,7 @@ def _init_distributed() -> tuple[bool, torch.device]:
 def _check_args(args: argparse.Namespace) -> list[str]:
     """Every argument of ``score`` that can be checked without the data or the model; returns the layers."""
     from ._score import check_options
-    from ._subsets import classes
+    from ._subsets import check_classes, lookup
 
     layers = [s for s in args.layers.split(",") if s]
     if not layers:
@@ -144,7 +144,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if args.image_size < 1:
         raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
     if args.subset:
-        classes(args.subset, dedupe=args.dedupe)
+        check_classes(lookup(args.subset), what=f"--subset {args.subset}", dedupe=args.dedupe, how="add --dedupe")
     if args.device:
         try:
             torch.empty(0, device=args.device)

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -71,11 +72,16 @@ def load_torch(path: PathLike, what: str) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; any failure is one ``ValueError`` line."""
     path = os.fspath(path)
     _check_input_file(path, what)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (torch raises many types here, each means "not readable")
-        raise ValueError(f"{what} {path} is not a readable torch file (truncated, or written by something "
-                         f"else?): {error_line(e)}") from None
+    with warnings.catch_warnings(record=True) as caught:  # torch warns about some files it then refuses
+        warnings.simplefilter("always")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (torch raises many types here, each means "not readable")
+            raise ValueError(f"{what} {path} is not a readable torch file (truncated, or written by something "
+                             f"else?): {error_line(e)}") from None
+    for w in caught:  # a file that loads keeps its warnings
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return obj
 
 
 def load_npz(path: PathLike, what: str, keys: Sequence[str]) -> dict[str, Any]:
@@ -318,8 +324,8 @@ def load_checkpoint(path: str, config: dict, *, num_classes: int, num_layers: in
     if diff:
         hint = ""
         if [k for k in config if old.get(k) != config[k]] == ["images_sha256"]:
-            hint = (" (the sampled images differ but size and labels agree: if the dataset applies random "
-                    "transforms, its images differ on every read; score with fingerprint_images=0)")
+            hint = (" (size and labels agree but the sampled images differ: other images, or random transforms, "
+                    "for which the API takes fingerprint_images=0)")
         raise ValueError(f"resume: checkpoint {path} was written by another configuration or dataset; "
                          + "; ".join(diff) + hint)
     sums, counts, done, bad = ck.get("sums"), ck.get("counts"), ck.get("done"), ck.get("nonfinite")
