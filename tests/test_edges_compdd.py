@@ -512,6 +512,7 @@ def test_class2_nonfinite_api_warning_maps_and_resume(tmp_path):
     (["--threshold", "2"], ["threshold"]), (["--threshold", "nan"], ["threshold"]),
     (["--checkpoint-every", "0"], ["checkpoint_every"]), (["--seed", "-1"], ["seed"]),
     (["--image-size", "0"], ["--image-size"]), (["--device", "bogus"], ["--device"]),
+    (["--device", "meta"], ["--device", "no meta device"]),
     (["--method", "scorecam"], ["--method"]), (["--unknown"], ["--unknown"]),
 ])
 def test_class2_argument_errors_before_anything_is_written(ws, capsys, extra, words):

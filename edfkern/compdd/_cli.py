@@ -127,6 +127,24 @@ def _init_distributed() -> tuple[bool, torch.device]:
     return False, device
 
 
+def _check_device(name: str) -> None:
+    """``--device`` names a device this process has, checked without creating a context on it (under
+    ``torchrun`` every rank would otherwise open one on GPU 0 before choosing its own)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device name: {error_line(e)}") from None
+    if dev.type == "cpu":
+        return
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"--device {name!r}: no {dev.type} device is available here")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise ValueError(f"--device {name!r}: there are {count()} {dev.type} devices")
+
+
 def _check_args(args: argparse.Namespace) -> list[str]:
     """Every argument of ``score`` that can be checked without the data or the model; returns the layers."""
     from ._score import check_options
@@ -146,10 +164,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if args.subset:
         check_classes(lookup(args.subset), what=f"--subset {args.subset}", dedupe=args.dedupe, how="add --dedupe")
     if args.device:
-        try:
-            torch.empty(0, device=args.device)
-        except Exception as e:  # noqa: BLE001  (RuntimeError for a bad name, AssertionError without CUDA, ...)
-            raise ValueError(f"--device {args.device!r} cannot be used: {error_line(e)}") from None
+        _check_device(args.device)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib (pip install matplotlib)")
     return layers
