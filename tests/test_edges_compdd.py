@@ -529,3 +529,12 @@ def test_class2_layers_and_model_errors(ws, capsys):
         assert not out.exists()
     (ws.root / "broken_models.py").write_text("def f(:\n")
     one_line_error(*cli(capsys, *ws.args(ws.data, ws.root / "o", model="broken_models:f"))[::2], "SyntaxError")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "inf"])
+def test_class2_bad_dist_timeout_is_one_line(ws, capsys, monkeypatch, tmp_path, value):
+    """``EDFKERN_DIST_TIMEOUT`` is checked with the other arguments (it bounds torchrun's collectives)."""
+    monkeypatch.setenv("EDFKERN_DIST_TIMEOUT", value)
+    code, _, err = cli(capsys, *ws.args(ws.data, tmp_path / "out"))
+    one_line_error(code, err, "EDFKERN_DIST_TIMEOUT")
+    assert not (tmp_path / "out").exists()

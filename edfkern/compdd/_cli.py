@@ -114,7 +114,7 @@ def _init_distributed() -> tuple[bool, torch.device]:
     """Join ``torchrun``'s group when launched by it; the device for this rank."""
     import torch.distributed as dist
 
-    from ..distributed._comm import DEFAULT_TIMEOUT
+    from ..distributed._comm import collective_timeout
 
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -122,7 +122,7 @@ def _init_distributed() -> tuple[bool, torch.device]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=DEFAULT_TIMEOUT)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=collective_timeout())
         return True, device
     return False, device
 
@@ -150,6 +150,9 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     from ._score import check_options
     from ._subsets import check_classes, lookup
 
+    from ..distributed._comm import collective_timeout
+
+    collective_timeout()  # EDFKERN_DIST_TIMEOUT: a bad value is an input error, one line and exit 2
     layers = [s for s in args.layers.split(",") if s]
     if not layers:
         raise ValueError(f"--layers must name at least one module, e.g. layer1,layer2,layer3,layer4; got "
