@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from . import _checks as C
 from . import baselines
 
-__all__ = ["trajectory_matching_loss", "TrajectoryReplayError", "last_call_profile"]
+__all__ = ["trajectory_matching_loss", "soft_cross_entropy", "TrajectoryReplayError", "last_call_profile"]
 
 Forward = Callable[[Tensor, Tensor], Tensor]
 Augment = Callable[[Tensor], Tensor]
@@ -149,6 +149,16 @@ _LAST_PROFILE = Profile()
 def last_call_profile() -> Profile:
     """The :class:`Profile` of the last constant-memory call (its backward included once it has run)."""
     return _LAST_PROFILE
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """DATM's and EDF's ``SoftCrossEntropy`` (``edf_distill.py``, ``main``): the learned soft labels are
+    logits, so ``sum(-log_softmax(logits) * softmax(target)) / B``. ``logits``, ``target``: ``(B, K)``.
+
+    Pass it as ``loss_fn=`` to reproduce EDF's ``criterion``; ``F.cross_entropy`` (the default) would
+    read float targets as probabilities instead.
+    """
+    return torch.sum(-F.log_softmax(logits, dim=1) * F.softmax(target, dim=1)) / logits.shape[0]
 
 
 # ----------------------------------------------------------------------------- the plan of one call

@@ -20,7 +20,7 @@ import torch
 
 import edfkern
 from edfkern import baselines
-from edfkern.trajectory import TrajectoryReplayError, last_call_profile
+from edfkern.trajectory import TrajectoryReplayError, last_call_profile, soft_cross_entropy
 
 from _trajectory_cases import (DIST_CASES, assert_same_grads, dsa_like, grads, make_case, peak_rss_growth, rel)
 from _utils import assert_fp_rule
@@ -54,12 +54,15 @@ def test_explicit_batches_generator_and_custom_loss():
     """Explicit index tensors (repeats and uneven sizes allowed), and a DATM-style soft cross-entropy."""
     case = make_case(9, soft=True)
 
-    def soft_ce(logits, y):
-        return -(torch.log_softmax(logits, 1) * torch.softmax(y, 1)).sum() / logits.shape[0]
+    def soft_ce(inputs, target):  # EDF's SoftCrossEntropy (edf_distill.py, main), verbatim
+        input_log_likelihood = -torch.nn.functional.log_softmax(inputs, dim=1)
+        target_log_likelihood = torch.nn.functional.softmax(target, dim=1)
+        return torch.sum(torch.mul(input_log_likelihood, target_log_likelihood)) / inputs.shape[0]
 
     batches = [torch.tensor([3, 1, 4, 1]), torch.tensor([5, 0, 8]), torch.arange(9), torch.tensor([2])]
-    kw = dict(batches=batches, loss_fn=soft_ce, drop_ratio=0.5, augment=dsa_like)
-    assert_same_grads(grads(case, "constant", **kw), grads(case, "loop", syn_steps=4, **kw), 1e-10, "batches")
+    kw = dict(batches=batches, drop_ratio=0.5, augment=dsa_like)
+    assert_same_grads(grads(case, "constant", loss_fn=soft_cross_entropy, **kw),
+                      grads(case, "loop", syn_steps=4, loss_fn=soft_ce, **kw), 1e-10, "batches")
     gen_kw = lambda: dict(syn_steps=5, batch_syn=4, generator=torch.Generator().manual_seed(9))  # noqa: E731
     assert_same_grads(grads(case, "constant", **gen_kw()), grads(case, "loop", **gen_kw()), 1e-10, "generator")
 
@@ -298,3 +301,17 @@ def test_process_group_gives_the_one_process_gradient(world):
     assert set(res) == set(DIST_CASES) | {"rng_disagreement", "train_batchnorm"}
     for name, per_rank in res.items():
         assert per_rank == ["ok"] * world, f"{name}: {per_rank}"
+
+
+def test_docs_trajectory_blocks_run():
+    """docs/trajectory.md's ```python examples run as written."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "trajectory.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    ns: dict = {}
+    for code in blocks:
+        exec(compile(code, str(doc), "exec"), ns)
+    assert ns["image_syn"].grad is not None and ns["syn_lr"].grad is not None
