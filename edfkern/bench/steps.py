@@ -71,6 +71,7 @@ from edfkern import baselines
 from edfkern.cam import CAMExtractor
 from edfkern.optim import DAESGD
 
+from . import args as args_
 from . import memory
 from .step_models import FlatStudent, conv_costs, flat_params, seeded_convnet
 
@@ -530,110 +531,49 @@ class Watchdog:
         self._t.join()
 
 
-def available_bytes() -> Optional[int]:
-    """``MemAvailable`` of /proc/meminfo, or None."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 # ----------------------------------------------------------------------------- command line
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad input: one line on stderr naming the argument, exit code 2."""
-
-    def error(self, message: str):  # noqa: D401 - argparse's hook
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _fail(parser: argparse.ArgumentParser, msg: str):
-    parser.error(msg)
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = StepParams()
-    p = _Parser(prog="python -m edfkern.bench --step", description=__doc__,
+    p = args_.Parser(prog="python -m edfkern.bench --step", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", required=True, help=f"the iteration to profile: {', '.join(STEPS)}")
     p.add_argument("--sweep", default="ipc=" + ",".join(map(str, DEFAULT_SWEEP)), metavar="ipc=V1,V2,...",
                    help="images per class to run: the only key is ipc (default %(default)s; e.g. "
                         "ipc=10,50,100,500,1000)")
-    p.add_argument("--budget-mb", type=float, default=6144.0,
+    p.add_argument("--budget-mb", type=args_.positive_float(unit="MB"), default=6144.0,
                    help="memory budget: IPCs whose estimated peak passes it are skipped, a child passing it "
                         "(plus the runtime's own resident set) is killed, and the table names the largest IPC "
                         "within it (default 6144)")
-    p.add_argument("--repeat", type=int, default=3, help="timed iterations per point, after the warm-up and the "
+    p.add_argument("--repeat", type=args_.int_in(1), default=3, help="timed iterations per point, after the warm-up and the "
                                                          "memory-measured one (default 3); the median is reported")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per child before it is killed; a point "
+    p.add_argument("--timeout", type=args_.positive_float(args_.TIMEOUT_MAX_S, "seconds"), default=600.0, help="seconds per child before it is killed; a point "
                                                                "whose estimated time passes it is skipped (600)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads in each child")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=args_.threads, help="torch.set_num_threads in each child (at most 4x the "
+                                                        "logical CPUs)")
     p.add_argument("--json", metavar="PATH", help="write every result and the run's metadata as JSON")
     p.add_argument("--plot", metavar="PATH.png", help="time and peak memory against IPC (needs matplotlib)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=args_.SEED, default=0, help="0 .. 2**32-1 (default 0)")
     p.add_argument("--versions", default="loop,edfkern", help="comma-separated subset of loop,edfkern")
     g = p.add_argument_group("shapes and hyper-parameters")
-    g.add_argument("--width", type=int, default=d.width, help="ConvNet width (default %(default)s)")
-    g.add_argument("--real-per-class", type=int, default=d.real_per_class, help="DM real batch per class (%(default)s)")
+    g.add_argument("--width", type=args_.int_in(1), default=d.width, help="ConvNet width (default %(default)s)")
+    g.add_argument("--real-per-class", type=args_.int_in(1), default=d.real_per_class, help="DM real batch per class (%(default)s)")
     g.add_argument("--dm-forward", choices=("batched", "per-class"), default="batched",
                    help="DM edfkern version: embed the synthetic set in one forward (INTEGRATION.md) or class by "
                         "class as the loop does (default %(default)s)")
-    g.add_argument("--syn-steps", type=int, default=d.syn_steps, help="MTT unrolled student steps (%(default)s)")
-    g.add_argument("--batch-syn", type=int, default=d.batch_syn,
+    g.add_argument("--syn-steps", type=args_.int_in(1), default=d.syn_steps, help="MTT unrolled student steps (%(default)s)")
+    g.add_argument("--batch-syn", type=args_.int_in(1), default=d.batch_syn,
                    help="MTT synthetic images per student step (%(default)s)")
-    g.add_argument("--interval", type=int, default=d.interval, help="EDF CAM refresh interval (%(default)s)")
-    g.add_argument("--cam-width", type=int, default=d.cam_width, help="width of the CAM ConvNet (%(default)s)")
-    g.add_argument("--cam-batch", type=int, default=d.cam_batch,
+    g.add_argument("--interval", type=args_.int_in(1), default=d.interval, help="EDF CAM refresh interval (%(default)s)")
+    g.add_argument("--cam-width", type=args_.int_in(1), default=d.cam_width, help="width of the CAM ConvNet (%(default)s)")
+    g.add_argument("--cam-batch", type=args_.int_in(1), default=d.cam_batch,
                    help="CAMExtractor batch_size: rows per noisy pass (%(default)s)")
     return p
 
 
-def parse_sweep(parser: argparse.ArgumentParser, s: str) -> list[int]:
-    """``ipc=V1,V2,...`` -> the IPCs; anything else is a one-line ``--sweep`` error (exit 2)."""
-    key, sep, vals = s.partition("=")
-    if not sep or key.strip() != "ipc":
-        _fail(parser, f"argument --sweep: the only sweep key is 'ipc' (ipc=V1,V2,...), got {s!r}")
-    out = []
-    for v in vals.split(","):
-        v = v.strip()
-        try:
-            out.append(int(v))
-        except ValueError:
-            _fail(parser, f"argument --sweep: IPC values must be integers, got {v!r}")
-    if not out:
-        _fail(parser, "argument --sweep: give at least one IPC, e.g. ipc=10,50")
-    bad = [v for v in out if v < 1]
-    if bad:
-        _fail(parser, f"argument --sweep: IPC values must be positive, got {bad}")
-    return sorted(set(out))
-
-
-def _device(parser, arg: str) -> str:
-    if arg == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if arg.startswith("cuda") and not torch.cuda.is_available():
-        _fail(parser, "argument --device: cuda, but torch sees no CUDA device")
-    if arg != "cpu" and not arg.startswith("cuda"):
-        _fail(parser, f"argument --device: must be auto, cpu or cuda, got {arg!r}")
-    return arg
-
-
-def _params(parser, args) -> StepParams:
-    for name in ("width", "real_per_class", "syn_steps", "batch_syn", "interval", "cam_width", "cam_batch",
-                 "repeat"):
-        v = getattr(args, name)
-        if v < 1:
-            _fail(parser, f"argument --{name.replace('_', '-')}: must be >= 1, got {v}")
-    if args.timeout <= 0:
-        _fail(parser, f"argument --timeout: must be > 0, got {args.timeout:g}")
-    if not args.budget_mb > 0:
-        _fail(parser, f"argument --budget-mb: must be > 0, got {args.budget_mb:g}")
+def _params(args) -> StepParams:
     return replace(StepParams(), width=args.width, real_per_class=args.real_per_class, syn_steps=args.syn_steps,
                    batch_syn=args.batch_syn, interval=args.interval, cam_width=args.cam_width,
                    cam_batch=args.cam_batch, dm_batched_forward=args.dm_forward == "batched")
@@ -820,30 +760,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.step not in STEPS:
-        _fail(parser, f"argument --step: unknown step {args.step!r}; expected one of {', '.join(STEPS)}")
-    sweep = parse_sweep(parser, args.sweep)
-    p = _params(parser, args)
-    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
-    if not versions or any(v not in VERSIONS for v in versions):
-        _fail(parser, f"argument --versions: expected a subset of {','.join(VERSIONS)}, got {args.versions!r}")
+        args_.fail(parser, "--step", f"unknown step {args.step!r}; expected one of {', '.join(STEPS)}")
+    device = args_.device(parser, args.device)
+    _, sweep = args_.sweep(parser, args.sweep, ("ipc",))
+    p = _params(args)
+    versions = args_.names(parser, "--versions", args.versions, VERSIONS)
     budget = args.budget_mb * MB
     need = input_bytes(args.step, sweep[0], p)
     if need > budget:
-        _fail(parser, f"argument --budget-mb: {args.budget_mb:g} MB is less than the inputs alone at IPC {sweep[0]} "
-                      f"({need / MB:.0f} MB: synthetic images, their gradient and momentum buffer, "
-                      + ("the real batch)" if args.step == "dm-iid" else "the expert's start and target params)"))
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            _fail(parser, "argument --plot: needs matplotlib, which is not installed (pip install matplotlib)")
-    device = _device(parser, args.device)
+        args_.fail(parser, "--budget-mb", f"{args.budget_mb:g} MB is less than the inputs alone at IPC {sweep[0]} "
+                   f"({need / MB:.0f} MB: synthetic images, their gradient and momentum buffer, "
+                   + ("the real batch)" if args.step == "dm-iid" else "the expert's start and target params)"))
+    if args.json is not None:
+        args_.output_path(parser, "--json", args.json)
+    if args.plot is not None:
+        args_.plot_path(parser, args.plot, other=args.json)
     t_start = time.perf_counter()
 
     from .ceilings import measure_ceilings
     ceil = measure_ceilings(device, quick=True)
     conv_rate = 0.4 * ceil.matmul_flops  # convolutions reach about this fraction of the matmul rate (CPU, measured)
-    avail = available_bytes()
+    avail = memory.available_bytes()
     print(f"step {args.step} on {device}; torch {torch.__version__}, edfkern {edfkern.__version__}, "
           f"torch threads {args.threads or torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} on "
           f"{os.cpu_count()} CPUs" + (" (shared machine: expect noisy times)"
@@ -942,10 +879,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     wall = time.perf_counter() - t_start
     print(f"wall time {wall:.1f} s; load average at end {os.getloadavg()[0]:.2f}")
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    failed_write = False
     if args.plot:
-        plot(args.plot, args.step, results, budget,
-             title=f"edfkern.bench --step {args.step}: loop vs edfkern, {device} ({dev_name})")
-        print(f"plot written to {args.plot}")
+        try:
+            plot(args.plot, args.step, results, budget,
+                 title=f"edfkern.bench --step {args.step}: loop vs edfkern, {device} ({dev_name})")
+            print(f"plot written to {args.plot}")
+        except OSError as e:  # checked writable before the run; the disk can still fill up since
+            print(f"{parser.prog}: error: --plot {args.plot!r} not written: {e}", file=sys.stderr)
+            failed_write = True
     if args.json:
         meta = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     command=" ".join(["python -m edfkern.bench", *(argv if argv is not None else sys.argv[1:])]),
@@ -955,7 +897,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     kill_limit_bytes=limit, available_bytes=avail, matmul_flops=ceil.matmul_flops,
                     notes=notes, wall_s=wall, threads=args.threads or torch.get_num_threads(),
                     loadavg_end=os.getloadavg()[0])
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "results": results}, fh, indent=1, default=str)
-        print(f"JSON written to {args.json}")
-    return 0 if not any(r["status"] == "error" for r in results) else 1
+        try:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": meta, "results": results}, fh, indent=1, default=str)
+            print(f"JSON written to {args.json}")
+        except OSError as e:
+            print(f"{parser.prog}: error: --json {args.json!r} not written: {e}", file=sys.stderr)
+            failed_write = True
+    return 0 if not failed_write and not any(r["status"] == "error" for r in results) else 1
