@@ -268,3 +268,44 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: GroupsArgArg, r
     for i_s, i_r in zip(_members(syn_groups, s.shape[0], num_groups), _members(real_groups, r.shape[0], num_groups)):
         loss = loss + ((r[i_r].mean(0) - s[i_s].mean(0)) ** 2).sum()
     return weight * loss
+
+
+# ----------------------------------------------------------------------------- trajectory matching (MTT / DATM / EDF)
+
+
+def trajectory_matching_loop(forward, images: Tensor, labels: Tensor, start: Tensor, target: Tensor, syn_lr: Tensor, *,
+                             syn_steps: int, batch_syn: int, batches: Optional[list[Tensor]] = None, augment=None,
+                             generator: Optional[torch.Generator] = None, loss_fn=None,
+                             drop_ratio: float = 0.0) -> Tensor:
+    """The authors' unrolled student (MTT's ``distill.py``, DATM's and EDF's ``edf_distill.py`` inner loop).
+
+    Every step keeps its graph (``create_graph=True``), so ``.backward()`` of the result reaches
+    ``images``, ``labels`` (soft labels) and ``syn_lr`` through all ``syn_steps`` updates. Without
+    ``batches``, minibatches are drawn as the authors do: a ``randperm`` of the N images split into
+    chunks of ``batch_syn``, taken from the end of the list (``indices_chunks.pop()``) and refilled
+    when empty; the permutation is drawn just before the step that needs it (from ``generator``, or
+    torch's default CPU generator as in the released code), before that step's augmentation.
+    ``loss_fn(logits, labels[b])`` defaults to ``F.cross_entropy`` (DATM/EDF's ``criterion``; float
+    ``(N, K)`` labels are class probabilities there). The loss at the end is CPD's
+    (:func:`cpd_trajectory_loss`; ``drop_ratio=0`` is MTT's ``param_loss / param_dist``).
+    """
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    student_params = [start.detach().reshape(-1).clone().requires_grad_(True)]
+    indices_chunks: list[Tensor] = []
+    for step in range(syn_steps):
+        if batches is not None:
+            these_indices = batches[step]
+        else:
+            if not indices_chunks:
+                indices = torch.randperm(len(images), generator=generator)
+                indices_chunks = list(torch.split(indices, batch_syn))
+            these_indices = indices_chunks.pop()
+        x = images[these_indices]
+        this_y = labels[these_indices]
+        if augment is not None:
+            x = augment(x)
+        out = forward(student_params[-1], x)
+        ce_loss = loss_fn(out, this_y)
+        grad = torch.autograd.grad(ce_loss, student_params[-1], create_graph=True)[0]
+        student_params.append(student_params[-1] - syn_lr * grad)
+    return cpd_trajectory_loss(student_params[-1], target.reshape(-1), start.reshape(-1), drop_ratio=drop_ratio)
