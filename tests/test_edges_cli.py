@@ -142,6 +142,10 @@ SWEEP = [
     (S + ["--sweep", "ipc=0"], "--sweep"),
     (S + ["--sweep", "ipc=x"], "--sweep"),
     (S + ["--sweep", "ipc=2,,4"], "--sweep"),
+    (S + ["--sweep", "syn_steps=10,0"], "--sweep"),
+    (["--step", "dm-iid", "--sweep", "syn_steps=10"], "--sweep"),
+    (S + ["--sweep", "ipc=1,2", "--ipc", "3"], "--ipc"),
+    (S + ["--sweep", "syn_steps=10", "--syn-steps", "5"], "--syn-steps"),
 ]
 
 NUMBERS = [
@@ -166,6 +170,7 @@ NUMBERS = [
     (M + ["--seed", "-1"], "--seed"),
     (M + ["--seed", str(2 ** 70)], "--seed"),
     (S + ["--repeat", "0"], "--repeat"),
+    (S + ["--sweep", "syn_steps=10", "--ipc", "0"], "--ipc"),
     (S + ["--timeout", "0"], "--timeout"),
     (S + ["--timeout", "nan"], "--timeout"),
     (S + ["--timeout", "inf"], "--timeout"),
@@ -219,6 +224,7 @@ CONTROLS = [
     (M + ["--json", "r.json"], None),                # a bare name: the current directory
     (S + ["--sweep", "ipc=1,2", "--json", "{tmp}/t.json", "--plot", "{tmp}/t.png"], None),
     (["--step=dm-iid", "--repeat", "1", "--threads", "1", "--timeout", "5"], None),
+    (S + ["--sweep", "syn_steps=10,20", "--ipc", "1", "--versions", "constant,loop"], None),
 ]
 
 CLASSES = {"unknown or empty names": NAMES, "--sweep": SWEEP, "numbers out of range": NUMBERS,

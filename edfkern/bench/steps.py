@@ -4,7 +4,8 @@ The per-op tables of ``python -m edfkern.bench`` say how much faster each op is.
 the user's question one level up: how much faster, and how much leaner, is a *whole* distillation
 iteration at large IPC, and which share of it can edfkern speed up at all?
 
-Each step is written twice, with the same data, the same network and the same random numbers:
+Each step is written in two (MTT: three) versions, with the same data, the same network and the same
+random numbers:
 
 ``loop``
     the authors' structure, built from :mod:`edfkern.baselines`: per-class forward passes and
@@ -13,6 +14,10 @@ Each step is written twice, with the same data, the same network and the same ra
 ``edfkern``
     the drop-in version (INTEGRATION.md): one batched forward, the public edfkern losses,
     ``edfkern.cpd_trajectory_loss``, :class:`edfkern.optim.DAESGD` and :class:`edfkern.cam.CAMExtractor`.
+``constant`` (``mtt-edf`` only)
+    ``edfkern`` with the unrolled student replaced by :func:`edfkern.trajectory_matching_loss` on the
+    same minibatches (forward sweep without graphs, then the reverse sweep: constant activation memory);
+    its parts come from :func:`edfkern.trajectory.last_call_profile`.
 
 Steps (cifar10 shapes of docs/benchmarks.md: K = 10 classes, 3x32x32 images)
 
@@ -34,10 +39,12 @@ Steps (cifar10 shapes of docs/benchmarks.md: K = 10 classes, 3x32x32 images)
     ResNet-18 at ``layer4``): a ConvNet of width ``--cam-width`` (default 32, so a refresh at
     IPC 1000 fits a CPU run), maps at its last block (4x4).
 
-Memory: every (step, version, IPC) runs in a fresh child process (:func:`edfkern.bench.memory.run_isolated`):
+Sweep axis: ``--sweep ipc=...`` (images per class), or ``--sweep syn_steps=...`` at ``--ipc`` (MTT only).
+
+Memory: every (step, version, point) runs in a fresh child process (:func:`edfkern.bench.memory.run_isolated`):
 a tiny warm-up iteration, then one iteration (with the CAM refresh for MTT) under
 :func:`edfkern.bench.memory.measure_call` (``VmHWM`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
-Time: one more fresh child per IPC steps both versions in lockstep (as the demos do, so a load change
+Time: one more fresh child per point steps every version in lockstep (as the demos do, so a load change
 on a shared machine hits both alike): one untimed full-size iteration each, then ``--repeat`` timed
 rounds; the median is reported. MTT's refresh time is the one timed in each version's memory child.
 Before a child starts, its peak is estimated from the shapes (the activations autograd keeps, see
