@@ -108,9 +108,12 @@ def test_cli_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
     from edfkern.bench import cli
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)
     with pytest.raises(SystemExit) as e:
         cli.main(["--sweep", "ipc=2,4", "--plot", "x.png", "--device", "cpu"])
-    assert "matplotlib" in str(e.value) and "pip install" in str(e.value)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "argument --plot" in err and "matplotlib" in err and "pip install" in err, err
 
 
 def test_cases_cover_every_op_and_mode():

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from edfkern.bench.step_models import ConvNet, conv_costs
-from edfkern.bench.steps import (STEPS, Parts, StepParams, estimate_peak_bytes, input_bytes, largest_fit, main,
-                                 make_step)
+from edfkern.bench import steps as steps_mod
+from edfkern.bench.steps import (STEP_VERSIONS, STEPS, Parts, StepParams, estimate_peak_bytes, input_bytes,
+                                 largest_fit, main, make_step)
 
 from _utils import assert_fp_rule
 
@@ -54,6 +55,56 @@ def test_loop_and_edfkern_steps_make_the_same_update(step):
         assert fused.syn_lr.item() == pytest.approx(loop32.syn_lr.item(), rel=1e-6)
 
 
+def test_constant_version_makes_the_unrolled_update():
+    """mtt-edf ``constant`` (edfkern.trajectory_matching_loss on the same batches) moves the images and the lr as
+    the unrolled student does: float64 against the float64 edfkern version (same DAE optimizer) to 1e-10
+    relative, float32 within the package's rule of the float64 loop oracle; its parts add up."""
+    T = replace(TINY, width=8, cam_width=4, cam_batch=8, batch_syn=4, syn_steps=3)
+    ed64, ed_up = _one_iteration("mtt-edf", "edfkern", torch.float64, ipc=2, params=T)
+    c64, c_up = _one_iteration("mtt-edf", "constant", torch.float64, ipc=2, params=T)
+    assert (c_up - ed_up).abs().max() <= 1e-10 * ed_up.abs().max()
+    assert c64.syn_lr.item() == pytest.approx(ed64.syn_lr.item(), rel=1e-12)
+    assert c64.loss == pytest.approx(ed64.loss, rel=1e-12)
+    _, oracle = _one_iteration("mtt-edf", "loop", torch.float64, ipc=2, params=T)
+    _, plain = _one_iteration("mtt-edf", "loop", torch.float32, ipc=2, params=T)
+    _, actual = _one_iteration("mtt-edf", "constant", torch.float32, ipc=2, params=T)
+    assert_fp_rule(actual, oracle, plain, name="mtt-edf constant image update")
+    s = make_step("mtt-edf", "constant", 2, T, seed=5, given_noise=True)
+    s.prepare(0)
+    s.refresh(Parts("cpu"))
+    t = Parts("cpu")
+    s.iteration(t)
+    assert set(t.s) <= set(s.PARTS) and t.s["reverse sweep: vjp (net double backward)"] > 0
+    with pytest.raises(ValueError, match="version must be one of"):
+        make_step("dm-iid", "constant", 2, TINY)
+
+
+def test_syn_steps_sweep_runs_every_version_and_plots(tmp_path, monkeypatch):
+    """--sweep syn_steps=1,3 at a fixed --ipc: every (syn_steps, version) measured, the syn_steps recorded, the
+    constant version's breakdown printed, the plot written. Children run in this process (tiny sizes)."""
+    monkeypatch.setattr(steps_mod.memory, "run_isolated", lambda fn, task, timeout: fn(task))
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    try:
+        import matplotlib  # noqa: F401
+        plot = ["--plot", str(png)]
+    except ImportError:
+        plot = []
+    rc = main(["--step", "mtt-edf", "--sweep", "syn_steps=1,3", "--ipc", "1", "--width", "8", "--batch-syn", "4",
+               "--cam-width", "4", "--cam-batch", "8", "--repeat", "1", "--threads", "1", "--json", str(out), *plot])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["sweep_axis"] == "syn_steps" and data["meta"]["sweep"] == [1, 3]
+    res = data["results"]
+    assert {(r["syn_steps"], r["version"]) for r in res if r["status"] == "ok"} == \
+        {(k, v) for k in (1, 3) for v in STEP_VERSIONS["mtt-edf"]}
+    assert all(r["ipc"] == 1 and r["x"] == r["syn_steps"] and r["peak_bytes"] > 0 for r in res)
+    est = {(r["syn_steps"], r["version"]): r["estimate_bytes"] for r in res}
+    # the estimate: the loop grows by a step's graph per step, the constant op by a parameter vector per step
+    assert est[(3, "loop")] - est[(1, "loop")] > 4 * (est[(3, "constant")] - est[(1, "constant")]) > 0
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cam_noise_from_the_generator_is_the_same_in_both_versions():
     """Without given noise, the loop and CAMExtractor draw the same noise from their generators."""
     cams = []
@@ -69,7 +120,7 @@ def test_cost_model_counts_the_convnet():
     assert sum(p.numel() for p in net.parameters()) == conv_costs().params == 320_010
     # estimates grow with IPC and never undercut the inputs
     for step in STEPS:
-        for v in ("loop", "edfkern"):
+        for v in STEP_VERSIONS[step]:
             a, b = estimate_peak_bytes(step, v, 10, StepParams()), estimate_peak_bytes(step, v, 100, StepParams())
             assert input_bytes(step, 10, StepParams()) < a < b
 
@@ -94,6 +145,13 @@ def test_largest_fit_says_when_it_extrapolates():
     (["--step", "mtt-edf", "--budget-mb", "1"], "argument --budget-mb"),
     (["--step", "dm-iid", "--sweep", "ipc=100", "--budget-mb", "50"], "argument --budget-mb"),
     (["--step", "dm-iid", "--repeat", "0"], "argument --repeat"),
+    (["--step", "dm-iid", "--sweep", "syn_steps=10,20"], "argument --sweep"),
+    (["--step", "mtt-edf", "--sweep", "syn_steps=10,0"], "argument --sweep"),
+    (["--step", "mtt-edf", "--sweep", "steps=10"], "argument --sweep"),
+    (["--step", "mtt-edf", "--sweep", "syn_steps=10,20", "--syn-steps", "5"], "argument --syn-steps"),
+    (["--step", "mtt-edf", "--sweep", "ipc=1,2", "--ipc", "5"], "argument --ipc"),
+    (["--step", "mtt-edf", "--sweep", "syn_steps=10", "--ipc", "0"], "argument --ipc"),
+    (["--step", "dm-iid", "--versions", "constant"], "argument --versions"),
 ])
 def test_cli_refuses_bad_input(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,9 +23,10 @@ import torch
 import edfkern
 
 from . import memory, report
+from . import args as args_
 from .cases import OPS, default_provider, fit_scale, input_bytes, main_mode, op_modes, providers, skip_reason
 from .ceilings import Ceilings, measure_at_sizes, measure_ceilings, settle
-from .configs import CONFIGS, DEFAULT_CONFIG, get_config
+from .configs import CONFIGS, DEFAULT_CONFIG, Config, get_config
 from .runner import run_task
 
 TRITON_CPU_NOTE = ("on CPU, Triton kernels run only under TRITON_INTERPRET=1, a Python interpreter of the "
@@ -32,27 +34,25 @@ TRITON_CPU_NOTE = ("on CPU, Triton kernels run only under TRITON_INTERPRET=1, a 
                    "timing (name it in --providers, with TRITON_INTERPRET=1 set, to time it anyway)")
 
 
-def _csv(s: Optional[str]) -> Optional[list[str]]:
-    return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edfkern.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = args_.Parser(prog="python -m edfkern.bench", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, choices=list(CONFIGS), help="docs/benchmarks.md config")
     p.add_argument("--ops", help=f"comma-separated subset of: {', '.join(OPS)}")
     p.add_argument("--providers", help="comma-separated subset of baseline, the backends and compiled "
                                         "(default: all that run)")
     p.add_argument("--modes", help="comma-separated subset of fwd,bwd,full (default fwd,full, which keeps the "
                                    "CPU run short; a sweep: full, or fwd for ops without backward)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--json", metavar="PATH", help="write every result and the run's metadata as JSON")
-    p.add_argument("--repeat", type=int, help="timed calls per case (default: as many as fit --budget, 3..50)")
-    p.add_argument("--budget", type=float, default=0.5, help="seconds of timed calls per case when --repeat "
-                                                             "is not given (default 0.5)")
-    p.add_argument("--scale", type=float, help="multiply IPC, real rows per class and CPD's P by this for every "
-                                               "op (default on CPU: per op, to fit --max-input-mb)")
-    p.add_argument("--max-input-mb", type=float, default=600.0,
+    p.add_argument("--repeat", type=args_.int_in(1), help="timed calls per case (default: as many as fit --budget, "
+                                                         "3..50)")
+    p.add_argument("--budget", type=args_.positive_float(unit="seconds"), default=0.5,
+                   help="seconds of timed calls per case when --repeat is not given (default 0.5)")
+    p.add_argument("--scale", type=args_.positive_float(), help="multiply IPC, real rows per class and CPD's P by "
+                                                              "this for every op (default on CPU: per op, to fit "
+                                                              "--max-input-mb)")
+    p.add_argument("--max-input-mb", type=args_.positive_float(unit="MB"), default=600.0,
                    help="CPU auto-scaling: largest input set per case at full size (default 600)")
     p.add_argument("--sweep", metavar="ipc=V1,V2,...", help="run every case at each IPC, e.g. ipc=10,50,100,500,1000")
     p.add_argument("--plot", metavar="PATH.png", help="with --sweep: plot time and workspace against IPC "
@@ -61,20 +61,120 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-isolate", action="store_true",
                    help="run cases in this process (CPU workspace is then only approximate)")
     p.add_argument("--quick", action="store_true", help="small ceiling measurement (for smoke tests)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads in each case (default: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per case before it is killed")
+    p.add_argument("--threads", type=args_.threads, help="torch.set_num_threads in each case (default: torch's "
+                                                        "default; at most 4x the logical CPUs)")
+    p.add_argument("--seed", type=args_.SEED, default=0, help="0 .. 2**32-1 (default 0)")
+    p.add_argument("--timeout", type=args_.positive_float(args_.TIMEOUT_MAX_S, "seconds"), default=900.0,
+                   help="seconds per case before it is killed (default 900)")
     return p
 
 
-def _device(arg: str) -> str:
-    if arg == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if arg.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
-    if arg not in ("cpu",) and not arg.startswith("cuda"):
-        raise SystemExit(f"error: --device must be auto, cpu or cuda, got {arg!r}")
-    return arg
+@dataclass
+class Plan:
+    """Everything the run needs, checked: built by :func:`plan` before any work."""
+
+    device: str
+    dev_type: str
+    cfg0: Config
+    ops: list[str]
+    sweep: Optional[list[int]]
+    modes_req: Optional[list[str]]
+    chosen: list[str]
+    skipped: dict[str, str]
+    dflt: dict[str, Optional[str]]
+    tasks: list[dict] = field(default_factory=list)
+    scale_notes: list[str] = field(default_factory=list)
+
+
+def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
+    """Check every argument, output paths included, and list the cases; a bad argument exits 2 (one line)."""
+    device = args_.device(parser, args.device)
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    cfg0 = get_config(args.config)
+    ops = args_.names(parser, "--ops", args.ops, OPS) if args.ops is not None else list(OPS)
+    modes_req = args_.names(parser, "--modes", args.modes, ("fwd", "bwd", "full")) if args.modes is not None else None
+    sweep = args_.sweep(parser, args.sweep, ("ipc",))[1] if args.sweep is not None else None
+    if args.plot is not None and not sweep:
+        args_.fail(parser, "--plot", "needs --sweep ipc=...")
+    if args.json is not None:
+        args_.output_path(parser, "--json", args.json)
+    if args.plot is not None:
+        args_.plot_path(parser, args.plot, other=args.json)
+
+    # --- providers: baseline + every backend + compiled; unavailable ones skipped with the reason
+    known = ["baseline", *edfkern.backends(), "compiled"]
+    requested = args_.names(parser, "--providers", args.providers, known) if args.providers is not None else None
+    avail = providers(dev_type, probe_compiled=not requested or "compiled" in requested)
+    chosen, skipped = [], {}
+    for name, why in avail.items():
+        if requested and name not in requested:
+            continue
+        if why is not None:
+            skipped[name] = why
+        elif name == "triton" and dev_type == "cpu" and not requested:
+            skipped[name] = TRITON_CPU_NOTE
+        else:
+            chosen.append(name)
+    if not chosen:
+        args_.fail(parser, "--providers", "none of them can run here: "
+                   + "; ".join(f"{n}: {w}" for n, w in skipped.items()))
+    dflt = {op: (p if (p := default_provider(op, dev_type)) in chosen else None) for op in ops}
+    out = Plan(device, dev_type, cfg0, ops, sweep, modes_req, chosen, skipped, dflt)
+
+    # --- the cases, and whether their inputs alone fit the device's memory
+    points = sweep or [None]
+    biggest, big_case = 0, ""
+    for ipc in points:
+        cfg = cfg0.with_ipc(ipc) if ipc is not None else cfg0
+        for op in ops:
+            why = skip_reason(op, cfg)
+            if why:
+                if ipc == points[0]:
+                    out.scale_notes.append(f"skipped op {op} at {cfg.name}: {why}")
+                continue
+            if args.scale is not None:
+                scale = args.scale
+            elif dev_type == "cpu" and sweep is None:
+                scale = fit_scale(op, cfg, args.max_input_mb * 2 ** 20)
+                if scale != 1.0:
+                    scaled = cfg.scaled(scale)
+                    out.scale_notes.append(
+                        f"scaled {op} x{scale:g} on CPU: IPC {cfg.ipc} -> {scaled.ipc} (full-size inputs are "
+                        f"{report.fmt_bytes(input_bytes(op, cfg))} > --max-input-mb {args.max_input_mb:g}; the loop "
+                        f"baseline and input generation would dominate the run). --scale 1 runs the full size.")
+            else:
+                scale = 1.0
+            wanted = modes_req or (["fwd", "full"] if sweep is None else [main_mode(op)])
+            modes = [m for m in op_modes(op) if m in wanted]
+            if not modes:  # e.g. --modes bwd for an op with no backward: say so rather than run another mode
+                out.scale_notes.append(f"skipped {op}: it has no mode among {sorted(wanted)} (its modes: "
+                                       f"{op_modes(op)})")
+                continue
+            need = input_bytes(op, cfg.scaled(scale))
+            if need > biggest:
+                biggest, big_case = need, f"{op} at IPC {cfg.scaled(scale).ipc}"
+            for mode in modes:
+                for prov in chosen:
+                    out.tasks.append(dict(op=op, provider=prov, mode=mode, config=cfg0.name, ipc=ipc, scale=scale,
+                                          device=device, seed=args.seed, repeat=args.repeat, budget_s=args.budget,
+                                          memory=not args.no_memory, threads=args.threads))
+    if not out.tasks:
+        args_.fail(parser, "--ops", f"no case to run: {'; '.join(out.scale_notes)}")
+    room = _device_memory(device)
+    if room is not None and biggest > room:
+        arg = ("--sweep" if sweep else "--scale" if args.scale is not None
+               else "--max-input-mb" if dev_type == "cpu" else "--config")
+        args_.fail(parser, arg, f"the inputs of {big_case} alone need {report.fmt_bytes(biggest)}, more than the "
+                                f"{report.fmt_bytes(room)} of memory {dev_type} has "
+                                + ("available" if dev_type == "cpu" else "in total"))
+    return out
+
+
+def _device_memory(device: str) -> Optional[int]:
+    """Bytes a case's inputs can use: available RAM on CPU, the GPU's total memory on CUDA (None: unknown)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return memory.available_bytes()
 
 
 def _cpu_model() -> str:
@@ -142,60 +242,13 @@ def _ceiling_line(ceil: Ceilings, what: str) -> str:
             f"{ceil.matmul_flops / 1e9:.1f} GFLOP/s (n={ceil.matmul_n}, TF32 off)")
 
 
-def _parse_sweep(s: str) -> list[int]:
-    key, _, vals = s.partition("=")
-    if key.strip() != "ipc" or not vals:
-        raise SystemExit(f"error: --sweep takes ipc=V1,V2,..., got {s!r}")
-    try:
-        out = [int(v) for v in vals.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --sweep values must be integers, got {vals!r}") from None
-    if not out or min(out) < 1:
-        raise SystemExit("error: --sweep needs IPC values >= 1")
-    return out
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    pl = plan(parser, args)  # every check; exits 2 with one line on bad input, before any work
     t_start = time.perf_counter()
-    device = _device(args.device)
-    dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    cfg0 = get_config(args.config)
-    ops = _csv(args.ops) or list(OPS)
-    bad = [o for o in ops if o not in OPS]
-    if bad:
-        raise SystemExit(f"error: unknown op(s) {bad}; expected some of {list(OPS)}")
-    sweep = _parse_sweep(args.sweep) if args.sweep else None
-    if args.plot and not sweep:
-        raise SystemExit("error: --plot needs --sweep ipc=...")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: --plot needs matplotlib, which is not installed: pip install matplotlib "
-                             "(or pip install 'edfkern[bench]')") from None
-    modes_req = _csv(args.modes)
-    if modes_req and any(m not in ("fwd", "bwd", "full") for m in modes_req):
-        raise SystemExit(f"error: --modes takes fwd, bwd, full; got {modes_req}")
-
-    # --- providers: baseline + every backend + compiled; unavailable ones skipped with the reason
-    requested = _csv(args.providers)
-    avail = providers(dev_type, probe_compiled=not requested or "compiled" in requested)
-    if requested:
-        unknown = [p for p in requested if p not in avail]
-        if unknown:
-            raise SystemExit(f"error: unknown provider(s) {unknown}; known: {list(avail)}")
-    chosen, skipped = [], {}
-    for name, why in avail.items():
-        if requested and name not in requested:
-            continue
-        if why is not None:
-            skipped[name] = why
-        elif name == "triton" and dev_type == "cpu" and not requested:
-            skipped[name] = TRITON_CPU_NOTE
-        else:
-            chosen.append(name)
-    dflt = {op: (p if (p := default_provider(op, dev_type)) in chosen else None) for op in ops}
+    device, dev_type, cfg0, ops, sweep, modes_req = pl.device, pl.dev_type, pl.cfg0, pl.ops, pl.sweep, pl.modes_req
+    chosen, skipped, dflt, tasks, scale_notes = pl.chosen, pl.skipped, pl.dflt, pl.tasks, pl.scale_notes
 
     notes = [f"device: {dev_type} = {_device_name(device)}",
              f"torch {torch.__version__}, edfkern {edfkern.__version__}"]
@@ -224,39 +277,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ceil_start = measure_ceilings(device, quick=args.quick)
     print_fn([_ceiling_line(ceil_start, " at start")])
 
-    # --- the cases
-    tasks, scale_notes = [], []
-    points = sweep or [None]
-    for ipc in points:
-        cfg = cfg0.with_ipc(ipc) if ipc is not None else cfg0
-        for op in ops:
-            why = skip_reason(op, cfg)
-            if why:
-                if ipc == points[0]:
-                    scale_notes.append(f"skipped op {op} at {cfg.name}: {why}")
-                continue
-            if args.scale is not None:
-                scale = args.scale
-            elif dev_type == "cpu" and sweep is None:
-                scale = fit_scale(op, cfg, args.max_input_mb * 2 ** 20)
-                if scale != 1.0:
-                    scaled = cfg.scaled(scale)
-                    scale_notes.append(
-                        f"scaled {op} x{scale:g} on CPU: IPC {cfg.ipc} -> {scaled.ipc} (full-size inputs are "
-                        f"{report.fmt_bytes(input_bytes(op, cfg))} > --max-input-mb {args.max_input_mb:g}; the loop "
-                        f"baseline and input generation would dominate the run). --scale 1 runs the full size.")
-            else:
-                scale = 1.0
-            wanted = modes_req or (["fwd", "full"] if sweep is None else [main_mode(op)])
-            modes = [m for m in op_modes(op) if m in wanted]
-            if not modes:  # e.g. --modes bwd for an op with no backward: say so rather than run another mode
-                scale_notes.append(f"skipped {op}: it has no mode among {sorted(wanted)} (its modes: {op_modes(op)})")
-                continue
-            for mode in modes:
-                for prov in chosen:
-                    tasks.append(dict(op=op, provider=prov, mode=mode, config=cfg0.name, ipc=ipc, scale=scale,
-                                      device=device, seed=args.seed, repeat=args.repeat, budget_s=args.budget,
-                                      memory=not args.no_memory, threads=args.threads))
+    # --- the cases (listed by plan())
     print_fn(scale_notes)
 
     results: list[dict] = []
@@ -314,10 +335,15 @@ def main(argv: Optional[list[str]] = None) -> int:
           "the inputs existed; achieved = the op's minimum bytes (or FLOPs, when compute-bound) over its median "
           "time, against the measured ceiling (never above 100%: see the ceiling notes).")
 
+    failed_write = False
     if args.plot:
-        report.plot_sweep(args.plot, results, title=f"edfkern.bench sweep, {cfg0.name} shapes, "
-                                                    f"{dev_type}: {_device_name(device)}")
-        print(f"plot written to {args.plot}")
+        try:
+            report.plot_sweep(args.plot, results, title=f"edfkern.bench sweep, {cfg0.name} shapes, "
+                                                        f"{dev_type}: {_device_name(device)}")
+            print(f"plot written to {args.plot}")
+        except OSError as e:  # checked writable before the run; the disk can still fill up since
+            print(f"python -m edfkern.bench: error: --plot {args.plot!r} not written: {e}", file=sys.stderr)
+            failed_write = True
     if args.json:
         meta = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     command=" ".join(["python -m edfkern.bench", *(argv if argv is not None else sys.argv[1:])]),
@@ -328,6 +354,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     ceilings_end=ceil_end.as_dict(), notes=notes + scale_notes + ceiling_notes,
                     targets=[dict(target=a, measured=b, verdict=c) for a, b, c in rows], wall_s=wall,
                     loadavg_end=load_end, threads=args.threads or torch.get_num_threads())
-        report.write_json(args.json, meta, results)
-        print(f"JSON written to {args.json}")
-    return 0 if not any(r["status"] == "error" for r in results) else 1
+        try:
+            report.write_json(args.json, meta, results)
+            print(f"JSON written to {args.json}")
+        except OSError as e:
+            print(f"python -m edfkern.bench: error: --json {args.json!r} not written: {e}", file=sys.stderr)
+            failed_write = True
+    return 0 if not failed_write and not any(r["status"] == "error" for r in results) else 1

@@ -35,7 +35,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["MemoryResult", "rss_bytes", "peak_rss_bytes", "reset_peak_rss", "trim_heap", "measure_call",
+__all__ = ["MemoryResult", "available_bytes", "rss_bytes", "peak_rss_bytes", "reset_peak_rss", "trim_heap",
+           "measure_call",
            "run_isolated"]
 
 _STATUS = "/proc/self/status"
@@ -209,3 +210,14 @@ def run_isolated(target: Callable[[Any], Any], arg: Any, *, timeout: float = 900
         raise RuntimeError(value)
     return value
 
+
+def available_bytes() -> Optional[int]:
+    """``MemAvailable`` of /proc/meminfo, or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

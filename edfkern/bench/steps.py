@@ -4,7 +4,8 @@ The per-op tables of ``python -m edfkern.bench`` say how much faster each op is.
 the user's question one level up: how much faster, and how much leaner, is a *whole* distillation
 iteration at large IPC, and which share of it can edfkern speed up at all?
 
-Each step is written twice, with the same data, the same network and the same random numbers:
+Each step is written in two (MTT: three) versions, with the same data, the same network and the same
+random numbers:
 
 ``loop``
     the authors' structure, built from :mod:`edfkern.baselines`: per-class forward passes and
@@ -13,6 +14,10 @@ Each step is written twice, with the same data, the same network and the same ra
 ``edfkern``
     the drop-in version (INTEGRATION.md): one batched forward, the public edfkern losses,
     ``edfkern.cpd_trajectory_loss``, :class:`edfkern.optim.DAESGD` and :class:`edfkern.cam.CAMExtractor`.
+``constant`` (``mtt-edf`` only)
+    ``edfkern`` with the unrolled student replaced by :func:`edfkern.trajectory_matching_loss` on the
+    same minibatches (forward sweep without graphs, then the reverse sweep: constant activation memory);
+    its parts come from :func:`edfkern.trajectory.last_call_profile`.
 
 Steps (cifar10 shapes of docs/benchmarks.md: K = 10 classes, 3x32x32 images)
 
@@ -34,10 +39,12 @@ Steps (cifar10 shapes of docs/benchmarks.md: K = 10 classes, 3x32x32 images)
     ResNet-18 at ``layer4``): a ConvNet of width ``--cam-width`` (default 32, so a refresh at
     IPC 1000 fits a CPU run), maps at its last block (4x4).
 
-Memory: every (step, version, IPC) runs in a fresh child process (:func:`edfkern.bench.memory.run_isolated`):
+Sweep axis: ``--sweep ipc=...`` (images per class), or ``--sweep syn_steps=...`` at ``--ipc`` (MTT only).
+
+Memory: every (step, version, point) runs in a fresh child process (:func:`edfkern.bench.memory.run_isolated`):
 a tiny warm-up iteration, then one iteration (with the CAM refresh for MTT) under
 :func:`edfkern.bench.memory.measure_call` (``VmHWM`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
-Time: one more fresh child per IPC steps both versions in lockstep (as the demos do, so a load change
+Time: one more fresh child per point steps every version in lockstep (as the demos do, so a load change
 on a shared machine hits both alike): one untimed full-size iteration each, then ``--repeat`` timed
 rounds; the median is reported. MTT's refresh time is the one timed in each version's memory child.
 Before a child starts, its peak is estimated from the shapes (the activations autograd keeps, see
@@ -70,15 +77,22 @@ from edfkern import baselines
 
 from edfkern.cam import CAMExtractor
 from edfkern.optim import DAESGD
+from edfkern.trajectory import last_call_profile
 
+from . import args as args_
 from . import memory
 from .step_models import FlatStudent, conv_costs, flat_params, seeded_convnet
 
-__all__ = ["STEPS", "VERSIONS", "StepParams", "DMIIDStep", "MTTEDFStep", "make_step",
+__all__ = ["STEPS", "VERSIONS", "STEP_VERSIONS", "SWEEP_KEYS", "StepParams", "DMIIDStep", "MTTEDFStep", "make_step",
            "estimate_peak_bytes", "estimate_seconds", "input_bytes", "run_step_task", "build_parser", "main"]
 
 STEPS = ("dm-iid", "mtt-edf")
-VERSIONS = ("loop", "edfkern")
+VERSIONS = ("loop", "edfkern", "constant")
+#: the versions each step has (``constant``: MTT's student by :func:`edfkern.trajectory_matching_loss`)
+STEP_VERSIONS = {"dm-iid": ("loop", "edfkern"), "mtt-edf": ("loop", "edfkern", "constant")}
+#: the axes of ``--sweep``: images per class, or (MTT) the unrolled student's steps at a fixed ``--ipc``
+SWEEP_KEYS = ("ipc", "syn_steps")
+AXIS_LABEL = {"ipc": "IPC", "syn_steps": "syn_steps"}
 DEFAULT_SWEEP = (10, 50, 100)
 CATEGORIES = ("network", "CAM", "losses", "update")
 MB = 2 ** 20
@@ -137,7 +151,11 @@ class Parts:
             yield
         finally:
             self.sync()
-            self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t0
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to part ``name`` (for parts timed inside an op, e.g. its own profile)."""
+        self.s[name] = self.s.get(name, 0.0) + seconds
 
 
 def _randn(shape, g: torch.Generator, dtype: torch.dtype, device: str) -> Tensor:
@@ -209,7 +227,10 @@ class MTTEDFStep:
     """One MTT + EDF iteration (and the CAM refresh EDF runs every ``interval`` iterations)."""
 
     PARTS = {"CAM refresh": "CAM", "student unroll (net fwd+bwd)": "network", "CPD loss fwd+bwd": "losses",
-             "unroll backward (net)": "network", "DAE + update": "update"}
+             "unroll backward (net)": "network", "DAE + update": "update",
+             # constant: the reverse sweep of edfkern.trajectory_matching_loss (edfkern.trajectory.last_call_profile)
+             "reverse sweep: step replay (net fwd+bwd, graph)": "network",
+             "reverse sweep: vjp (net double backward)": "network", "reverse sweep: rest": "network"}
     def __init__(self, version: str, ipc: int, p: StepParams, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0, given_noise: bool = False) -> None:
         """``given_noise``: draw the CAM noise up front in float32 and hand it to both CAM paths (so a
@@ -269,6 +290,22 @@ class MTTEDFStep:
             self.opt_img.set_cam(self.image_syn, self.cams)
 
     def iteration(self, parts: Parts) -> None:
+        p, image_syn = self.p, self.image_syn
+        loop = self.version == "loop"
+        if self.version == "constant":
+            loss = self._constant_memory_loss(parts)
+        else:
+            loss = self._unrolled_loss(parts)
+        with parts("DAE + update"):
+            if loop:
+                image_syn.grad *= baselines.create_soft_mask(self.cams, tuple(image_syn.shape[-2:]), p.beta,
+                                                             p.threshold)
+            self.opt_img.step()
+            self.opt_lr.step()
+        self.loss = float(loss.detach())
+
+    def _unrolled_loss(self, parts: Parts) -> Tensor:
+        """The authors' student (``create_graph=True`` at every step), CPD, backward: fills the grads."""
         p, image_syn, label_syn = self.p, self.image_syn, self.label_syn
         loop = self.version == "loop"
         with parts("student unroll (net fwd+bwd)"):
@@ -287,13 +324,28 @@ class MTTEDFStep:
             self.opt_lr.zero_grad(set_to_none=True)
             w.backward(leaf.grad)
             del w
-        with parts("DAE + update"):
-            if loop:
-                image_syn.grad *= baselines.create_soft_mask(self.cams, tuple(image_syn.shape[-2:]), p.beta,
-                                                             p.threshold)
-            self.opt_img.step()
-            self.opt_lr.step()
-        self.loss = float(loss.detach())
+        return loss
+
+    def _constant_memory_loss(self, parts: Parts) -> Tensor:
+        """:func:`edfkern.trajectory_matching_loss` on the same batches: forward sweep + CPD, then the reverse
+        sweep; its own profile splits the two calls into the table's parts."""
+        p = self.p
+        self.opt_img.zero_grad(set_to_none=True)
+        self.opt_lr.zero_grad(set_to_none=True)
+        t = Parts(self.device)
+        with t("forward"):
+            loss = edfkern.trajectory_matching_loss(self.student, self.image_syn, self.label_syn, self.start,
+                                                    self.target, self.syn_lr, batches=self.order,
+                                                    drop_ratio=p.drop_ratio)
+        with t("backward"):
+            loss.backward()
+        prof = last_call_profile()
+        parts.add("student unroll (net fwd+bwd)", t.s["forward"] - prof.loss)
+        parts.add("CPD loss fwd+bwd", prof.loss)
+        parts.add("reverse sweep: step replay (net fwd+bwd, graph)", prof.replay + prof.recompute)
+        parts.add("reverse sweep: vjp (net double backward)", prof.vjp)
+        parts.add("reverse sweep: rest", max(0.0, t.s["backward"] - prof.replay - prof.recompute - prof.vjp))
+        return loss
 
 
 _STEP_CLASSES = {"dm-iid": DMIIDStep, "mtt-edf": MTTEDFStep}
@@ -303,8 +355,8 @@ def make_step(step: str, version: str, ipc: int, p: StepParams, **kw):
     """The step object for ``step`` in ``version`` at ``ipc`` images per class."""
     if step not in _STEP_CLASSES:
         raise ValueError(f"step must be one of {STEPS}, got {step!r}")
-    if version not in VERSIONS:
-        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    if version not in STEP_VERSIONS[step]:
+        raise ValueError(f"version must be one of {STEP_VERSIONS[step]} for step {step!r}, got {version!r}")
     if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
         raise ValueError(f"ipc must be an int >= 1, got {ipc!r}")
     return _STEP_CLASSES[step](version, ipc, p, **kw)
@@ -331,8 +383,11 @@ def estimate_peak_bytes(step: str, version: str, ipc: int, p: StepParams) -> int
     activation per image), and the real batch's per-class forward (two of the largest activation per
     real image of one class). (Checked against measured peaks: within +10% / +40% on CPU at IPC 10-50.) MTT: the inputs, the unrolled student's graph (about
     three forward's worth of saved activations per image and step: forward, its backward, both kept
-    by ``create_graph``), the CAM refresh (loop: one class's forward + backward; edfkern: ``cam_batch``
-    rows forward), and the loop's full-resolution ``(N, 1, H, W)`` upsampled map and mask.
+    by ``create_graph``, plus two parameter vectors per step, ``w_{i+1}`` and ``g_i``), the CAM refresh
+    (loop: one class's forward + backward; edfkern: ``cam_batch`` rows forward), and the loop's
+    full-resolution ``(N, 1, H, W)`` upsampled map and mask. ``constant``
+    (:func:`edfkern.trajectory_matching_loss`): ``syn_steps`` parameter vectors, one step's
+    double-backward graph, and six more parameter vectors (adjoint, gradients, CPD's buffers).
     """
     N, f = p.K * ipc, 4
     base = input_bytes(step, ipc, p)
@@ -342,7 +397,12 @@ def estimate_peak_bytes(step: str, version: str, ipc: int, p: StepParams) -> int
         real = p.real_per_class * 2 * c.peak_layer_floats * f
         return base + syn + real
     B = min(p.batch_syn, N)
-    student = p.syn_steps * B * 3 * c.saved_floats * f + B * 2 * c.peak_layer_floats * f
+    step_graph = B * 3 * c.saved_floats * f  # one step's forward + backward, kept by create_graph
+    transient = B * 2 * c.peak_layer_floats * f
+    if version == "constant":
+        student = p.syn_steps * c.params * f + step_graph + transient + 6 * c.params * f
+    else:
+        student = p.syn_steps * (step_graph + 2 * c.params * f) + transient
     cc = conv_costs(**p.net_kw(p.cam_width))
     if version == "loop":
         cam = ipc * (cc.saved_floats + 3 * cc.peak_layer_floats) * f + N * p.channels * p.size * p.size * f
@@ -363,7 +423,9 @@ def iteration_flops(step: str, version: str, ipc: int, p: StepParams) -> tuple[f
     B = min(p.batch_syn, N)
     Fc = conv_costs(**p.net_kw(p.cam_width)).fwd_flops
     cam = N * (1 + 3 * p.cam_samples) * Fc if version == "loop" else N * (1 + p.cam_samples) * Fc
-    return p.syn_steps * B * 9 * F_, cam
+    # unrolled: forward, backward with graph, double backward = 9 forwards per image and step; constant adds
+    # the forward sweep's forward + backward (3)
+    return p.syn_steps * B * (12 if version == "constant" else 9) * F_, cam
 
 
 def estimate_seconds(step: str, version: str, ipc: int, p: StepParams, iterations: int, refreshes: int,
@@ -530,113 +592,88 @@ class Watchdog:
         self._t.join()
 
 
-def available_bytes() -> Optional[int]:
-    """``MemAvailable`` of /proc/meminfo, or None."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 # ----------------------------------------------------------------------------- command line
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad input: one line on stderr naming the argument, exit code 2."""
-
-    def error(self, message: str):  # noqa: D401 - argparse's hook
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _fail(parser: argparse.ArgumentParser, msg: str):
-    parser.error(msg)
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = StepParams()
-    p = _Parser(prog="python -m edfkern.bench --step", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = args_.Parser(prog="python -m edfkern.bench --step", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step", required=True, help=f"the iteration to profile: {', '.join(STEPS)}")
-    p.add_argument("--sweep", default="ipc=" + ",".join(map(str, DEFAULT_SWEEP)), metavar="ipc=V1,V2,...",
-                   help="images per class to run: the only key is ipc (default %(default)s; e.g. "
-                        "ipc=10,50,100,500,1000)")
-    p.add_argument("--budget-mb", type=float, default=6144.0,
-                   help="memory budget: IPCs whose estimated peak passes it are skipped, a child passing it "
-                        "(plus the runtime's own resident set) is killed, and the table names the largest IPC "
+    p.add_argument("--sweep", default="ipc=" + ",".join(map(str, DEFAULT_SWEEP)), metavar="KEY=V1,V2,...",
+                   help="the points to run: ipc=... (images per class) or, for mtt-edf, syn_steps=... (the "
+                        "unrolled student's steps, at --ipc) (default %(default)s; e.g. ipc=10,50,100,500,1000 or "
+                        "syn_steps=10,20,40,80)")
+    p.add_argument("--ipc", type=args_.int_in(1), help=f"images per class of a syn_steps sweep (default "
+                                                       f"{DEFAULT_SWEEP[0]})")
+    p.add_argument("--budget-mb", type=args_.positive_float(unit="MB"), default=6144.0,
+                   help="memory budget: points whose estimated peak passes it are skipped, a child passing it "
+                        "(plus the runtime's own resident set) is killed, and the table names the largest point "
                         "within it (default 6144)")
-    p.add_argument("--repeat", type=int, default=3, help="timed iterations per point, after the warm-up and the "
-                                                         "memory-measured one (default 3); the median is reported")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per child before it is killed; a point "
-                                                               "whose estimated time passes it is skipped (600)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads in each child")
+    p.add_argument("--repeat", type=args_.int_in(1), default=3,
+                   help="timed iterations per point, after the warm-up and the memory-measured one (default 3); "
+                        "the median is reported")
+    p.add_argument("--timeout", type=args_.positive_float(args_.TIMEOUT_MAX_S, "seconds"), default=600.0,
+                   help="seconds per child before it is killed; a point whose estimated time passes it is skipped "
+                        "(600)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=args_.threads, help="torch.set_num_threads in each child (at most 4x the "
+                                                        "logical CPUs)")
     p.add_argument("--json", metavar="PATH", help="write every result and the run's metadata as JSON")
-    p.add_argument("--plot", metavar="PATH.png", help="time and peak memory against IPC (needs matplotlib)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--versions", default="loop,edfkern", help="comma-separated subset of loop,edfkern")
+    p.add_argument("--plot", metavar="PATH.png", help="time and peak memory against the sweep's axis (needs "
+                                                      "matplotlib)")
+    p.add_argument("--seed", type=args_.SEED, default=0, help="0 .. 2**32-1 (default 0)")
+    p.add_argument("--versions", help="comma-separated subset of the step's versions (default all: dm-iid "
+                                      "loop,edfkern; mtt-edf loop,edfkern,constant)")
     g = p.add_argument_group("shapes and hyper-parameters")
-    g.add_argument("--width", type=int, default=d.width, help="ConvNet width (default %(default)s)")
-    g.add_argument("--real-per-class", type=int, default=d.real_per_class, help="DM real batch per class (%(default)s)")
+    g.add_argument("--width", type=args_.int_in(1), default=d.width, help="ConvNet width (default %(default)s)")
+    g.add_argument("--real-per-class", type=args_.int_in(1), default=d.real_per_class,
+                   help="DM real batch per class (%(default)s)")
     g.add_argument("--dm-forward", choices=("batched", "per-class"), default="batched",
                    help="DM edfkern version: embed the synthetic set in one forward (INTEGRATION.md) or class by "
                         "class as the loop does (default %(default)s)")
-    g.add_argument("--syn-steps", type=int, default=d.syn_steps, help="MTT unrolled student steps (%(default)s)")
-    g.add_argument("--batch-syn", type=int, default=d.batch_syn,
+    g.add_argument("--syn-steps", type=args_.int_in(1), help=f"MTT unrolled student steps ({d.syn_steps})")
+    g.add_argument("--batch-syn", type=args_.int_in(1), default=d.batch_syn,
                    help="MTT synthetic images per student step (%(default)s)")
-    g.add_argument("--interval", type=int, default=d.interval, help="EDF CAM refresh interval (%(default)s)")
-    g.add_argument("--cam-width", type=int, default=d.cam_width, help="width of the CAM ConvNet (%(default)s)")
-    g.add_argument("--cam-batch", type=int, default=d.cam_batch,
+    g.add_argument("--interval", type=args_.int_in(1), default=d.interval,
+                   help="EDF CAM refresh interval (%(default)s)")
+    g.add_argument("--cam-width", type=args_.int_in(1), default=d.cam_width,
+                   help="width of the CAM ConvNet (%(default)s)")
+    g.add_argument("--cam-batch", type=args_.int_in(1), default=d.cam_batch,
                    help="CAMExtractor batch_size: rows per noisy pass (%(default)s)")
     return p
 
 
-def parse_sweep(parser: argparse.ArgumentParser, s: str) -> list[int]:
-    """``ipc=V1,V2,...`` -> the IPCs; anything else is a one-line ``--sweep`` error (exit 2)."""
-    key, sep, vals = s.partition("=")
-    if not sep or key.strip() != "ipc":
-        _fail(parser, f"argument --sweep: the only sweep key is 'ipc' (ipc=V1,V2,...), got {s!r}")
-    out = []
-    for v in vals.split(","):
-        v = v.strip()
-        try:
-            out.append(int(v))
-        except ValueError:
-            _fail(parser, f"argument --sweep: IPC values must be integers, got {v!r}")
-    if not out:
-        _fail(parser, "argument --sweep: give at least one IPC, e.g. ipc=10,50")
-    bad = [v for v in out if v < 1]
-    if bad:
-        _fail(parser, f"argument --sweep: IPC values must be positive, got {bad}")
-    return sorted(set(out))
+def _params(args) -> StepParams:
+    return replace(StepParams(), width=args.width, real_per_class=args.real_per_class,
+                   syn_steps=args.syn_steps or StepParams().syn_steps, batch_syn=args.batch_syn,
+                   interval=args.interval, cam_width=args.cam_width, cam_batch=args.cam_batch,
+                   dm_batched_forward=args.dm_forward == "batched")
 
 
-def _device(parser, arg: str) -> str:
-    if arg == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if arg.startswith("cuda") and not torch.cuda.is_available():
-        _fail(parser, "argument --device: cuda, but torch sees no CUDA device")
-    if arg != "cpu" and not arg.startswith("cuda"):
-        _fail(parser, f"argument --device: must be auto, cpu or cuda, got {arg!r}")
-    return arg
+@dataclass(frozen=True)
+class Point:
+    """One point of the sweep: its value on the axis, the IPC and the step's parameters there."""
+
+    x: int
+    ipc: int
+    params: StepParams
 
 
-def _params(parser, args) -> StepParams:
-    for name in ("width", "real_per_class", "syn_steps", "batch_syn", "interval", "cam_width", "cam_batch",
-                 "repeat"):
-        v = getattr(args, name)
-        if v < 1:
-            _fail(parser, f"argument --{name.replace('_', '-')}: must be >= 1, got {v}")
-    if args.timeout <= 0:
-        _fail(parser, f"argument --timeout: must be > 0, got {args.timeout:g}")
-    if not args.budget_mb > 0:
-        _fail(parser, f"argument --budget-mb: must be > 0, got {args.budget_mb:g}")
-    return replace(StepParams(), width=args.width, real_per_class=args.real_per_class, syn_steps=args.syn_steps,
-                   batch_syn=args.batch_syn, interval=args.interval, cam_width=args.cam_width,
-                   cam_batch=args.cam_batch, dm_batched_forward=args.dm_forward == "batched")
+def sweep_points(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, list[Point]]:
+    """``--sweep`` (with ``--ipc`` / ``--syn-steps``) -> (axis, points); a conflict is a one-line exit 2."""
+    axis, values = args_.sweep(parser, args.sweep, SWEEP_KEYS)
+    p = _params(args)
+    if axis == "ipc":
+        if args.ipc is not None:
+            args_.fail(parser, "--ipc", "sets the IPC of a syn_steps sweep; with --sweep ipc=... leave it out")
+        return axis, [Point(v, v, p) for v in values]
+    if args.step != "mtt-edf":
+        args_.fail(parser, "--sweep", f"syn_steps applies to --step mtt-edf only (got --step {args.step})")
+    if args.syn_steps is not None:
+        args_.fail(parser, "--syn-steps", "--sweep syn_steps=... sets the steps; leave --syn-steps out")
+    ipc = args.ipc or DEFAULT_SWEEP[0]
+    return axis, [Point(v, ipc, replace(p, syn_steps=v)) for v in values]
 
 
 def _mb(b: Optional[float]) -> str:
@@ -693,14 +730,16 @@ def summarise(r: dict, p: StepParams) -> None:
     r["parts_per_iteration_s"] = parts
 
 
-def largest_fit(rows: list[dict], budget: float) -> tuple[Optional[int], str]:
-    """The largest IPC within ``budget`` bytes: a measured point, or a linear extrapolation (said so)."""
-    ok = sorted((r["ipc"], r["peak_bytes"]) for r in rows if r.get("peak_bytes") is not None)
+def largest_fit(rows: list[dict], budget: float, axis: str = "ipc") -> tuple[Optional[int], str]:
+    """The largest point on ``axis`` (a key of the rows: ``ipc`` or ``syn_steps``) within ``budget`` bytes: a
+    measured point, or a linear extrapolation (said so)."""
+    lab = AXIS_LABEL.get(axis, axis)
+    ok = sorted((r[axis], r["peak_bytes"]) for r in rows if r.get("peak_bytes") is not None)
     if not ok:
         return None, "no measured point"
     fits = [i for i, b in ok if b <= budget]
     if not fits:
-        return None, f"even IPC {ok[0][0]} needs {_mb(ok[0][1])}"
+        return None, f"even {lab} {ok[0][0]} needs {_mb(ok[0][1])}"
     best = max(fits)
     if len(ok) >= 2:
         (i0, b0), (i1, b1) = ok[-2], ok[-1]
@@ -708,50 +747,55 @@ def largest_fit(rows: list[dict], budget: float) -> tuple[Optional[int], str]:
         if slope > 0:
             x = int(i1 + (budget - b1) / slope)
             if x > ok[-1][0]:
-                return best, (f"measured up to IPC {best}; extrapolated (linear from IPC {i0} and {i1}, "
-                              f"{slope / MB:.1f} MB per IPC): about IPC {x}")
+                return best, (f"measured up to {lab} {best}; extrapolated (linear from {lab} {i0} and {i1}, "
+                              f"{slope / MB:.1f} MB per {lab}): about {lab} {x}")
             if x > best:  # between a fitting and a failing measured point
-                return best, f"measured: IPC {best}; interpolated: about IPC {x}"
-    return best, f"measured: IPC {best}"
+                return best, f"measured: {lab} {best}; interpolated: about {lab} {x}"
+    return best, f"measured: {lab} {best}"
 
 
-def print_report(step: str, results: list[dict], budget: float, versions: list[str]) -> list[str]:
-    """The table (rich if installed) and the budget lines; returns the lines printed below the table."""
-    cols = ["IPC", "version", "time / iter", "peak memory", "est. peak", "network", "CAM", "losses", "update",
+def print_report(step: str, results: list[dict], budget: float, versions: list[str], axis: str = "ipc") -> list[str]:
+    """The table (rich if installed), the budget lines and (constant) the reverse sweep's breakdown; returns the
+    lines printed below the table."""
+    lab = AXIS_LABEL[axis]
+    cols = [lab, "version", "time / iter", "peak memory", "est. peak", "network", "CAM", "losses", "update",
             "speedup", "memory ratio"]
     rows = []
-    by = {(r["ipc"], r["version"]): r for r in results}
-    for ipc in sorted({r["ipc"] for r in results}):
-        lo, ed = by.get((ipc, "loop")), by.get((ipc, "edfkern"))
+    by = {(r[axis], r["version"]): r for r in results}
+    for x in sorted({r[axis] for r in results}):
+        lo = by.get((x, "loop"))
         for v in versions:
-            r = by.get((ipc, v))
+            r = by.get((x, v))
             if r is None:
                 continue
             if r["status"] != "ok":
-                rows.append([str(ipc), v, r["status"], "-", _mb(r.get("estimate_bytes"))] + ["-"] * 6)
+                rows.append([str(x), v, r["status"], "-", _mb(r.get("estimate_bytes"))] + ["-"] * 6)
                 continue
             sh = r["share"]
             sp = mr = "-"
-            if v == "edfkern" and lo is not None and lo["status"] == "ok":
+            if v != "loop" and lo is not None and lo["status"] == "ok":
                 sp = f"{lo['time_s'] / r['time_s']:.2f}x"
                 mr = f"{lo['peak_bytes'] / max(r['peak_bytes'], 1):.2f}x"
-            rows.append([str(ipc), v, _ms(r["time_s"]), _mb(r["peak_bytes"]), _mb(r.get("estimate_bytes")),
+            rows.append([str(x), v, _ms(r["time_s"]), _mb(r["peak_bytes"]), _mb(r.get("estimate_bytes")),
                          *(f"{100 * sh[c]:.0f}%" for c in CATEGORIES), sp, mr])
     notes = []
     for v in versions:
         mine = [r for r in results if r["version"] == v]
-        ipc, why = largest_fit(mine, budget)
-        notes.append(f"largest IPC within --budget-mb {budget / MB:g} ({v}): " + (str(ipc) if ipc else "none")
+        best, why = largest_fit(mine, budget, axis)
+        notes.append(f"largest {lab} within --budget-mb {budget / MB:g} ({v}): " + (str(best) if best else "none")
                      + f" ({why})")
     for r in results:
+        if r["status"] == "ok" and r["version"] == "constant":
+            notes.append(f"{lab} {r[axis]} constant, per part (median s): " + constant_breakdown(r))
+    for r in results:
         if r["status"] != "ok":
-            notes.append(f"IPC {r['ipc']} {r['version']}: {r['status']}: {r.get('reason', '')}")
-    title = f"{step}: one whole distillation iteration, loop vs edfkern"
+            notes.append(f"{lab} {r[axis]} {r['version']}: {r['status']}: {r.get('reason', '')}")
+    title = f"{step}: one whole distillation iteration, {' vs '.join(versions)}"
     caption = ("time / iter = median of --repeat iterations after warm-up"
                + (" + CAM refresh / interval" if step == "mtt-edf" else "")
                + "; peak memory = peak above the process before the step's tensors existed "
                  "(VmHWM of a fresh child on CPU, max_memory_allocated on CUDA); network / CAM / losses / update = "
-                 "share of the iteration; speedup and memory ratio = loop / edfkern")
+                 "share of the iteration; speedup and memory ratio = loop / this version")
     try:
         from rich.console import Console
         from rich.table import Table
@@ -760,7 +804,7 @@ def print_report(step: str, results: list[dict], budget: float, versions: list[s
     if Console is not None:
         t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
         for c in cols:
-            t.add_column(c, justify="left" if c in ("IPC", "version") else "right", no_wrap=True)
+            t.add_column(c, justify="left" if c in (lab, "version") else "right", no_wrap=True)
         for row in rows:
             t.add_row(*row, style="dim" if row[2] in ("skipped", "error") else None)
         Console(file=sys.stdout, width=160, soft_wrap=False).print(t)
@@ -776,26 +820,39 @@ def print_report(step: str, results: list[dict], budget: float, versions: list[s
     return notes
 
 
-def plot(path: str, step: str, results: list[dict], budget: float, title: str) -> None:
-    """One PNG: time per iteration and peak memory against IPC, one line per version."""
+def constant_breakdown(r: dict) -> str:
+    """One line: where the constant-memory version's iteration went (medians of the timed iterations)."""
+    ps = r["parts_s"]
+    fwd = ps.get("student unroll (net fwd+bwd)", 0.0)
+    rev = [ps.get(k, 0.0) for k in ("reverse sweep: step replay (net fwd+bwd, graph)",
+                                     "reverse sweep: vjp (net double backward)", "reverse sweep: rest")]
+    return (f"forward sweep {fwd:.3f}, CPD {ps.get('CPD loss fwd+bwd', 0.0):.3f}, reverse sweep {sum(rev):.3f} "
+            f"(step replay {rev[0]:.3f}, vjp {rev[1]:.3f}, rest {rev[2]:.3f}), DAE + update "
+            f"{ps.get('DAE + update', 0.0):.3f}; reverse / forward sweep {sum(rev) / max(fwd, 1e-12):.2f}")
+
+
+COLORS = {"loop": "tab:red", "edfkern": "tab:purple", "constant": "tab:green"}
+
+
+def plot(path: str, step: str, results: list[dict], budget: float, title: str, axis: str = "ipc") -> None:
+    """One PNG: time per iteration and peak memory against the sweep's axis, one line per version."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"loop": "tab:red", "edfkern": "tab:purple"}
-    ipcs = sorted({r["ipc"] for r in results})
+    xs = sorted({r[axis] for r in results})
     for v in VERSIONS:
-        pts = sorted((r for r in results if r["version"] == v and r["status"] == "ok"), key=lambda r: r["ipc"])
+        pts = sorted((r for r in results if r["version"] == v and r["status"] == "ok"), key=lambda r: r[axis])
         if not pts:
             continue
-        x = [r["ipc"] for r in pts]
-        a0.plot(x, [r["time_s"] for r in pts], marker="o", color=colors[v], label=v)
-        a1.plot(x, [r["peak_bytes"] / MB for r in pts], marker="o", color=colors[v], label=v)
-        est = [(r["ipc"], r["estimate_bytes"] / MB) for r in results if r["version"] == v and r.get("estimate_bytes")]
+        x = [r[axis] for r in pts]
+        a0.plot(x, [r["time_s"] for r in pts], marker="o", color=COLORS[v], label=v)
+        a1.plot(x, [r["peak_bytes"] / MB for r in pts], marker="o", color=COLORS[v], label=v)
+        est = [(r[axis], r["estimate_bytes"] / MB) for r in results if r["version"] == v and r.get("estimate_bytes")]
         if est:
             est.sort()
-            a1.plot([e[0] for e in est], [e[1] for e in est], linestyle=":", color=colors[v],
+            a1.plot([e[0] for e in est], [e[1] for e in est], linestyle=":", color=COLORS[v],
                     label=f"{v} (estimate from shapes)")
     a1.axhline(budget / MB, color="gray", linestyle="--", label="--budget-mb")
     a0.set_title("time per iteration" + (" (+ CAM refresh / interval)" if step == "mtt-edf" else ""))
@@ -805,9 +862,9 @@ def plot(path: str, step: str, results: list[dict], budget: float, title: str) -
     for ax in (a0, a1):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks(ipcs, [str(i) for i in ipcs])
+        ax.set_xticks(xs, [str(i) for i in xs])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("images per class (IPC)")
+        ax.set_xlabel("images per class (IPC)" if axis == "ipc" else "unrolled student steps (syn_steps)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -820,35 +877,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.step not in STEPS:
-        _fail(parser, f"argument --step: unknown step {args.step!r}; expected one of {', '.join(STEPS)}")
-    sweep = parse_sweep(parser, args.sweep)
-    p = _params(parser, args)
-    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
-    if not versions or any(v not in VERSIONS for v in versions):
-        _fail(parser, f"argument --versions: expected a subset of {','.join(VERSIONS)}, got {args.versions!r}")
+        args_.fail(parser, "--step", f"unknown step {args.step!r}; expected one of {', '.join(STEPS)}")
+    device = args_.device(parser, args.device)
+    axis, points = sweep_points(parser, args)
+    label = AXIS_LABEL[axis]
+    p = _params(args)
+    versions = (args_.names(parser, "--versions", args.versions, STEP_VERSIONS[args.step])
+                if args.versions is not None else list(STEP_VERSIONS[args.step]))
     budget = args.budget_mb * MB
-    need = input_bytes(args.step, sweep[0], p)
+    ipc0 = min(pt.ipc for pt in points)
+    need = input_bytes(args.step, ipc0, p)
     if need > budget:
-        _fail(parser, f"argument --budget-mb: {args.budget_mb:g} MB is less than the inputs alone at IPC {sweep[0]} "
-                      f"({need / MB:.0f} MB: synthetic images, their gradient and momentum buffer, "
-                      + ("the real batch)" if args.step == "dm-iid" else "the expert's start and target params)"))
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            _fail(parser, "argument --plot: needs matplotlib, which is not installed (pip install matplotlib)")
-    device = _device(parser, args.device)
+        args_.fail(parser, "--budget-mb", f"{args.budget_mb:g} MB is less than the inputs alone at IPC {ipc0} "
+                   f"({need / MB:.0f} MB: synthetic images, their gradient and momentum buffer, "
+                   + ("the real batch)" if args.step == "dm-iid" else "the expert's start and target params)"))
+    if args.json is not None:
+        args_.output_path(parser, "--json", args.json)
+    if args.plot is not None:
+        args_.plot_path(parser, args.plot, other=args.json)
     t_start = time.perf_counter()
 
     from .ceilings import measure_ceilings
     ceil = measure_ceilings(device, quick=True)
     conv_rate = 0.4 * ceil.matmul_flops  # convolutions reach about this fraction of the matmul rate (CPU, measured)
-    avail = available_bytes()
+    avail = memory.available_bytes()
     print(f"step {args.step} on {device}; torch {torch.__version__}, edfkern {edfkern.__version__}, "
           f"torch threads {args.threads or torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} on "
           f"{os.cpu_count()} CPUs" + (" (shared machine: expect noisy times)"
                                       if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1) else ""))
-    print(describe(args.step, p))
+    print(describe(args.step, p) + (f"; swept: syn_steps {[pt.x for pt in points]} at IPC {points[0].ipc}"
+                                    if axis == "syn_steps" else ""))
     print(f"budget {args.budget_mb:g} MB; available memory {_mb(avail)}; fp32 matmul {ceil.matmul_flops / 1e9:.1f} "
           f"GFLOP/s (time estimates use 40% of it)")
 
@@ -856,15 +914,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     limit = budget + (memory.rss_bytes() or 512 * MB) + 256 * MB
     if avail is not None:
         limit = min(limit, int(0.9 * avail))
-    results = {(ipc, v): dict(step=args.step, version=v, ipc=ipc, N=p.K * ipc) for ipc in sweep for v in versions}
+    results = {(pt.x, v): dict(step=args.step, version=v, axis=axis, x=pt.x, ipc=pt.ipc, N=p.K * pt.ipc,
+                               syn_steps=pt.params.syn_steps)
+               for pt in points for v in versions}
     tasks = []
-    common = dict(step=args.step, device=device, seed=args.seed, threads=args.threads, params=asdict(p))
-    for ipc in sweep:
+    common = dict(step=args.step, device=device, seed=args.seed, threads=args.threads)
+    for pt in points:
+        ipc, pp = pt.ipc, pt.params
         fit = []
         for v in versions:
-            r = results[(ipc, v)]
-            est = estimate_peak_bytes(args.step, v, ipc, p)
-            secs = estimate_seconds(args.step, v, ipc, p, 1, 1, conv_rate)
+            r = results[(pt.x, v)]
+            est = estimate_peak_bytes(args.step, v, ipc, pp)
+            secs = estimate_seconds(args.step, v, ipc, pp, 1, 1, conv_rate)
             r.update(estimate_bytes=est, estimate_s=secs)
             why = None
             if est > budget:
@@ -874,28 +935,29 @@ def main(argv: Optional[list[str]] = None) -> int:
             elif secs > args.timeout:
                 why = f"estimated time of the memory run {secs:.0f} s > --timeout {args.timeout:g}"
             if why:
-                print(f"skip {args.step} IPC {ipc} {v}: {why}")
+                print(f"skip {args.step} {label} {pt.x} {v}: {why}")
                 r.update(status="skipped", reason=why)
                 continue
             fit.append(v)
-            tasks.append(dict(common, mode="memory", version=v, ipc=ipc, estimate_s=secs))
+            tasks.append(dict(common, mode="memory", version=v, ipc=ipc, x=pt.x, params=asdict(pp), estimate_s=secs))
         if not fit:
             continue
         # the lockstep run holds every version's inputs at once, and one version's activations at a time
-        est = max(estimate_peak_bytes(args.step, v, ipc, p) for v in fit) + (len(fit) - 1) * input_bytes(args.step, ipc, p)
-        secs = sum(estimate_seconds(args.step, v, ipc, p, 1 + args.repeat, 0, conv_rate) for v in fit) \
-            + (estimate_seconds(args.step, "edfkern", ipc, p, 0, 1, conv_rate) if args.step == "mtt-edf" else 0)
+        est = max(estimate_peak_bytes(args.step, v, ipc, pp) for v in fit) + (len(fit) - 1) * input_bytes(args.step, ipc, pp)
+        secs = sum(estimate_seconds(args.step, v, ipc, pp, 1 + args.repeat, 0, conv_rate) for v in fit) \
+            + (estimate_seconds(args.step, "edfkern", ipc, pp, 0, 1, conv_rate) if args.step == "mtt-edf" else 0)
         why = None
         if est > budget:
             why = f"estimated peak of the lockstep run {_mb(est)} > --budget-mb {args.budget_mb:g}"
         elif secs > args.timeout:
             why = f"estimated time of the lockstep run {secs:.0f} s > --timeout {args.timeout:g}"
         if why:
-            print(f"skip timing {args.step} IPC {ipc}: {why}")
+            print(f"skip timing {args.step} {label} {pt.x}: {why}")
             for v in fit:
-                results[(ipc, v)].update(status="skipped", reason=why)
+                results[(pt.x, v)].update(status="skipped", reason=why)
             continue
-        tasks.append(dict(common, mode="time", versions=fit, ipc=ipc, repeat=args.repeat, estimate_s=secs))
+        tasks.append(dict(common, mode="time", versions=fit, ipc=ipc, x=pt.x, params=asdict(pp), repeat=args.repeat,
+                          estimate_s=secs))
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(tasks), desc=f"edfkern.bench --step {args.step}", unit="child", file=sys.stderr,
@@ -906,9 +968,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for task in tasks:
             what = task.get("version") or "+".join(task["versions"])
             if bar is not None:
-                bar.set_postfix_str(f"IPC {task['ipc']} {task['mode']} {what} (est. {task['estimate_s']:.0f} s)")
+                bar.set_postfix_str(f"{label} {task['x']} {task['mode']} {what} (est. {task['estimate_s']:.0f} s)")
             mine = [task["version"]] if task["mode"] == "memory" else task["versions"]
-            if any(results[(task["ipc"], v)].get("status") == "error" for v in mine):
+            if any(results[(task["x"], v)].get("status") == "error" for v in mine):
                 if bar is not None:
                     bar.update(1)
                 continue
@@ -916,17 +978,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             try:
                 out = memory.run_isolated(run_step_task, task, timeout=args.timeout)
                 if task["mode"] == "memory":
-                    results[(task["ipc"], task["version"])].update(out)
+                    results[(task["x"], task["version"])].update(out)
                 else:
                     for v, o in out.items():
-                        results[(task["ipc"], v)].update(o, status="ok", repeat=task["repeat"])
+                        results[(task["x"], v)].update(o, status="ok", repeat=task["repeat"])
             except Exception as e:
                 reason = f"{task['mode']} run: " + (str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
                 if len(dog.killed) > n_killed:
                     reason = (f"{task['mode']} run killed by the watchdog: resident set {_mb(dog.killed[-1][1])} "
                               f"passed the limit {_mb(limit)}")
                 for v in mine:
-                    results[(task["ipc"], v)].update(status="error", reason=reason)
+                    results[(task["x"], v)].update(status="error", reason=reason)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -937,25 +999,36 @@ def main(argv: Optional[list[str]] = None) -> int:
         r.setdefault("reason", "not run")
         if r["status"] == "ok":
             summarise(r, p)
-    results.sort(key=lambda r: (r["ipc"], VERSIONS.index(r["version"])))
-    notes = print_report(args.step, results, budget, versions)
+    results.sort(key=lambda r: (r["x"], VERSIONS.index(r["version"])))
+    notes = print_report(args.step, results, budget, versions, axis=axis)
     wall = time.perf_counter() - t_start
     print(f"wall time {wall:.1f} s; load average at end {os.getloadavg()[0]:.2f}")
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    failed_write = False
     if args.plot:
-        plot(args.plot, args.step, results, budget,
-             title=f"edfkern.bench --step {args.step}: loop vs edfkern, {device} ({dev_name})")
-        print(f"plot written to {args.plot}")
+        try:
+            plot(args.plot, args.step, results, budget, axis=axis,
+                 title=f"edfkern.bench --step {args.step}: {' vs '.join(versions)}, {device} ({dev_name})"
+                       + (f", IPC {points[0].ipc}" if axis == "syn_steps" else ""))
+            print(f"plot written to {args.plot}")
+        except OSError as e:  # checked writable before the run; the disk can still fill up since
+            print(f"{parser.prog}: error: --plot {args.plot!r} not written: {e}", file=sys.stderr)
+            failed_write = True
     if args.json:
         meta = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     command=" ".join(["python -m edfkern.bench", *(argv if argv is not None else sys.argv[1:])]),
                     step=args.step, device=device, device_name=dev_name, torch=torch.__version__,
                     edfkern=edfkern.__version__, python=platform.python_version(), params=asdict(p),
-                    description=describe(args.step, p), sweep_ipc=sweep, budget_mb=args.budget_mb,
+                    description=describe(args.step, p), sweep_axis=axis, sweep=[pt.x for pt in points],
+                    sweep_ipc=sorted({pt.ipc for pt in points}), budget_mb=args.budget_mb,
                     kill_limit_bytes=limit, available_bytes=avail, matmul_flops=ceil.matmul_flops,
                     notes=notes, wall_s=wall, threads=args.threads or torch.get_num_threads(),
                     loadavg_end=os.getloadavg()[0])
-        with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "results": results}, fh, indent=1, default=str)
-        print(f"JSON written to {args.json}")
-    return 0 if not any(r["status"] == "error" for r in results) else 1
+        try:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": meta, "results": results}, fh, indent=1, default=str)
+            print(f"JSON written to {args.json}")
+        except OSError as e:
+            print(f"{parser.prog}: error: --json {args.json!r} not written: {e}", file=sys.stderr)
+            failed_write = True
+    return 0 if not failed_write and not any(r["status"] == "error" for r in results) else 1
