@@ -27,9 +27,11 @@ def free_port() -> int:
 
 
 def run_world(world_size: int, *, deadline_s: float = 240.0, collective_timeout_s: float = 60.0,
-              only: str = "", suite: str = "cases", env: dict[str, str] | None = None) -> dict[str, list[str]]:
+              only: str = "", suite: str = "cases", env: dict[str, str] | None = None,
+              script: str = "_dist_cases.py") -> dict[str, list[str]]:
     """Run every case of ``suite`` (``"cases"``: ``CASES``, ``"edges"``: ``EDGE_CASES`` of
-    ``tests/_dist_cases.py``) on ``world_size`` ranks; ``{case: [result of rank 0, rank 1, ...]}`` where a
+    ``tests/_dist_cases.py``; another ``script`` of ``tests/`` takes the same arguments
+    ``RANK WORLD OUTDIR FILTER SUITE`` and writes ``OUTDIR/rank{RANK}.json``) on ``world_size`` ranks; ``{case: [result of rank 0, rank 1, ...]}`` where a
     result is ``"ok"``, ``"skip: why"`` or a traceback. ``env`` adds variables. Raises ``AssertionError``
     when a rank crashes or the world runs past ``deadline_s``."""
     port = free_port()
@@ -39,7 +41,7 @@ def run_world(world_size: int, *, deadline_s: float = 240.0, collective_timeout_
     with tempfile.TemporaryDirectory() as out:
         procs = []
         for r in range(world_size):
-            cmd = [sys.executable, os.path.join(HERE, "_dist_cases.py"), str(r), str(world_size), out, only, suite]
+            cmd = [sys.executable, os.path.join(HERE, script), str(r), str(world_size), out, only, suite]
             procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True))
         t_end = time.monotonic() + deadline_s

@@ -1,10 +1,11 @@
 """Shared pieces of the trajectory-matching tests: a DD ConvNet student with instance norm, data, and
 the authors' loop as the oracle (:func:`edfkern.baselines.trajectory_matching_loop`).
 
-Imported by ``tests/test_trajectory.py`` and run as a script by its distributed test:
-``python tests/_trajectory_cases.py RANK WORLD OUTFILE`` joins a gloo world (MASTER_ADDR/PORT from the
+Imported by ``tests/test_trajectory.py`` and run as a script by its distributed test
+(``tests/_dist_launch.run_world(..., script="_trajectory_cases.py")``):
+``python tests/_trajectory_cases.py RANK WORLD OUTDIR`` joins a gloo world (MASTER_ADDR/PORT from the
 environment, every collective bounded by EDFKERN_DIST_TIMEOUT), runs every case with the process group,
-and writes ``{case: "ok" | traceback}`` as JSON.
+and writes ``OUTDIR/rank{RANK}.json``: ``{case: "ok" | traceback}``.
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ def _run_dist(rank: int, world: int, out: str) -> int:
             results["train_batchnorm"] = "ok" if "BatchNorm" in str(e) and "train" in str(e) else f"wrong: {e}"
     except Exception:  # noqa: BLE001
         results["train_batchnorm"] = traceback.format_exc()
-    with open(out, "w") as f:
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     from edfkern.distributed import exit_process, shutdown
 

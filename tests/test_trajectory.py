@@ -7,12 +7,7 @@ on the same data, the same minibatch draws and the same augmentation draws. "Exa
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import subprocess
-import sys
-import tempfile
-import time
 
 import numpy as np
 import pytest
@@ -266,38 +261,11 @@ def test_peak_memory_grows_by_at_most_a_quarter_of_the_loops():
 # ----------------------------------------------------------------------------- process groups
 
 
-def _run_world(world: int, deadline_s: float = 300.0) -> dict[str, list[str]]:
-    from _dist_launch import free_port
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, OMP_NUM_THREADS="1", EDFKERN_DIST_TIMEOUT="90", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), PYTHONPATH=os.path.dirname(here))
-    with tempfile.TemporaryDirectory() as out:
-        procs = [subprocess.Popen([sys.executable, os.path.join(here, "_trajectory_cases.py"), str(r), str(world),
-                                   os.path.join(out, f"{r}.json")], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for r in range(world)]
-        t_end = time.monotonic() + deadline_s
-        logs = []
-        try:
-            for p in procs:
-                logs.append(p.communicate(timeout=max(t_end - time.monotonic(), 1.0))[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise AssertionError(f"world of {world} ran past {deadline_s} s")
-        res: dict[str, list[str]] = {}
-        for r, (p, log) in enumerate(zip(procs, logs)):
-            path = os.path.join(out, f"{r}.json")
-            assert p.returncode == 0 and os.path.exists(path), f"rank {r} exited {p.returncode}:\n{log[-4000:]}"
-            with open(path) as f:
-                for k, v in json.load(f).items():
-                    res.setdefault(k, []).append(v)
-        return res
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_process_group_gives_the_one_process_gradient(world):
-    res = _run_world(world)
+    from _dist_launch import run_world
+
+    res = run_world(world, deadline_s=300.0, collective_timeout_s=90.0, script="_trajectory_cases.py")
     assert set(res) == set(DIST_CASES) | {"rng_disagreement", "train_batchnorm"}
     for name, per_rank in res.items():
         assert per_rank == ["ok"] * world, f"{name}: {per_rank}"
