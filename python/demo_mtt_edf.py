@@ -31,7 +31,7 @@ Distributed (CPU, gloo; NCCL on GPUs), checked on rank 0 against the single-proc
 
 Layout: every student step's minibatch is split into one contiguous block of rows per rank
 (``trajectory_matching_loss(..., process_group=pg)``); each step's gradient and each backward
-product is all-reduced (2 x (P + 1) floats per step), so every rank gets the one-process gradient.
+product is all-reduced (P + 1 floats per step forward, 2P + 1 backward), so every rank gets the one-process gradient.
 The synthetic images, the parameters and the CAMs are replicated. CAMs are not class-sharded here: ``CAMExtractor`` draws its smoothgrad noise for the
 whole batch from one generator, so a class shard cannot reproduce the single-process noise.
 """
@@ -230,7 +230,8 @@ def run_distributed(args, data: U.Digits, experts) -> int:
     ok = True
     if rank == 0:
         print(f"distributed MTT+EDF: {world} ranks (gloo); P = {experts[0][0].numel()}; each student step's "
-              f"{args.batch_syn} images split over the ranks, 2 all-reduces of P + 1 floats per step")
+              f"{args.batch_syn} images split over the ranks; per step one all-reduce of P + 1 floats forward and "
+              "one of 2P + 1 backward")
         ok = U.report_distributed(trace, one.image_syn.detach(), mine.image_syn.detach(), ctrl, args.iters,
                                   rel_first, every=50, what="CPD loss")
         one.close()
