@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import sys
 from typing import Optional
 
@@ -146,7 +145,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from edfkern import _extension
 
     if args.force:
-        shutil.rmtree(_extension.build_dir(), ignore_errors=True)
+        try:
+            _extension.clear_cache()
+        except _extension.CacheError as e:
+            print(f"edfkern: cannot clear the cached build: {e}", file=sys.stderr)
+            return 1
     mod, why = _extension.load(verbose=args.verbose)
     if mod is None:
         print(f"edfkern: native extension not built: {why}", file=sys.stderr)

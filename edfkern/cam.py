@@ -15,6 +15,12 @@ backward passes, each ``backward()`` writing into the parameters' ``.grad``.
 Noise convention (how to reproduce a run): for each noisy pass ``s = 0 .. S-1``, one
 draw ``torch.randn(images.shape, generator=generator) * std`` is added to all N images.
 ``noise=`` replaces these draws by given standard-normal ones (still multiplied by ``std``).
+EDF draws its noise in another order: per class, one draw for the per-class ``DataLoader``'s
+iterator and then torchcam's ``num_samples`` draws of ``(ipc, C, H, W)``.
+:func:`torchcam_noise` builds that noise, so the maps equal EDF's torchcam maps draw for draw.
+
+**Labels.** EDF learns ``label_syn`` as ``(N, K)`` float soft labels and explains the class
+``label_syn.argmax(dim=-1)`` (``utils/gradcam.py``). The extractor takes such labels as they are.
 
 **Several layers at once.** Given a list of target layers, the extractor hooks them all and
 runs the clean and noisy passes once for all of them: the backward of each noisy pass gives
@@ -32,7 +38,7 @@ from torch import Tensor, nn
 
 from .ops.gradcam import METHODS, grad_cam
 
-__all__ = ["CAMExtractor"]
+__all__ = ["CAMExtractor", "torchcam_noise"]
 
 ClassIdx = Union[int, Sequence[int], Tensor, str]
 Layer = Union[nn.Module, str]
@@ -63,6 +69,7 @@ class CAMExtractor:
 
         with CAMExtractor(resnet, "layer4") as cam:
             maps = cam(image_syn, label_syn)          # (N, 4, 4) for 128 px ResNet-18
+                                                      # label_syn: N class indices or EDF's (N, K) soft labels
 
         with CAMExtractor(resnet, ["layer1", "layer2", "layer3", "layer4"]) as cam:
             m1, m2, m3, m4 = cam(images, "predicted")  # each layer at its own resolution
@@ -189,8 +196,11 @@ class CAMExtractor:
                             f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
         return out, acts
 
-    def _grads(self, logits: Tensor, acts: list[Tensor], cls: Tensor) -> list[Tensor]:
+    def _grads(self, logits: Tensor, acts: list[Tensor], cls: Tensor, label_width: Optional[int]) -> list[Tensor]:
         k = logits.shape[1]
+        if label_width is not None and label_width != k:
+            raise ValueError(f"class_idx: soft labels (N, K) must have K = the model's {k} outputs, "
+                             f"got K={label_width}")
         if int(cls.min()) < 0 or int(cls.max()) >= k:
             raise ValueError(f"class_idx must lie in [0, {k}) for a model with {k} outputs, "
                              f"got values in [{int(cls.min())}, {int(cls.max())}]")
@@ -214,8 +224,11 @@ class CAMExtractor:
         if isinstance(class_idx, int):
             return torch.full((n,), class_idx, dtype=torch.long, device=device)
         if isinstance(class_idx, Tensor):
+            if class_idx.is_floating_point() and class_idx.dim() == 2:
+                return _soft_label_classes(class_idx, n, device)
             if class_idx.is_floating_point() or class_idx.is_complex() or class_idx.dtype == torch.bool:
-                raise TypeError(f"class_idx tensor must have an integer dtype, got {class_idx.dtype}")
+                raise TypeError(f"class_idx tensor must have an integer dtype, or be (N, K) floating soft labels, "
+                                f"got {class_idx.dtype} of shape {tuple(class_idx.shape)}")
             if class_idx.dim() == 0:
                 return torch.full((n,), int(class_idx), dtype=torch.long, device=device)
             cls = class_idx
@@ -239,14 +252,19 @@ class CAMExtractor:
 
         Args:
             images: ``(N, C, H, W)`` input batch (detached internally; its ``.grad`` is untouched).
-            class_idx: the class to explain, one int for all images or N ints (list or tensor), or
-                ``"predicted"``: each image's argmax logit on the clean input (``smoothgradcam++``;
-                the plain methods take the argmax of the one pass they run, also on the clean input).
+            class_idx: the class to explain: one int for all images; N ints (list or integer tensor);
+                an ``(N, K)`` floating tensor of soft labels, as EDF learns ``label_syn``, whose
+                class is each row's argmax (``argmax(dim=-1)``, the first index on ties, as EDF's
+                ``utils/gradcam.py`` takes it; ``K`` must be the model's number of outputs, and a row
+                holding NaN or inf is a ``ValueError``); or ``"predicted"``: each image's argmax logit
+                on the clean input (``smoothgradcam++``; the plain methods take the argmax of the one
+                pass they run, also on the clean input).
             size: ``(H, W)`` to upsample the maps to (bilinear, ``align_corners=False``), e.g. the
                 image size as EDF does; ``None`` keeps the layer's ``(h, w)``.
             generator: RNG for the input noise (``smoothgradcam++``); ``None`` uses torch's global RNG.
             noise: ``(num_samples, N, C, H, W)`` standard-normal draws to use instead of drawing
                 (``smoothgradcam++`` only); pass ``s`` adds ``noise[s] * std`` to the images.
+                :func:`torchcam_noise` builds it in the order of EDF's per-class torchcam loop.
 
         Returns:
             ``(N, h, w)`` (or ``(N, H, W)``) maps in ``[0, 1]``, float32 (float64 for a float64 model);
@@ -261,6 +279,7 @@ class CAMExtractor:
         if n == 0:
             raise ValueError("images must hold at least one image, got N=0")
         cls = self._class_tensor(class_idx, n, images.device)
+        label_width = class_idx.shape[1] if isinstance(class_idx, Tensor) and class_idx.dim() == 2 else None
         x = images.detach()
         if noise is not None:
             if self.method != "smoothgradcam++":
@@ -279,9 +298,9 @@ class CAMExtractor:
             self.model.eval()
             with torch.inference_mode(False):  # the passes need autograd even if the caller is in inference mode
                 if self.method == "smoothgradcam++":
-                    maps = self._smooth(x, cls, size, generator, noise)
+                    maps = self._smooth(x, cls, label_width, size, generator, noise)
                 else:
-                    maps = self._plain(x, cls, size)
+                    maps = self._plain(x, cls, label_width, size)
             return maps if self._multi else maps[0]
         finally:
             self._remove_hook()
@@ -293,20 +312,20 @@ class CAMExtractor:
         for r0 in range(0, total, step):
             yield r0, min(total, r0 + step)
 
-    def _plain(self, x: Tensor, cls: Optional[Tensor], size) -> list[Tensor]:
+    def _plain(self, x: Tensor, cls: Optional[Tensor], label_width: Optional[int], size) -> list[Tensor]:
         L = len(self.target_layers)
         acts: list[list[Tensor]] = [[] for _ in range(L)]
         grads: list[list[Tensor]] = [[] for _ in range(L)]
         for r0, r1 in self._chunks(x.shape[0]):
             logits, a = self._forward(x[r0:r1], grad=True)
             c = logits.detach().argmax(1) if cls is None else cls[r0:r1]
-            for j, g in enumerate(self._grads(logits, a, c)):
+            for j, g in enumerate(self._grads(logits, a, c, label_width)):
                 grads[j].append(g)
                 acts[j].append(a[j].detach())
         return [grad_cam(torch.cat(acts[j]), torch.cat(grads[j]), method=self.method, size=size) for j in range(L)]
 
-    def _smooth(self, x: Tensor, cls: Optional[Tensor], size, generator: Optional[torch.Generator],
-                given_noise: Optional[Tensor]) -> list[Tensor]:
+    def _smooth(self, x: Tensor, cls: Optional[Tensor], label_width: Optional[int], size,
+                generator: Optional[torch.Generator], given_noise: Optional[Tensor]) -> list[Tensor]:
         n, s_count, L = x.shape[0], self.num_samples, len(self.target_layers)
         # Clean activations (alpha's denominator): forward only; its logits give "predicted".
         clean: list[list[Tensor]] = [[] for _ in range(L)]
@@ -347,7 +366,7 @@ class CAMExtractor:
             batch = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             rows_cls = torch.cat([cls[i0:i1] for _, i0, i1 in spans])
             logits, a = self._forward(batch, grad=True)
-            g = self._grads(logits, a, rows_cls)
+            g = self._grads(logits, a, rows_cls, label_width)
             for j in range(L):
                 off = 0
                 for s, i0, i1 in spans:
@@ -356,3 +375,98 @@ class CAMExtractor:
                     off += i1 - i0
         return [grad_cam(A[j], G[j], method="smoothgradcam++", size=size, clean_activations=a_clean[j])
                 for j in range(L)]
+
+
+# ---------------------------------------------------------------------- EDF's label and noise conventions
+
+
+def _soft_label_classes(labels: Tensor, n: int, device: torch.device) -> Tensor:
+    """The classes of ``(N, K)`` soft labels: ``labels.argmax(dim=-1)``, as EDF's ``utils/gradcam.py``.
+
+    ``argmax`` returns the first index among equal maxima. A row holding NaN or inf has no
+    meaningful argmax (``torch.argmax`` would pick the NaN), so it is refused, naming the row.
+    """
+    if labels.shape[0] != n or labels.shape[1] == 0:
+        raise ValueError(f"class_idx: soft labels must have shape (N={n}, K) with K >= 1, one row per image, "
+                         f"got {tuple(labels.shape)}")
+    lab = labels.detach()
+    bad = ~torch.isfinite(lab).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        shown = ", ".join(str(r) for r in rows[:5]) + (f", ... ({len(rows)} rows)" if len(rows) > 5 else "")
+        raise ValueError(f"class_idx: soft label row {rows[0]} is not finite (it holds NaN or inf), so it has no "
+                         f"class to explain; non-finite rows: {shown}")
+    return lab.argmax(dim=-1).to(device=device, dtype=torch.long)
+
+
+def _edf_loader_batch(ipc: int) -> int:
+    """The batch size of EDF's per-class ``DataLoader`` in ``get_activation_maps``."""
+    return ipc if ipc <= 50 else 32
+
+
+def torchcam_noise(shape: Sequence[int], ipc: int, *, num_samples: int = 4, loader_batch_size: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None, dtype: Optional[torch.dtype] = None,
+                   device: Optional[Union[str, torch.device]] = None) -> Tensor:
+    """The noise of EDF's per-class torchcam loop, in the layout ``CAMExtractor(noise=)`` takes.
+
+    EDF's ``get_activation_maps`` (``utils/gradcam.py``) runs, for each class ``c`` in turn, over
+    a ``DataLoader(TensorDataset(...), batch_size=b, shuffle=False)`` of that class's IPC images,
+    with ``b = ipc`` for ``ipc <= 50`` and ``32`` above. Each class draws from torch's global CPU
+    RNG, in this order:
+
+    1. ``iter(data_loader)``: one ``int64`` draw, the loader's base seed
+       (``torch.empty((), dtype=torch.int64).random_()``), although no worker uses it;
+    2. for each loader batch of ``b' <= b`` images, torchcam 0.4's ``SmoothGradCAMpp`` makes
+       ``num_samples`` draws of shape ``(b', C, H, W)`` (``Normal(0, std).sample``, on the CPU in
+       the default dtype, even for CUDA images), one per noisy pass.
+
+    This function makes the same draws from ``generator`` and returns them as standard-normal
+    ``(num_samples, N, C, H, W)`` noise: ``noise[s]`` holds pass ``s`` of every batch, at the
+    batch's rows. ``CAMExtractor(...)(images, label_syn, noise=noise)`` then adds exactly
+    torchcam's noise (``noise[s] * std``) and returns EDF's maps (before its resize) draw for draw.
+
+    The state to start from is the global RNG's state where EDF's per-class loop begins: after
+    ``get_activation_maps`` has built the CAM model (building a network draws its initial weights).
+
+    Args:
+        shape: ``(N, C, H, W)``, the synthetic images' shape; class-contiguous, ``N = K * ipc``.
+        ipc: images per class.
+        num_samples: torchcam's ``num_samples`` (EDF uses the default, 4).
+        loader_batch_size: the per-class loader's batch size; ``None``: EDF's rule above.
+        generator: a CPU ``torch.Generator`` holding the RNG state; ``None`` draws from (and
+            advances) torch's global CPU RNG, as EDF's loop does.
+        dtype: the returned dtype (give the images' dtype); the draws are made in torch's default
+            dtype, as torchcam makes them, and then converted. ``None``: the default dtype.
+        device: the returned tensor's device (give the images' device). The draws are on the CPU.
+
+    Returns:
+        ``(num_samples, N, C, H, W)`` standard-normal noise.
+    """
+    if isinstance(shape, torch.Size) or isinstance(shape, (list, tuple)):
+        shape = tuple(shape)
+    else:
+        raise TypeError(f"shape must be a tuple (N, C, H, W) such as images.shape, got {type(shape).__name__}")
+    if len(shape) != 4 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        raise ValueError(f"shape must be (N, C, H, W) with positive ints, got {shape}")
+    for name, v in (("ipc", ipc), ("num_samples", num_samples)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if loader_batch_size is None:
+        loader_batch_size = _edf_loader_batch(ipc)
+    elif isinstance(loader_batch_size, bool) or not isinstance(loader_batch_size, int) or loader_batch_size < 1:
+        raise ValueError(f"loader_batch_size must be None or an int >= 1, got {loader_batch_size!r}")
+    n, c, h, w = shape
+    if n % ipc:
+        raise ValueError(f"shape: N={n} images must be K classes of ipc={ipc} images each (N divisible by ipc)")
+    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
+        raise TypeError("generator must be None or a CPU torch.Generator (torchcam draws its noise on the CPU), "
+                        f"got {generator.device if isinstance(generator, torch.Generator) else type(generator).__name__}")
+    draw_dtype = torch.get_default_dtype()
+    noise = torch.empty((num_samples, n, c, h, w), dtype=draw_dtype)
+    for c0 in range(0, n, ipc):
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # iter(DataLoader): its base seed
+        for r0 in range(c0, c0 + ipc, loader_batch_size):
+            r1 = min(c0 + ipc, r0 + loader_batch_size)
+            for s in range(num_samples):
+                noise[s, r0:r1] = torch.randn((r1 - r0, c, h, w), generator=generator, dtype=draw_dtype)
+    return noise.to(dtype=dtype or draw_dtype, device=device)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd_functional
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _checks as C
 from .ops.dae import _check_cam as _check_cam_tensor
@@ -51,7 +52,12 @@ class DAESGD(Optimizer):
       (``None`` for "no CAM"), or a single tensor when the optimizer holds one parameter.
 
     A parameter with no CAM gets exactly ``torch.optim.SGD``'s update. CAMs are inputs, not state:
-    they are not in ``state_dict()``.
+    they are not in ``state_dict()`` and ``load_state_dict`` leaves them as they are; a copy
+    (``copy.deepcopy``, pickling) carries them over to its own copies of the parameters.
+
+    Stored CAMs are keyed by the parameter object itself, held weakly (never by its ``id``, which a
+    new tensor can reuse once the old one is freed): a parameter that leaves the optimizer and is
+    freed takes its CAM with it, and a tensor that is not the one given a CAM never inherits it.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0, dampening: float = 0, weight_decay: float = 0,
@@ -60,7 +66,7 @@ class DAESGD(Optimizer):
         defaults = self._check_group(dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                           nesterov=nesterov, maximize=maximize, beta=beta, threshold=threshold))
         super().__init__(params, defaults)
-        self._cams: dict[int, Tensor] = {}  # id(param) -> stored CAM
+        self._cams: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param (held weakly) -> stored CAM
 
     @staticmethod
     def _check_beta(beta: Any) -> float:
@@ -87,8 +93,20 @@ class DAESGD(Optimizer):
                     nesterov=bool(group["nesterov"]), maximize=C.check_bool("maximize", group["maximize"]),
                     beta=cls._check_beta(group["beta"]), threshold=cls._check_threshold(group["threshold"]))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's optimizer state plus the stored CAMs, in the flat parameter order (pickling, deepcopy)."""
+        return {**super().__getstate__(), "cams": [self._cams.get(p) for p in self._flat_params()]}
+
     def __setstate__(self, state: dict) -> None:
+        """Unpickling, and ``load_state_dict`` (which calls it without ``cams``: stored CAMs stay)."""
+        state = dict(state)
+        cams = state.pop("cams", None)
         super().__setstate__(state)
+        if cams is not None or "_cams" not in self.__dict__:
+            self._cams = WeakIdKeyDictionary()
+            for p, cam in zip(self._flat_params(), cams or []):
+                if cam is not None:
+                    self._cams[p] = cam
         for group in self.param_groups:  # e.g. a torch.optim.SGD state dict loaded into DAESGD
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -137,20 +155,21 @@ class DAESGD(Optimizer):
         """Store ``cam`` for a parameter (or clear it with ``None``) until replaced."""
         p = self._resolve(param_or_index, self._flat_params())
         if cam is None:
-            self._cams.pop(id(p), None)
+            self._cams.pop(p, None)
         else:
-            self._cams[id(p)] = self._check_cam(p, cam)
+            self._cams[p] = self._check_cam(p, cam)
 
     def get_cam(self, param_or_index: ParamRef) -> Optional[Tensor]:
         """The stored CAM of a parameter, or ``None``."""
-        return self._cams.get(id(self._resolve(param_or_index, self._flat_params())))
+        return self._cams.get(self._resolve(param_or_index, self._flat_params()))
 
     def clear_cams(self) -> None:
         self._cams.clear()
 
-    def _step_cams(self, cams: CamsArg, flat: list[Tensor]) -> dict[int, Optional[Tensor]]:
-        """This step's CAMs by id(param): stored ones, overridden by ``cams``."""
-        out: dict[int, Optional[Tensor]] = dict(self._cams)
+    def _step_cams(self, cams: CamsArg, flat: list[Tensor]) -> dict[Tensor, Optional[Tensor]]:
+        """This step's CAM of every parameter in ``flat`` (keyed by the parameter, as ``self.state``):
+        the stored ones, overridden by ``cams``."""
+        out: dict[Tensor, Optional[Tensor]] = {p: self._cams.get(p) for p in flat}
         if cams is None:
             return out
         if isinstance(cams, Tensor):
@@ -167,7 +186,7 @@ class DAESGD(Optimizer):
         else:
             raise TypeError(f"cams must be a tensor, a mapping or a list, got {type(cams).__name__}")
         for p, cam in items:
-            out[id(p)] = None if cam is None else self._check_cam(p, cam)
+            out[p] = None if cam is None else self._check_cam(p, cam)
         return out
 
     # ------------------------------------------------------------------ step
@@ -188,13 +207,13 @@ class DAESGD(Optimizer):
                     raise ValueError(f"state momentum_buffer must match its parameter {tuple(p.shape)} {p.dtype} "
                                      f"{p.device}, got {tuple(buf.shape)} {buf.dtype} {buf.device}")
 
-    def _plan(self, groups: list[dict], step_cams: dict[int, Optional[Tensor]]) -> None:
+    def _plan(self, groups: list[dict], step_cams: dict[Tensor, Optional[Tensor]]) -> None:
         """Every check that needs this step's gradients, for every parameter, before the first write."""
         for group in groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                cam = step_cams.get(id(p))
+                cam = step_cams.get(p)
                 if cam is None:
                     if p.grad.shape != p.shape:
                         raise ValueError(f"the gradient of a parameter {tuple(p.shape)} has shape {tuple(p.grad.shape)}")
@@ -230,7 +249,7 @@ class DAESGD(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                cam = step_cams.get(id(p))
+                cam = step_cams.get(p)
                 if cam is None:  # plain SGD, collected as torch.optim.SGD._init_group does
                     params.append(p)
                     grads.append(p.grad)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from . import _checks as C
 from . import baselines
 
-__all__ = ["trajectory_matching_loss", "TrajectoryReplayError", "last_call_profile"]
+__all__ = ["trajectory_matching_loss", "soft_cross_entropy", "TrajectoryReplayError", "last_call_profile"]
 
 Forward = Callable[[Tensor, Tensor], Tensor]
 Augment = Callable[[Tensor], Tensor]
@@ -106,17 +106,27 @@ def trajectory_matching_loss(forward: Forward, images: Tensor, labels: Tensor, s
         TrajectoryReplayError: in the backward, when a step recomputed from its saved state gives another
             loss than in the forward (dropout, an augmentation drawing from another RNG, ...).
     """
-    plan = _Plan.build(forward, images, labels, start, target, syn_lr, syn_steps=syn_steps, batch_syn=batch_syn,
-                       batches=batches, augment=augment, generator=generator, loss_fn=loss_fn,
-                       drop_ratio=drop_ratio, memory=memory, checkpoint_every=checkpoint_every,
-                       process_group=process_group, replay_rtol=replay_rtol)
-    a = syn_lr if isinstance(syn_lr, Tensor) else torch.tensor(float(syn_lr), dtype=start.dtype, device=start.device)
+    kw = dict(syn_steps=syn_steps, batch_syn=batch_syn, batches=batches, augment=augment, generator=generator,
+              loss_fn=loss_fn, drop_ratio=drop_ratio, memory=memory, checkpoint_every=checkpoint_every,
+              process_group=process_group, replay_rtol=replay_rtol)
+    if process_group is not None:
+        from .distributed._agree import op_call
+        # the op's header: a check failing on one rank raises on every rank, and the ranks must agree on the call
+        with op_call("trajectory_matching_loss", process_group) as call:
+            plan = _Plan.build(forward, images, labels, start, target, syn_lr, **kw)
+            _agree(plan, images, labels, call)
+            return _ConstantMemory.apply(plan, images, labels, _as_tensor(syn_lr, start))
+    plan = _Plan.build(forward, images, labels, start, target, syn_lr, **kw)
     if plan.memory == "unrolled":
         return baselines.trajectory_matching_loop(
-            forward, images, labels, start, target, a, syn_steps=plan.steps, batch_syn=plan.batch_syn,
-            batches=plan.given_batches, augment=augment, generator=generator, loss_fn=plan.loss_fn,
-            drop_ratio=plan.drop_ratio)
-    return _ConstantMemory.apply(plan, images, labels, a)
+            forward, images, labels, start, target, _as_tensor(syn_lr, start), syn_steps=plan.steps,
+            batch_syn=plan.batch_syn, batches=plan.given_batches, augment=augment, generator=generator,
+            loss_fn=plan.loss_fn, drop_ratio=plan.drop_ratio)
+    return _ConstantMemory.apply(plan, images, labels, _as_tensor(syn_lr, start))
+
+
+def _as_tensor(syn_lr: Union[Tensor, float], start: Tensor) -> Tensor:
+    return syn_lr if isinstance(syn_lr, Tensor) else torch.tensor(float(syn_lr), dtype=start.dtype, device=start.device)
 
 
 @dataclass
@@ -139,6 +149,16 @@ _LAST_PROFILE = Profile()
 def last_call_profile() -> Profile:
     """The :class:`Profile` of the last constant-memory call (its backward included once it has run)."""
     return _LAST_PROFILE
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """DATM's and EDF's ``SoftCrossEntropy`` (``edf_distill.py``, ``main``): the learned soft labels are
+    logits, so ``sum(-log_softmax(logits) * softmax(target)) / B``. ``logits``, ``target``: ``(B, K)``.
+
+    Pass it as ``loss_fn=`` to reproduce EDF's ``criterion``; ``F.cross_entropy`` (the default) would
+    read float targets as probabilities instead.
+    """
+    return torch.sum(-F.log_softmax(logits, dim=1) * F.softmax(target, dim=1)) / logits.shape[0]
 
 
 # ----------------------------------------------------------------------------- the plan of one call
@@ -415,17 +435,18 @@ class _ConstantMemory(torch.autograd.Function):
     def forward(ctx, plan: _Plan, images: Tensor, labels: Tensor, syn_lr: Tensor) -> Tensor:
         global _LAST_PROFILE
         prof = _LAST_PROFILE = Profile()
-        _agree(plan, images, labels, syn_lr)
         a = syn_lr.detach().reshape(()).to(plan.start.dtype)
         x, y = images.detach(), labels.detach()
-        keep = set(plan.checkpoints())
-        saved: dict[int, Tensor] = {}
+        rows = {i: r for r, i in enumerate(plan.checkpoints())}
+        # the kept w_i in one preallocated (S/k, P) block: S separate P-sized tensors interleave with each
+        # step's temporaries on glibc's heap and leave holes (1.6 P per step measured, against P here)
+        saved = plan.start.new_empty((len(rows), plan.start.numel()))
         w = plan.start.detach().clone()
         with _Clock(prof, "forward"):
             for i, idx in enumerate(plan.draw_batches()):
                 plan.batches.append(idx)
-                if i in keep:
-                    saved[i] = w
+                if i in rows:
+                    saved[rows[i]].copy_(w)
                 loss, g = _step_grad(plan, w, x, y, i, prof)
                 plan.losses.append(loss)
                 w = w - a * g
@@ -434,7 +455,7 @@ class _ConstantMemory(torch.autograd.Function):
             w_s = w.requires_grad_(True)
             out = cpd_trajectory_loss(w_s, plan.target.detach(), plan.start.detach(), drop_ratio=plan.drop_ratio)
             (lam,) = torch.autograd.grad(out, w_s)
-        ctx.plan, ctx.saved, ctx.lam, ctx.prof = plan, saved, lam, prof
+        ctx.plan, ctx.saved, ctx.rows, ctx.lam, ctx.prof = plan, saved, rows, lam, prof
         ctx.save_for_backward(images, labels, syn_lr)
         return out.detach()
 
@@ -447,14 +468,13 @@ class _ConstantMemory(torch.autograd.Function):
         prof = ctx.prof
         a = syn_lr.detach().reshape(()).to(plan.start.dtype)
         lam = ctx.lam * grad_out.to(ctx.lam.dtype)
-        ctx.lam = ctx.saved = None
         x, y = images.detach(), labels.detach()
         dx = torch.zeros_like(x) if need_x else None
         dy = torch.zeros_like(y) if need_y else None
         da = torch.zeros((), dtype=lam.dtype, device=lam.device)
         for seg_start in reversed(plan.checkpoints()):
             seg_end = min(seg_start + plan.every, plan.steps)
-            ws = [saved.pop(seg_start)]
+            ws = [ctx.saved[ctx.rows[seg_start]]]  # not consumed: a retained graph may run backward again
             with _Clock(prof, "recompute"):
                 for i in range(seg_start, seg_end - 1):  # the segment's w_i, from its checkpoint
                     loss, g = _step_grad(plan, ws[-1], x, y, i, prof)
@@ -555,23 +575,20 @@ def _fingerprint(*parts: object) -> int:
     return int.from_bytes(h.digest(), "little") >> 2
 
 
-def _agree(plan: _Plan, images: Tensor, labels: Tensor, syn_lr: Tensor) -> None:
-    """With a process group: every rank must hold the same call (shapes, scalars, batches or RNG state),
-    or every rank raises the same ``ValueError`` before any step runs."""
-    if plan.group is None:
-        return
-    from .distributed import _comm
+def _agree(plan: _Plan, images: Tensor, labels: Tensor, call) -> None:
+    """With a process group: every rank must make the same call (shapes, scalars, batches, RNG state),
+    or every rank raises the same ``ValueError`` before any step runs. The words travel in the op's
+    header (:class:`edfkern.distributed._agree.op_call`)."""
     draws = plan.given_batches is None
-    names = ["call (shapes, scalars, batches)", "torch RNG state / generator", "syn_lr value"]
+    names = ["call (shapes, scalars, batches)", "torch RNG state / generator"]
     mine = [
         _fingerprint("trajectory_matching_loss", tuple(images.shape), images.dtype, tuple(labels.shape), labels.dtype,
                      plan.start.numel(), plan.start.dtype, plan.steps, plan.batch_syn, plan.drop_ratio, plan.every,
                      plan.augment is not None, *(plan.given_batches or [])),
         _fingerprint(*(_rng_state(images.device) if (draws and plan.generator is None) or plan.augment is not None
                        else ()), plan.generator.get_state() if draws and plan.generator is not None else 0),
-        _fingerprint(syn_lr.detach().reshape(-1)),
     ]
-    table = _comm.gather_ints(mine, group=plan.group, what="trajectory_matching_loss header")
+    table = call.exchange(mine)
     for j, name in enumerate(names):
         col = [row[j] for row in table]
         if len(set(col)) > 1:

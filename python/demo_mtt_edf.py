@@ -12,9 +12,11 @@
 
    * baseline run: per-class CAM loop (``edfkern.baselines.cams_per_class``, torchcam-0.4 style:
      clean forward, ``num_samples`` noisy forward + ``backward()`` passes per class), ``image_syn.grad *=
-     baselines.create_soft_mask(...)``, ``torch.optim.SGD``, and ``baselines.cpd_trajectory_loss`` (full sort);
+     baselines.create_soft_mask(...)``, ``torch.optim.SGD``, the authors' unrolled student (every step's
+     graph kept, ``create_graph=True``) and ``baselines.cpd_trajectory_loss`` (full sort);
    * edfkern run: ``CAMExtractor`` (all images in one batched pass), ``DAESGD`` (mask fused into the
-     SGD step) and ``edfkern.cpd_trajectory_loss``.
+     SGD step) and ``edfkern.trajectory_matching_loss``: the same student steps and CPD loss, with the
+     loop's exact gradient at constant memory (no graph of the ``syn_steps`` is kept).
 
 Both runs use the same seed and the same noise draws, and the script reports the largest
 difference between the two final synthetic sets, time per iteration, and held-out test accuracy
@@ -27,11 +29,10 @@ Distributed (CPU, gloo; NCCL on GPUs), checked on rank 0 against the single-proc
 
     torchrun --nproc-per-node 2 python/demo_mtt_edf.py --distributed --quick
 
-Layout: the student's flat parameter vector (P entries) is split into one contiguous chunk per rank
-(FSDP's flat-parameter layout) and the CPD loss runs on the chunks with a process group
-(``edfkern.distributed.cpd_trajectory_loss``: the exact keep-set of a global stable sort; a few KB
-sent per call, independent of P). The synthetic images, the CAMs and the unrolled student are
-replicated. CAMs are not class-sharded here: ``CAMExtractor`` draws its smoothgrad noise for the
+Layout: every student step's minibatch is split into one contiguous block of rows per rank
+(``trajectory_matching_loss(..., process_group=pg)``); each step's gradient and each backward
+product is all-reduced (2 x (P + 1) floats per step), so every rank gets the one-process gradient.
+The synthetic images, the parameters and the CAMs are replicated. CAMs are not class-sharded here: ``CAMExtractor`` draws its smoothgrad noise for the
 whole batch from one generator, so a class shard cannot reproduce the single-process noise.
 """
 from __future__ import annotations
@@ -116,7 +117,8 @@ class Distiller:
                           if fused else None)
         self.g = torch.Generator().manual_seed(args.seed + 7)
         self.g_cam = torch.Generator().manual_seed(args.seed + 8)
-        self.t_iter, self.t_cam, self.t_cpd, self.t_dae = (U.Stopwatch() for _ in range(4))
+        self.t_iter, self.t_cam, self.t_student, self.t_dae = (U.Stopwatch() for _ in range(4))
+        self.pg = None  # a process group: the student's minibatches are split over its ranks
         self.cams = None
         self.last = float("nan")
 
@@ -137,16 +139,22 @@ class Distiller:
                         self.cams = baselines.cams_per_class(self.cam_net, self.cam_net.get_submodule(CAM_LAYER),
                                                              image_syn, ipc, num_samples=args.cam_samples,
                                                              std=args.cam_std, generator=self.g_cam)
-            w = start.clone().requires_grad_(True)
-            for idx in order:  # unrolled student training on the synthetic set
-                ce = F.cross_entropy(self.student(w, image_syn[idx]), label_syn[idx])
-                (gw,) = torch.autograd.grad(ce, w, create_graph=True)
-                w = w - self.syn_lr * gw
-            with self.t_cpd:  # CPD loss alone, forward + backward to the student's parameters
-                loss, grad_w = self.cpd(w.detach(), target, start)
             self.opt_img.zero_grad(set_to_none=True)
             self.opt_lr.zero_grad(set_to_none=True)
-            w.backward(grad_w)
+            with self.t_student:  # the student's syn_steps and the CPD loss, forward + backward
+                if self.fused:  # exact gradient at constant memory: no graph of the syn_steps is kept
+                    loss = edfkern.trajectory_matching_loss(self.student, image_syn, label_syn, start, target,
+                                                            self.syn_lr, batches=order, drop_ratio=args.drop_ratio,
+                                                            process_group=self.pg)
+                    loss.backward()
+                else:  # the authors' loop: every step's graph kept (create_graph=True), then the CPD block
+                    w = start.clone().requires_grad_(True)
+                    for idx in order:
+                        ce = F.cross_entropy(self.student(w, image_syn[idx]), label_syn[idx])
+                        (gw,) = torch.autograd.grad(ce, w, create_graph=True)
+                        w = w - self.syn_lr * gw
+                    loss = baselines.cpd_trajectory_loss(w, target, start, drop_ratio=args.drop_ratio)
+                    loss.backward()
             with self.t_dae:  # DAE + the image step
                 if self.fused:
                     self.opt_img.step()
@@ -157,14 +165,6 @@ class Distiller:
             self.opt_lr.step()
         self.last = float(loss.detach())
 
-    def cpd(self, w: Tensor, target: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
-        """The CPD loss and its gradient with respect to the student's parameters ``w``."""
-        leaf = w.requires_grad_(True)
-        cpd = edfkern.cpd_trajectory_loss if self.fused else baselines.cpd_trajectory_loss
-        loss = cpd(leaf, target, start, drop_ratio=self.args.drop_ratio)
-        loss.backward()
-        return loss, leaf.grad
-
     def warm_up(self) -> None:
         """One untimed call of every op this run uses (a compiled backend loads on first use), on
         copies and throw-away RNGs, so the run's state and random streams are untouched."""
@@ -174,14 +174,17 @@ class Distiller:
             cams = self.extractor(x, self.label_syn, generator=g)
             edfkern.dae_sgd_step_(x, torch.zeros_like(x), torch.empty_like(x), cams, lr=0.0, beta=args.beta,
                                   momentum=0.5, first_step=True)
-            cpd = edfkern.cpd_trajectory_loss
+            x.requires_grad_(True)
+            e = self.experts[0]
+            edfkern.trajectory_matching_loss(self.student, x, self.label_syn, e[0], e[2], self.syn_lr.detach(),
+                                             batches=[torch.arange(2)], drop_ratio=args.drop_ratio).backward()
         else:
             cams = baselines.cams_per_class(self.cam_net, self.cam_net.get_submodule(CAM_LAYER), x, args.ipc,
                                             num_samples=args.cam_samples, std=args.cam_std, generator=g)
             baselines.create_soft_mask(cams, tuple(x.shape[-2:]), args.beta, args.threshold)
-            cpd = baselines.cpd_trajectory_loss
-        s = self.experts[0][1].clone().requires_grad_(True)
-        cpd(s, self.experts[0][2], self.experts[0][0], drop_ratio=args.drop_ratio).backward()
+            s = self.experts[0][1].clone().requires_grad_(True)
+            baselines.cpd_trajectory_loss(s, self.experts[0][2], self.experts[0][0],
+                                          drop_ratio=args.drop_ratio).backward()
 
     def close(self) -> None:
         if self.extractor is not None:
@@ -192,32 +195,11 @@ class Distiller:
 
 
 class DistDistiller(Distiller):
-    """The edfkern run with CPD on this rank's contiguous chunk of the flat parameter vector."""
+    """The edfkern run with every student step's minibatch split over the ranks of ``pg``."""
 
     def __init__(self, data: U.Digits, experts, args, pg) -> None:
         super().__init__(True, data, experts, args)
-        from edfkern.distributed import world
-
         self.pg = pg
-        rank, size = world(pg)
-        p = experts[0][0].numel()
-        cuts = [r * p // size for r in range(size + 1)]
-        self.lo, self.hi = cuts[rank], cuts[rank + 1]
-
-    def cpd(self, w: Tensor, target: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
-        import inspect
-
-        import edfkern.distributed as ED
-
-        op = edfkern.cpd_trajectory_loss
-        op = op if "process_group" in inspect.signature(op).parameters else ED.cpd_trajectory_loss
-        sl = slice(self.lo, self.hi)
-        leaf = w[sl].clone().requires_grad_(True)
-        loss = op(leaf, target[sl], start[sl], drop_ratio=self.args.drop_ratio, process_group=self.pg)
-        loss.backward()
-        grad = torch.zeros_like(w)
-        grad[sl] = leaf.grad  # the other chunks' gradients, summed in (zeros elsewhere: exact)
-        return loss, ED.all_reduce_sum_([grad], group=self.pg, what="demo gradient gather")[0]
 
 
 def run_distributed(args, data: U.Digits, experts) -> int:
@@ -247,11 +229,8 @@ def run_distributed(args, data: U.Digits, experts) -> int:
                 rel_first = float((one.image_syn.detach() - mine.image_syn.detach()).norm()) / max(step, 1e-30)
     ok = True
     if rank == 0:
-        from edfkern.distributed import last_call_stats
-
-        st = last_call_stats("cpd_trajectory_loss")
-        print(f"distributed MTT+EDF: {world} ranks (gloo); P = {experts[0][0].numel()}, rank 0 holds "
-              f"[{mine.lo}, {mine.hi}); CPD sends {st.bytes} bytes in {st.calls} collectives per call")
+        print(f"distributed MTT+EDF: {world} ranks (gloo); P = {experts[0][0].numel()}; each student step's "
+              f"{args.batch_syn} images split over the ranks, 2 all-reduces of P + 1 floats per step")
         ok = U.report_distributed(trace, one.image_syn.detach(), mine.image_syn.detach(), ctrl, args.iters,
                                   rel_first, every=50, what="CPD loss")
         one.close()
@@ -281,7 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--cam-samples", type=int, default=4)
     p.add_argument("--cam-std", type=float, default=0.3)
     p.add_argument("--distributed", action="store_true",
-                   help="run under torchrun: CPD on chunks of the parameter vector; rank 0 compares with one process")
+                   help="run under torchrun: student minibatches split over ranks; rank 0 compares with one process")
     U.add_common_args(p)
     args = p.parse_args(argv)
     U.finish_common_args(args)
@@ -326,8 +305,8 @@ def main(argv=None) -> int:
     base.close()
     fused.close()
     syn_b, syn_f = base.image_syn.detach(), fused.image_syn.detach()
-    tb = (base.t_iter, base.t_cam, base.t_cpd, base.t_dae)
-    tf = (fused.t_iter, fused.t_cam, fused.t_cpd, fused.t_dae)
+    tb = (base.t_iter, base.t_cam, base.t_student, base.t_dae)
+    tf = (fused.t_iter, fused.t_cam, fused.t_student, fused.t_dae)
     print(f"final CPD loss: baseline {base.last:.6g}, edfkern {fused.last:.6g}; learned lr: "
           f"{float(base.syn_lr):.5g} / {float(fused.syn_lr):.5g}; max |CAM difference| at the first refresh "
           f"{cam_diff:.3e}")
@@ -338,20 +317,20 @@ def main(argv=None) -> int:
     acc_f = U.mean_acc(syn_f, init_y, data, **kw)
 
     def times(ts):
-        it, cam, cpd, dae = ts
-        return [f"{it.median_ms:.2f}", f"{cam.median_ms:.2f}", f"{cpd.median_ms:.3f}", f"{dae.median_ms:.3f}"]
+        it, cam, student, dae = ts
+        return [f"{it.median_ms:.2f}", f"{cam.median_ms:.2f}", f"{student.median_ms:.2f}", f"{dae.median_ms:.3f}"]
 
     U.print_table(
         f"MTT + EDF (CPD drop {args.drop_ratio}, DAE beta {args.beta}) on digits, IPC {args.ipc}: held-out test "
         f"accuracy (%), mean +- std over {args.eval_runs} ConvNets trained {args.eval_epochs} epochs; "
         "times are medians",
-        ["synthetic set", "test acc %", "ms / iteration", "CAM refresh ms", "CPD fwd+bwd ms", "DAE+step ms"],
+        ["synthetic set", "test acc %", "ms / iteration", "CAM refresh ms", "student+CPD ms", "DAE+step ms"],
         [["random real init (no distillation)", U.fmt_acc(*acc_init), "-", "-", "-", "-"],
          ["MTT+EDF, baseline loops", U.fmt_acc(*acc_b), *times(tb)],
          ["MTT+EDF, " + U.describe_backend(), U.fmt_acc(*acc_f), *times(tf)]])
     U.report_agreement(base, fused, ctrl, init_x, args.iters, trace, rel_first)
     print(f"speed-up of edfkern over the loops: {tb[0].median_ms / tf[0].median_ms:.2f}x per iteration, "
-          f"{tb[1].median_ms / tf[1].median_ms:.2f}x CAM refresh, {tb[2].median_ms / tf[2].median_ms:.2f}x CPD, "
+          f"{tb[1].median_ms / tf[1].median_ms:.2f}x CAM refresh, {tb[2].median_ms / tf[2].median_ms:.2f}x student+CPD (constant memory), "
           f"{tb[3].median_ms / tf[3].median_ms:.2f}x DAE+step")
     ok = rel_first < 1e-2 and base.last == base.last and fused.last == fused.last
     print("RESULT:", "OK" if ok else "FAILED")

@@ -26,7 +26,6 @@ import edfkern  # noqa: E402
 import edfkern.baselines as B  # noqa: E402
 import edfkern.distributed as ED  # noqa: E402
 from edfkern.distributed import _comm  # noqa: E402
-from edfkern.distributed._agree import float_bits  # noqa: E402
 from edfkern.distributed.cpd import payload_bytes  # noqa: E402
 from _utils import assert_close, assert_within_torch_error  # noqa: E402
 
@@ -35,8 +34,17 @@ PG = None
 CASES: dict[str, callable] = {}
 
 
+EDGE_CASES: dict[str, callable] = {}
+
+
 def case(fn):
     CASES[fn.__name__] = fn
+    return fn
+
+
+def edge(fn):
+    """A case of ``tests/test_edges_distributed.py`` (run in its own worlds, not in test_distributed.py's)."""
+    EDGE_CASES[fn.__name__] = fn
     return fn
 
 
@@ -489,17 +497,19 @@ def reduce_class_stats_and_shards():
     assert torch.equal(s, torch.arange(K, dtype=torch.float64) * tot) and torch.equal(c, torch.full((K,), tot))
     assert torch.equal(sums, torch.arange(K, dtype=torch.float64) * (RANK + 1)), "inputs must stay unchanged"
     if WORLD > 1:
-        _raises(lambda: ED.reduce_class_stats(torch.zeros(K + RANK), torch.zeros(K + RANK), group=PG), "disagree")
+        _raises(lambda: ED.reduce_class_stats(torch.zeros(K + RANK), torch.zeros(K + RANK), group=PG),
+                "the shape of sums must be the same on every rank")
 
 
 @case
 def header_words_are_one_collective():
     """Bytes and calls per op (header included) as docs/distributed.md states them."""
+    from edfkern.distributed._agree import HEADER_BYTES_PER_RANK
     x = torch.randn(4, 3, 5)
     ED.covariance_matching_loss(x, x + 1, syn_groups=2, real_groups=2, process_group=PG)
     st = ED.last_call_stats("covariance_matching_loss")
     K, C_, L = 2, 3, 5
-    expect = 8 * WORLD * 17 + 4 * 2 * (K * C_ * L + K) + 4 * 2 * K * C_ * C_
+    expect = HEADER_BYTES_PER_RANK * WORLD + 4 * 2 * (K * C_ * L + K) + 4 * 2 * K * C_ * C_
     assert st.calls == 3 and st.bytes == expect, (st, expect)
 
 
@@ -533,17 +543,233 @@ def public_keyword_is_the_distributed_op():
     assert not torch.equal(pairs[0][0], edfkern.local_covariance(syn, groups=ls, num_groups=3))
 
 
+# ----------------------------------------------------------------------------- edges (issue 20, class 1)
+#
+# ``tests/test_edges_distributed.py`` runs these in worlds of 2 and 3 with a short collective timeout:
+# ranks that call different ops, a local error on one rank followed by more calls, checks that can fail
+# on one rank only, and the messages. Every case also checks that the ranks are still in step after it.
+
+
+def _edge_data(seed: int):
+    """Global float64 rows every rank rebuilds: rank r holds 3 + r rows, labels 0..2 on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [3 + r for r in range(WORLD)]
+    n = sum(sizes)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 2, 3, generator=g, dtype=torch.float64) + 2
+    r = torch.randn(n, 2, 3, generator=g, dtype=torch.float64) - 1
+    o = sum(sizes[:RANK])
+    return x, r, y, slice(o, o + sizes[RANK])
+
+
+def _good(op: str, seed: int) -> None:
+    """A correct call of ``op`` on this rank's share, checked against the single-process baseline of the union
+    (a call paired with another rank's earlier call gives a different value)."""
+    x, r, y, sl = _edge_data(seed)
+    if op in ("cpd_trajectory_loss", "cpd_keep_mask"):
+        s, t = x.flatten(), r.flatten()
+        o, n = sl.start * 6, (sl.stop - sl.start) * 6
+        if op == "cpd_keep_mask":
+            got = ED.cpd_keep_mask(((s - t) ** 2)[o:o + n], 0.375, process_group=PG)
+            assert torch.equal(got, B.cpd_keep_mask((s - t) ** 2, 0.375)[o:o + n]), f"{op}: keep-set differs"
+            return
+        got = ED.cpd_trajectory_loss(s[o:o + n], t[o:o + n], s[o:o + n] * 0, drop_ratio=0.375, process_group=PG)
+        exp = B.cpd_trajectory_loss(s, t, s * 0, drop_ratio=0.375)
+    elif op == "local_covariance":
+        got = ED.local_covariance(x[sl], groups=y[sl], num_groups=3, process_group=PG)
+        exp = B.local_covariance(x, groups=y, num_groups=3)
+    elif op == "class_centralization_loss":
+        got = ED.class_centralization_loss(x[sl].flatten(1), groups=y[sl], weight=0.3, process_group=PG)
+        exp = B.class_centralization_loss(x.flatten(1), groups=y, weight=0.3)
+    elif op == "reduce_class_stats":
+        got = torch.cat(ED.reduce_class_stats(x[sl].sum(0).flatten(), torch.ones(6, dtype=torch.float64) * RANK,
+                                              group=PG))
+        exp = torch.cat([x.sum(0).flatten(), torch.full((6,), WORLD * (WORLD - 1) / 2, dtype=torch.float64)])
+    else:
+        flat = op == "mean_matching_loss"
+        a, b = (x[sl].flatten(1), r[sl].flatten(1)) if flat else (x[sl], r[sl])
+        got = getattr(ED, op)(a, b, syn_groups=y[sl], real_groups=y[sl], num_groups=3, weight=0.5, process_group=PG)
+        exp = getattr(B, op)(x.flatten(1) if flat else x, r.flatten(1) if flat else r, syn_groups=y, real_groups=y,
+                             num_groups=3, weight=0.5)
+    assert_close(got, exp, 1e-10, 1e-12, f"{op} after the edge case")
+
+
+def _on_every_rank(fn, kind, *needles: str) -> str:
+    """``fn()`` must raise ``kind`` on this rank with every needle in the message, and the message must be
+    the same on every rank (compared by CRC); returns it."""
+    try:
+        fn()
+    except kind as e:
+        msg = str(e)
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError(f"expected {kind.__name__}, got {type(e).__name__}: {e}") from e
+    else:
+        raise AssertionError(f"no {kind.__name__} on rank {RANK} (expected one mentioning {needles})")
+    missing = [w for w in needles if w not in msg]
+    assert not missing, f"{kind.__name__} without {missing}: {msg}"
+    table = _comm.gather_ints([zlib.crc32(msg.encode())], group=PG, what="test message crc")
+    assert all(r == table[0] for r in table), f"the message differs across ranks: {msg}"
+    return msg
+
+
+OPS = ("local_covariance", "class_centralization_loss", "covariance_matching_loss", "mean_matching_loss",
+       "cpd_trajectory_loss", "cpd_keep_mask", "reduce_class_stats")
+
+
+@edge
+def different_ops_raise_on_every_rank():
+    """Rank 0 calls one op, the others another (SIGABRT in gloo or a value on one rank before): a ValueError
+    naming every rank's op, on every rank, and the next calls are correct."""
+    pairs = [("local_covariance", "class_centralization_loss"), ("cpd_trajectory_loss", "cpd_keep_mask"),
+             ("covariance_matching_loss", "mean_matching_loss"), ("mean_matching_loss", "covariance_matching_loss"),
+             ("cpd_keep_mask", "local_covariance"), ("reduce_class_stats", "cpd_trajectory_loss")]
+    for i, (a, b) in enumerate(pairs):
+        _on_every_rank(lambda: _good(a if RANK == 0 else b, i), ValueError, "different edfkern ops",
+                       f"rank 0: {a}", f"rank {WORLD - 1}: {b}")
+        _good(b, 10 + i)
+    for i, op in enumerate(OPS):  # and every op still pairs with itself
+        _good(op, 20 + i)
+
+
+def _local_errors():
+    """(what, fn, expected type, words): a mistake on one rank only, caught by that rank's local checks."""
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    last = RANK == WORLD - 1
+    lab = torch.tensor([0, 1, 0, 1])
+    return [
+        ("drop_ratio=1.5 on rank 0", lambda: ED.cpd_trajectory_loss(
+            x.flatten(), x.flatten() * 0, x.flatten() + 1, drop_ratio=1.5 if RANK == 0 else 0.375, process_group=PG),
+         ValueError, ["rank 0", "drop_ratio"], "cpd_trajectory_loss"),
+        ("syn not a tensor", lambda: ED.covariance_matching_loss(
+            [1.0] if last else x, x, syn_groups=2, real_groups=2, process_group=PG),
+         TypeError, [f"rank {WORLD - 1}", "syn"], "covariance_matching_loss"),
+        ("float labels", lambda: ED.local_covariance(x, groups=lab + (0.5 if RANK == 0 else 0), process_group=PG),
+         TypeError, ["rank 0", "integer dtype"], "local_covariance"),
+        ("weight=nan", lambda: ED.class_centralization_loss(
+            x.flatten(1), groups=2, weight=float("nan") if last else 0.1, process_group=PG),
+         ValueError, [f"rank {WORLD - 1}", "weight"], "class_centralization_loss"),
+        ("num_groups=0", lambda: ED.mean_matching_loss(
+            x.flatten(1), x.flatten(1), syn_groups=lab, real_groups=lab, num_groups=0 if RANK == 0 else 2,
+            process_group=PG), ValueError, ["rank 0", "num_groups"], "mean_matching_loss"),
+        ("a missing argument", lambda: ED.cpd_keep_mask(x.flatten(), process_group=PG) if RANK == 0 else
+         ED.cpd_keep_mask(x.flatten(), 0.5, process_group=PG), TypeError, ["rank 0", "drop_ratio"], "cpd_keep_mask"),
+        ("labels of the wrong length", lambda: ED.covariance_matching_loss(
+            x, x, syn_groups=torch.tensor([0, 1, 0, 1, 1][:5 if last else 4]), real_groups=2, process_group=PG),
+         ValueError, [f"rank {WORLD - 1}", "shape"], "covariance_matching_loss"),
+        ("counts not a tensor", lambda: ED.reduce_class_stats(torch.ones(2), [1, 1] if RANK == 0 else torch.ones(2),
+                                                              group=PG),
+         TypeError, ["rank 0", "counts"], "reduce_class_stats"),
+    ]
+
+
+@edge
+def local_error_on_one_rank_raises_everywhere_and_stays_in_step():
+    """A rank whose own checks fail (drop_ratio=1.5, ...) used to leave its next call paired with the others'
+    previous one (0.247638 instead of 0.247776): now every rank raises, and later calls are correct."""
+    for i, (what, fn, kind, words, op) in enumerate(_local_errors()):
+        try:
+            _on_every_rank(fn, kind, "so every rank raises", *words)
+        except AssertionError as e:
+            raise AssertionError(f"{what}: {e}") from e
+        _good(op, 30 + i)
+        _good("cpd_trajectory_loss", 40 + i)
+
+
+@edge
+def one_rank_checks_are_agreed_before_the_data():
+    """Checks that ran after the header on one rank only (the others waited for the collective timeout)."""
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    big = torch.tensor([0, 1, 0, 5])
+    calls = {  # rank 1 passes labels with 5 >= K = 2, the others an int groups=2
+        "local_covariance": lambda g: ED.local_covariance(x, groups=g, num_groups=2, process_group=PG),
+        "class_centralization_loss": lambda g: ED.class_centralization_loss(x.flatten(1), groups=g, num_groups=2,
+                                                                            process_group=PG),
+        "mean_matching_loss": lambda g: ED.mean_matching_loss(x.flatten(1), x.flatten(1), syn_groups=2,
+                                                              real_groups=g, num_groups=2, process_group=PG),
+        "covariance_matching_loss": lambda g: ED.covariance_matching_loss(x, x, syn_groups=g, real_groups=2,
+                                                                          num_groups=2, process_group=PG),
+    }
+    for i, (op, call) in enumerate(calls.items()):
+        _on_every_rank(lambda: call(big if RANK == 1 else 2), ValueError, "labels on rank 1 must lie in [0, 2)")
+        _good(op, 50 + i)
+    # K > MAX_SPARSE_GROUPS: allowed when the union has K rows, though rank 1 has 2
+    K = 65_600
+    n = K if RANK == 0 else 2
+    g = torch.Generator().manual_seed(60)
+    vals = torch.randn(sum(K if r == 0 else 2 for r in range(WORLD)), generator=g, dtype=torch.float64)
+    o = sum(K if r == 0 else 2 for r in range(RANK))
+    y = torch.arange(n) if RANK == 0 else torch.zeros(n, dtype=torch.int64)
+    sig = ED.local_covariance(vals[o:o + n].view(n, 1, 1), groups=y, num_groups=K, process_group=PG)
+    class0 = torch.cat([vals[:1], vals[K:]])  # class 0: rank 0's first row and every other rank's rows
+    assert sig.shape == (K, 1, 1) and bool((sig[1:] == 0).all()), "classes with one row have zero covariance"
+    assert_close(sig[0, 0, 0], class0.var(unbiased=False), 1e-12, 1e-14, "class 0 over the ranks")
+    # ... and refused on every rank when K passes both the union's rows and MAX_SPARSE_GROUPS
+    _on_every_rank(lambda: ED.local_covariance(torch.randn(3, 1, 1), groups=torch.arange(3) * 40_000,
+                                               process_group=PG), ValueError, "80001 groups", "65536")
+    lab99 = torch.tensor([0, 1, 0, 99 if RANK == 0 else 1])  # K = 100: more than either side's rows
+    _on_every_rank(lambda: ED.covariance_matching_loss(x, x, syn_groups=lab99, real_groups=lab99 % 2,
+                                                       process_group=PG), ValueError, "max label + 1 = 100")
+    _good("local_covariance", 61)
+
+
+@edge
+def scalar_mismatch_prints_values():
+    """weight and drop_ratio that differ across ranks: the message shows the values, not float64 bit patterns."""
+    x = torch.randn(4, 6, dtype=torch.float64)
+    _on_every_rank(lambda: ED.class_centralization_loss(x, groups=2, weight=0.1 if RANK == 0 else 0.2,
+                                                        process_group=PG),
+                   ValueError, "weight must be the same on every rank", "rank 0: 0.1", "rank 1: 0.2")
+    _on_every_rank(lambda: ED.covariance_matching_loss(x.view(4, 2, 3), x.view(4, 2, 3), syn_groups=2, real_groups=2,
+                                                       weight=1e-3 if RANK else 0.01, process_group=PG),
+                   ValueError, "rank 0: 0.01", "rank 1: 0.001")
+    _on_every_rank(lambda: ED.cpd_keep_mask(x.flatten(), 0.25 if RANK == 0 else 0.5, process_group=PG),
+                   ValueError, "drop_ratio must be the same on every rank", "rank 0: 0.25", "rank 1: 0.5")
+    _good("mean_matching_loss", 70)
+
+
+class _InterruptingRatio(float):
+    """A drop_ratio whose conversion raises KeyboardInterrupt: a call interrupted before its header."""
+
+    def __float__(self):
+        raise KeyboardInterrupt
+
+
+@edge
+def out_of_step_ranks_line_up_again():
+    """A call that started on one rank and never sent its header (here: interrupted in its checks) leaves that
+    rank one call ahead. The counters expose it: the ranks behind raise for that call, the rank ahead
+    re-pairs its next call with their next one, and every later call is correct."""
+    v = torch.ones(4, dtype=torch.float64)
+    if RANK == 0:
+        try:
+            ED.cpd_trajectory_loss(v, v, v, drop_ratio=_InterruptingRatio(0.5), process_group=PG)
+        except KeyboardInterrupt:
+            pass
+        _good("cpd_trajectory_loss", 80)  # pairs with the others' second call
+    else:
+        try:
+            _good("cpd_trajectory_loss", 81)
+        except ValueError as e:
+            assert "out of step" in str(e) and "rank 0: call" in str(e), str(e)
+        else:
+            raise AssertionError("the rank behind must raise for the call rank 0 lost")
+        _good("cpd_trajectory_loss", 80)
+    for i, op in enumerate(OPS):
+        _good(op, 82 + i)
+
+
 def main() -> int:
     global RANK, WORLD, PG
     RANK, WORLD, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     only = sys.argv[4] if len(sys.argv) > 4 else ""
+    suite = EDGE_CASES if len(sys.argv) > 5 and sys.argv[5] == "edges" else CASES
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}", rank=RANK,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=float(os.environ.get(
                                 "EDFKERN_DIST_TIMEOUT", "60"))))
     PG = dist.group.WORLD
     results = {}
-    for name, fn in CASES.items():
+    for name, fn in suite.items():
         if only and only not in name:
             continue
         t0 = time.perf_counter()

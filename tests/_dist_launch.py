@@ -27,17 +27,21 @@ def free_port() -> int:
 
 
 def run_world(world_size: int, *, deadline_s: float = 240.0, collective_timeout_s: float = 60.0,
-              only: str = "") -> dict[str, list[str]]:
-    """Run every case on ``world_size`` ranks; ``{case: [result of rank 0, rank 1, ...]}`` where a result
-    is ``"ok"``, ``"skip: why"`` or a traceback. Raises ``AssertionError`` when a rank crashes or the
-    world runs past ``deadline_s``."""
+              only: str = "", suite: str = "cases", env: dict[str, str] | None = None,
+              script: str = "_dist_cases.py") -> dict[str, list[str]]:
+    """Run every case of ``suite`` (``"cases"``: ``CASES``, ``"edges"``: ``EDGE_CASES`` of
+    ``tests/_dist_cases.py``; another ``script`` of ``tests/`` takes the same arguments
+    ``RANK WORLD OUTDIR FILTER SUITE`` and writes ``OUTDIR/rank{RANK}.json``) on ``world_size`` ranks; ``{case: [result of rank 0, rank 1, ...]}`` where a
+    result is ``"ok"``, ``"skip: why"`` or a traceback. ``env`` adds variables. Raises ``AssertionError``
+    when a rank crashes or the world runs past ``deadline_s``."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", PYTHONPATH=ROOT,
-               EDFKERN_DIST_TIMEOUT=str(collective_timeout_s), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+               EDFKERN_DIST_TIMEOUT=str(collective_timeout_s), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               **(env or {}))
     with tempfile.TemporaryDirectory() as out:
         procs = []
         for r in range(world_size):
-            cmd = [sys.executable, os.path.join(HERE, "_dist_cases.py"), str(r), str(world_size), out, only]
+            cmd = [sys.executable, os.path.join(HERE, script), str(r), str(world_size), out, only, suite]
             procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True))
         t_end = time.monotonic() + deadline_s

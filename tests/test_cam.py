@@ -7,15 +7,18 @@ the noise as the extractor documents it (one ``randn(images.shape) * std`` per n
 from the same seeded generator), so maps are comparable. The model runs in float64 so the
 comparison is tight even though batched and single-image convolutions round differently.
 """
+import copy
+import os
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import edfkern.baselines as B
-from edfkern.cam import CAMExtractor
+from edfkern.cam import CAMExtractor, torchcam_noise
 
 EPS = 1e-8
 
@@ -284,6 +287,134 @@ def test_bad_arguments():
         ex(torch.randn(3, 3, 16, 16), [0, 1])
     with pytest.raises(TypeError, match="integer"):
         ex(torch.randn(3, 3, 16, 16), torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------- EDF's soft labels
+
+
+@pytest.mark.parametrize("method", ["gradcam", "smoothgradcam++"])
+def test_soft_labels_give_the_maps_of_their_argmax(setup, method):
+    """EDF learns ``label_syn`` as (N, K) floats and explains ``label_syn.argmax(dim=-1)``."""
+    model, images, _ = setup
+    soft = torch.randn(7, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float32)
+    soft[2] = torch.tensor([0.5, 3.0, 3.0, -1.0, 0.0])  # a tie: argmax takes the first maximum, class 1
+    soft.requires_grad_(True)  # as EDF's label_syn, trained by its own optimizer
+    hard = soft.detach().argmax(dim=-1)
+    assert int(hard[2]) == 1
+    with CAMExtractor(model, "features.1", method=method, num_samples=3) as ex:
+        got = ex(images, soft, generator=torch.Generator().manual_seed(9))
+        expected = ex(images, hard, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(got, expected)
+        assert not torch.equal(got, ex(images, (hard + 1) % 5, generator=torch.Generator().manual_seed(9)))
+        assert torch.equal(ex(images, soft.double(), size=(16, 16), generator=torch.Generator().manual_seed(1)),
+                           ex(images, hard, size=(16, 16), generator=torch.Generator().manual_seed(1)))
+    assert soft.grad is None and soft.requires_grad
+
+
+def test_soft_label_errors():
+    model = small_convnet()
+    images = torch.randn(6, 3, 16, 16)
+    ex = CAMExtractor(model, "features.1")
+    soft = torch.randn(6, 5)
+    for bad_value in (float("nan"), float("inf"), float("-inf")):
+        bad = soft.clone()
+        bad[4, 2] = bad_value
+        with pytest.raises(ValueError, match=r"soft label row 4 is not finite"):
+            ex(images, bad)
+    bad = soft.clone()
+    bad[[1, 3], 0] = float("nan")
+    with pytest.raises(ValueError, match=r"row 1 .*non-finite rows: 1, 3"):
+        ex(images, bad)
+    with pytest.raises(ValueError, match=r"N=6"):
+        ex(images, torch.randn(5, 5))
+    with pytest.raises(ValueError, match=r"K >= 1"):
+        ex(images, torch.randn(6, 0))
+    with pytest.raises(ValueError, match=r"K = the model's 5 outputs, got K=4"):
+        ex(images, torch.randn(6, 4))
+    with pytest.raises(TypeError, match=r"integer dtype, or be \(N, K\) floating soft labels"):
+        ex(images, torch.zeros(6))  # 1-D floats are not class indices
+    assert _hook_count(model) == 0
+
+
+# ----------------------------------------------------------------------------- EDF's torchcam noise order
+
+
+def _torchcam_methods():
+    if os.environ.get("CI"):  # CI installs torchcam (the README's test command): a missing one must fail there
+        import torchcam.methods as methods
+        return methods
+    return pytest.importorskip("torchcam.methods", reason="pip install --no-deps torchcam==0.4.0")
+
+
+def edf_get_activation_maps(model, layer, image_syn, label_syn, num_classes, ipc):
+    """EDF's ``utils/gradcam.py`` ``get_activation_maps`` loop, CPU, before its resize: per class a
+    ``DataLoader`` over a ``TensorDataset`` and one torchcam ``SmoothGradCAMpp`` call per batch."""
+    methods = _torchcam_methods()
+    cam_extractor = methods.SmoothGradCAMpp(model=model, target_layer=[layer])
+    activation_maps_all = []
+    try:
+        for c in range(num_classes):
+            image_syn_c = image_syn[c * ipc: (c + 1) * ipc]
+            label_syn_c = label_syn[c * ipc: (c + 1) * ipc]
+            dataset = TensorDataset(copy.deepcopy(image_syn_c.detach()), copy.deepcopy(label_syn_c.detach()))
+            batch_size = ipc if ipc <= 50 else 32
+            for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                outputs = model(images)
+                activation_maps_all.extend(cam_extractor(labels.argmax(dim=-1).tolist(), outputs)[0])
+    finally:
+        cam_extractor.remove_hooks()
+    return torch.stack(activation_maps_all, dim=0)
+
+
+@pytest.mark.parametrize("num_classes,ipc", [(3, 4), (2, 70)])  # 70: loader batches of 32, 32 and 6
+def test_torchcam_noise_reproduces_edf_maps_draw_for_draw(num_classes, ipc):
+    model = small_convnet(num_classes=num_classes + 2).eval()
+    gen = torch.Generator().manual_seed(3)
+    image_syn = torch.randn(num_classes * ipc, 3, 16, 16, generator=gen)
+    label_syn = torch.randn(num_classes * ipc, num_classes + 2, generator=gen)  # EDF's learned soft labels
+    label_syn[:, :num_classes] += 4 * torch.eye(num_classes).repeat_interleave(ipc, dim=0)
+    torch.manual_seed(123)  # the global RNG where EDF's per-class loop starts
+    expected = edf_get_activation_maps(model, model.features[1], image_syn, label_syn, num_classes, ipc)
+    noise = torchcam_noise(image_syn.shape, ipc, generator=torch.Generator().manual_seed(123))
+    assert noise.shape == (4,) + tuple(image_syn.shape) and noise.dtype == torch.float32
+    with CAMExtractor(model, model.features[1]) as ex:
+        got = ex(image_syn, label_syn, noise=noise)
+        # float32 round-off only: torchcam's per-batch convolutions round differently from the batched ones
+        assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4
+        # the order matters: CAMExtractor's own draws from the same seed are not EDF's
+        other = ex(image_syn, label_syn, generator=torch.Generator().manual_seed(123))
+    assert (other - expected).abs().max() > 1e-3
+    # with no generator, the helper draws from (and advances) the global RNG, as EDF's loop does
+    torch.manual_seed(123)
+    assert torch.equal(torchcam_noise(image_syn.shape, ipc), noise)
+
+
+def test_torchcam_noise_layout_and_errors():
+    g = torch.Generator().manual_seed(0)
+    noise = torchcam_noise((6, 1, 2, 2), 3, num_samples=2, loader_batch_size=2, generator=g,
+                           dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    want = torch.empty(2, 6, 1, 2, 2)
+    for c0 in (0, 3):  # per class: the loader's seed draw, then per batch of <= 2 images, one draw per pass
+        torch.empty((), dtype=torch.int64).random_(generator=g)
+        for r0, r1 in ((c0, c0 + 2), (c0 + 2, c0 + 3)):
+            for s in range(2):
+                want[s, r0:r1] = torch.randn(r1 - r0, 1, 2, 2, generator=g)
+    assert noise.dtype == torch.float64 and torch.equal(noise, want.double())
+    with pytest.raises(ValueError, match="divisible by ipc"):
+        torchcam_noise((7, 1, 2, 2), 3)
+    with pytest.raises(ValueError, match="shape"):
+        torchcam_noise((6, 2, 2), 3)
+    with pytest.raises(TypeError, match="shape"):
+        torchcam_noise(torch.zeros(6, 1, 2, 2), 3)
+    with pytest.raises(ValueError, match="ipc"):
+        torchcam_noise((6, 1, 2, 2), 0)
+    with pytest.raises(ValueError, match="num_samples"):
+        torchcam_noise((6, 1, 2, 2), 3, num_samples=0)
+    with pytest.raises(ValueError, match="loader_batch_size"):
+        torchcam_noise((6, 1, 2, 2), 3, loader_batch_size=0)
+    with pytest.raises(TypeError, match="CPU torch.Generator"):
+        torchcam_noise((6, 1, 2, 2), 3, generator=0)
 
 
 # ----------------------------------------------------------------------------- speed

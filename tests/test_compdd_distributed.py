@@ -33,7 +33,9 @@ def _free_port() -> int:
 def _setup(n: int = 7):
     from test_compdd import make_data, small_model  # same model and data as the single-process tests
 
-    return small_model(), make_data(n=n)
+    ds = make_data(n=n)
+    ds.images[3] = float("nan")  # on rank 1: the other rank learns of it through the final gather
+    return small_model(), ds
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -79,19 +81,74 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert not errors and all(p.exitcode == 0 for p in procs), errors
 
     model, ds = _setup()
-    single = compdd.score(model, ds, layers=LAYERS, batch_size=3, progress=False)
+    with pytest.warns(compdd.NonFiniteImagesWarning, match=r"1 of 7 images .* \[3\]"):
+        single = compdd.score(model, ds, layers=LAYERS, batch_size=3, progress=False)
     for r in range(WORLD):
         res = compdd.ComplexityResult.from_json(tmp_path / f"rank{r}.json")
         assert res.counts.tolist() == single.counts.tolist()  # the padded duplicate is not counted
-        assert int(res.counts.sum()) == len(ds) == 7
+        assert int(res.counts.sum()) == len(ds) - 1 == 6 and res.nonfinite == single.nonfinite == [3]
         torch.testing.assert_close(res.complexity, single.complexity, rtol=0, atol=1e-12)
         assert res.config["world_size"] == WORLD
     # per-rank checkpoints of each rank's shard (rank 0: images 0, 2, 4, 6; rank 1: 1, 3, 5)
     done = [torch.load(tmp_path / f"ck.rank{r}-of-{WORLD}.pt", weights_only=True)["done"] for r in range(WORLD)]
     assert done == [4, 3]
     maps = compdd.load_maps(tmp_path / "maps.npy")
-    assert all(not torch.isnan(torch.from_numpy(maps[n].copy())).any() for n in LAYERS)  # every row written once
+    rows = [i for i in range(len(ds)) if i != 3]  # every finite image's row written once; image 3's stays NaN
+    assert all(not torch.isnan(torch.from_numpy(maps[n][rows].copy())).any() for n in LAYERS)
+    assert all(torch.isnan(torch.from_numpy(maps[n][3].copy())).all() for n in LAYERS)
     assert json.loads((tmp_path / "maps.npy.json").read_text())["layers"] == LAYERS
+
+
+def _refusing_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=90))
+    model, ds = _setup()
+    try:
+        compdd.score(model, ds, layers=LAYERS, batch_size=2, checkpoint=os.path.join(out_dir, "ck.pt"),
+                     progress=False)
+        outcome = "scored"
+    except BaseException as e:  # noqa: BLE001  (the outcome is the test's subject)
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.outcome"), "w") as f:
+        f.write(outcome)
+    edfkern.distributed.shutdown()
+    edfkern.distributed.exit_process(0)
+
+
+def test_one_rank_refusing_stops_every_rank_before_scoring(tmp_path, monkeypatch):
+    """Issue 20, class 2 under torchrun: rank 1 cannot write its checkpoint (the path is a folder). It used
+    to score and fail at its first save while rank 0 waited for the whole collective timeout in the final
+    all-reduce; now both raise ``ValueError`` before the first image, rank 0 naming rank 1."""
+    import sys
+    import time
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    monkeypatch.setenv("EDFKERN_DIST_TIMEOUT", "90")  # read by the spawned ranks at import
+    os.makedirs(tmp_path / f"ck.rank1-of-{WORLD}.pt")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_refusing_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=240)
+    finally:
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join(5)
+    assert not hung, "ranks did not finish"
+    outcome = [(tmp_path / f"rank{r}.outcome").read_text() for r in range(WORLD)]
+    assert outcome[1].startswith("ValueError: checkpoint") and "is a folder" in outcome[1], outcome
+    assert outcome[0] == "ValueError: compdd setup: rank(s) [1] refused the run (their error is on their stderr)", \
+        outcome
+    assert not (tmp_path / f"ck.rank0-of-{WORLD}.pt").exists()  # rank 0 scored nothing
+    assert time.monotonic() - t0 < 90  # nobody waited for the collective timeout
 
 
 def test_cli_under_torchrun(tmp_path):

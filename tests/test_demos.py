@@ -55,25 +55,6 @@ def test_demo_mtt_edf_quick():
     check_common(run_demo("demo_mtt_edf.py"), "MTT+EDF")
 
 
-def test_integration_guide_snippets():
-    """Every ```python block of INTEGRATION.md runs, in order, in one namespace (```python before
-    blocks show the authors' loops and are skipped: they need torchcam)."""
-    text = open(os.path.join(ROOT, "INTEGRATION.md"), encoding="utf-8").read()
-    blocks = re.findall(r"^```([^\n]*)\n(.*?)^```\s*$", text, flags=re.S | re.M)
-    runnable = [code for info, code in blocks if info.strip() == "python"]
-    skipped = [code for info, code in blocks if info.strip() == "python before"]
-    assert len(runnable) >= 6 and len(skipped) >= 4
-    namespace = {"__name__": "integration_guide"}
-    for i, code in enumerate(runnable):
-        try:
-            exec(compile(code, f"INTEGRATION.md[python block {i}]", "exec"), namespace)
-        except Exception as e:  # pragma: no cover - the message names the block
-            raise AssertionError(f"INTEGRATION.md python block {i} failed: {type(e).__name__}: {e}\n{code}") from e
-
-
-# ----------------------------------------------------------------------------- torchrun (gloo, 2 ranks)
-
-
 def run_torchrun(name: str, *extra: str, timeout: float = 420) -> str:
     """``torchrun --nproc-per-node 2 python/<name> --distributed --quick ...`` on a free port, bounded."""
     from tests._dist_launch import free_port

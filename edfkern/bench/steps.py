@@ -112,7 +112,7 @@ class StepParams:
     w_cc: float = 0.001
     w_cm: float = 0.01
     lr_img_dm: float = 1.0
-    dm_batched_forward: bool = True  # edfkern version: one forward over all N images (INTEGRATION.md section 4)
+    dm_batched_forward: bool = True  # edfkern version: one forward over all N images (INTEGRATION.md, "IID on DM")
     # MTT + EDF
     syn_steps: int = 10
     batch_syn: int = 10

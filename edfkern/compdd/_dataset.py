@@ -7,14 +7,23 @@ listed order (label ``i`` is ``classes[i]``), and never written back into the ba
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset, Subset
 
 from ._subsets import NUM_IMAGENET_CLASSES, check_classes, classes as subset_classes
 
-__all__ = ["CompSubset", "subset", "read_labels"]
+__all__ = ["CompSubset", "subset", "read_labels", "stored_labels"]
+
+
+def stored_labels(dataset: Any) -> Optional[torch.Tensor]:
+    """:func:`read_labels` when the labels can be read without loading any item (``.targets``, also
+    through ``torch.utils.data.Subset``); ``None`` when reading them would load every image."""
+    if isinstance(dataset, Subset) and not hasattr(dataset, "targets"):
+        inner = stored_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    return read_labels(dataset) if getattr(dataset, "targets", None) is not None else None
 
 
 def read_labels(dataset: Any) -> torch.Tensor:

@@ -29,6 +29,8 @@ class ComplexityResult:
         config: the scoring configuration (method, threshold, strict, num_samples, std, seed, ...).
         class_names: what each label stands for (e.g. the ImageNet-1K index of a subset's label,
             or an ImageFolder's folder name), when the dataset says so; else ``None``.
+        nonfinite: dataset indices of the images left out because they (or their CAM maps) held
+            NaN or inf, sorted; not in ``counts``.
 
     A class's overall complexity (:meth:`class_complexity` with ``layer=None``) is the mean of its
     per-layer values, each layer weighted equally.
@@ -39,6 +41,7 @@ class ComplexityResult:
     counts: Tensor
     config: dict = field(default_factory=dict)
     class_names: Optional[list] = None
+    nonfinite: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -104,6 +107,7 @@ class ComplexityResult:
                  "mean": num(float(self.complexity[k].mean()))}
                 for k in range(self.num_classes)
             ],
+            "nonfinite": [int(i) for i in self.nonfinite],
         }
 
     def to_json(self, path: Optional[PathLike] = None) -> str:
@@ -128,7 +132,8 @@ class ComplexityResult:
                              for r in rows], dtype=torch.float64).reshape(len(rows), len(layers))
         names = [r["name"] for r in rows]
         return cls(layers=layers, complexity=comp, counts=torch.tensor([r["count"] for r in rows], dtype=torch.long),
-                   config=d.get("config", {}), class_names=None if all(n is None for n in names) else names)
+                   config=d.get("config", {}), class_names=None if all(n is None for n in names) else names,
+                   nonfinite=[int(i) for i in d.get("nonfinite", [])])
 
     def to_csv(self, path: Optional[PathLike] = None) -> str:
         """CSV text, one row per class: ``label, name, count, <one column per layer>, mean``."""

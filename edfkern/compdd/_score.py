@@ -11,14 +11,21 @@ reran the noisy passes per layer, and saved one ``.npy`` per image per layer.
 Noise (how to reproduce a score): by default image ``i`` of the dataset gets its own draws,
 ``torch.randn((num_samples, C, H, W))`` from a generator seeded from ``(seed, i)``. So the score
 does not depend on the batch size, the number of ranks, or where a run was resumed.
+
+Trust at the edges: every check that can fail (arguments, labels and the number of classes, the
+checkpoint and what it was computed from, the output paths and the free space) runs before the
+first image is scored, and under ``torchrun`` the ranks agree on the outcome, so that one rank's
+bad input stops every rank at once instead of leaving the others waiting in a collective.
+Images (or their CAM maps) that are not finite are left out of the scores, listed in
+:attr:`ComplexityResult.nonfinite` and reported with a :class:`NonFiniteImagesWarning`; when no
+image is finite, :func:`score` raises ``ValueError``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -27,16 +34,22 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..cam import CAMExtractor
-from ..distributed._comm import all_reduce_sum_, default_group, world
+from ..distributed._comm import all_reduce_sum_, default_group, gather_ints, world
 from ..ops.gradcam import METHODS
+from . import _storage as storage
+from ._dataset import stored_labels
+from ._fingerprint import dataset_fingerprint, model_fingerprint
 from ._result import ComplexityResult
+from ._storage import PathLike, load_maps
 
-__all__ = ["score", "load_maps", "image_noise"]
+__all__ = ["score", "load_maps", "image_noise", "check_options", "NonFiniteImagesWarning", "MAX_CLASSES"]
 
-PathLike = Union[str, "os.PathLike[str]"]
 #: ``noise(indices, images) -> (num_samples, B, C, H, W)`` standard-normal draws for a batch.
 NoiseFn = Callable[[Tensor, Tensor], Tensor]
-_CKPT_VERSION = 1
+#: Most classes a run may have. The running sums take ``K x layers`` float64 values per rank and the
+#: result one row per class; ImageNet-21k has 21,841 classes, so a larger ``K`` is a label error
+#: (one label of 10**9 would otherwise allocate 24 GB for three layers before anything is checked).
+MAX_CLASSES = 1 << 16
 _MASK63 = (1 << 63) - 1
 
 
@@ -67,6 +80,29 @@ def image_noise(indices: Tensor, shape: Sequence[int], num_samples: int, *, seed
 # ----------------------------------------------------------------------------- argument checks
 
 
+class NonFiniteImagesWarning(RuntimeWarning):
+    """Some images (or their CAM maps) held NaN or inf and were left out of the scores."""
+
+
+def check_options(*, method: str = "smoothgradcam++", threshold: float = 0.5, strict: bool = True,
+                  num_samples: int = 4, std: float = 0.3, seed: int = 0, checkpoint_every: int = 100,
+                  batch_size: Optional[int] = None, cam_batch_size: Optional[int] = None,
+                  fingerprint_images: int = 16) -> float:
+    """Check :func:`score`'s scalar options (the CLI calls it before loading anything); returns the threshold."""
+    threshold = _check_number("threshold", threshold, 0.0, 1.0)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
+    for name, v, lo in (("seed", seed, 0), ("checkpoint_every", checkpoint_every, 1),
+                        ("fingerprint_images", fingerprint_images, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    # method, num_samples, std and cam_batch_size: the extractor's own checks (it hooks nothing until called)
+    CAMExtractor(nn.Identity(), "", method=method, num_samples=num_samples, std=std, batch_size=cam_batch_size)
+    return threshold
+
+
 def _layer_names(model: nn.Module, layers: Sequence[Union[str, nn.Module]]) -> list[str]:
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
@@ -94,20 +130,34 @@ def _layer_names(model: nn.Module, layers: Sequence[Union[str, nn.Module]]) -> l
     return names
 
 
+def _check_tags(tags: Optional[dict]) -> None:
+    """Tags travel in the checkpoint, which is read back with ``weights_only=True``: plain values only."""
+    if tags is None:
+        return
+    if not isinstance(tags, dict) or not all(isinstance(k, str) for k in tags):
+        raise TypeError(f"tags must be None or a dict with str keys, got {tags!r}")
+    plain = (str, int, float, bool, type(None))
+    for key, v in tags.items():
+        if not (isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(e, plain) for e in v))):
+            raise TypeError(f"tags[{key!r}] must be a str, number, bool, None or a list of those, got "
+                            f"{type(v).__name__}")
+
+
 def _check_number(name: str, v: Any, lo: float, hi: float) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
         raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
     return float(v)
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    for name, t in model.state_dict().items():
-        if not isinstance(t, Tensor):
-            continue
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+def _agree(error: Optional[BaseException], *, group: Optional[object], device: torch.device, what: str) -> None:
+    """Raise on every rank when any rank failed a local check: its own error on the failing rank(s),
+    a ``ValueError`` naming them on the others. One small collective; none for one process."""
+    flags = gather_ints([0 if error is None else 1], group=group, device=device, what=f"compdd {what}")
+    if error is not None:
+        raise error
+    failed = [r for r, row in enumerate(flags) if row[0]]
+    if failed:
+        raise ValueError(f"compdd {what}: rank(s) {failed} refused the run (their error is on their stderr)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -159,14 +209,35 @@ def _loader_parts(loader: Union[DataLoader, Dataset], batch_size: Optional[int])
     return ds, kw
 
 
-def _num_classes(ds: Any, logits_width: int) -> int:
+def _num_classes(ds: Any, labels: Optional[Tensor], logits_width: int) -> int:
+    """``K``: the dataset's class names, else its largest label + 1, else the model's logit width.
+
+    Checked before anything of size ``K`` is allocated: ``K <= MAX_CLASSES``, and (when the labels
+    are known without loading images) every label in ``[0, K)``.
+    """
     names = getattr(ds, "classes", None)
+    lo = hi = None
+    if labels is not None and labels.numel():
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0:
+            i = int((labels < 0).nonzero()[0])
+            raise ValueError(f"labels must be class indices >= 0, got {lo} (first negative label at dataset index {i})")
     if isinstance(names, (list, tuple)) and names:
-        return len(names)
-    targets = getattr(ds, "targets", None)
-    if targets is not None and len(targets):
-        return int(torch.as_tensor(targets).max()) + 1
-    return logits_width
+        k, source = len(names), f"the dataset's {len(names)} class names"
+    elif hi is not None:
+        k, source = hi + 1, f"the largest label, {hi}, + 1"
+    else:
+        k, source = logits_width, f"the model's {logits_width} outputs (the dataset has no .targets)"
+    if k > MAX_CLASSES:
+        where = ""
+        if labels is not None and hi is not None and hi >= MAX_CLASSES:
+            where = f" (first label >= {MAX_CLASSES} at dataset index {int((labels >= MAX_CLASSES).nonzero()[0])})"
+        raise ValueError(f"{k} classes from {source}: at most {MAX_CLASSES} are supported{where}; are the labels "
+                         "class indices?")
+    if hi is not None and hi >= k:
+        i = int((labels >= k).nonzero()[0])
+        raise ValueError(f"labels must lie in [0, {k}) ({source}), got {hi} (first at dataset index {i})")
+    return k
 
 
 def _class_names(ds: Any, k: int) -> Optional[list]:
@@ -199,6 +270,10 @@ def _probe(model: nn.Module, names: list[str], image: Tensor) -> tuple[int, list
         model.eval()
         with torch.no_grad():
             out = model(image[None])
+    except RuntimeError as e:  # e.g. 1-channel images into a 3-channel model: the data does not fit the model
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"the model cannot take the dataset's images ({tuple(image.shape)}, {image.dtype}): "
+                         f"{msg}") from None
     finally:
         for h in handles:
             h.remove()
@@ -212,82 +287,19 @@ def _probe(model: nn.Module, names: list[str], image: Tensor) -> tuple[int, list
     return int(out.shape[1]), [shapes[j] for j in range(len(names))]
 
 
-# ----------------------------------------------------------------------------- maps file
+def _finite_rows(*tensors: Tensor) -> Tensor:
+    """``(B,)`` bool: row ``b`` of every tensor ``(B, ...)`` is finite."""
+    ok = torch.isfinite(tensors[0].flatten(1)).all(1)
+    for t in tensors[1:]:
+        ok &= torch.isfinite(t.flatten(1)).all(1)
+    return ok
 
 
-def _maps_layout(names: list[str], shapes: list[tuple[int, int]]) -> dict:
-    offsets, off = [], 0
-    for h, w in shapes:
-        offsets.append(off)
-        off += h * w
-    return {"layers": names, "shapes": [list(s) for s in shapes], "offsets": offsets, "pixels": off}
-
-
-def load_maps(path: PathLike) -> dict[str, Any]:
-    """The maps :func:`score` saved with ``save_maps=path``: ``{layer: (n, h, w) read-only memmap}``.
-
-    Row ``i`` is dataset image ``i``; rows of images not yet scored (a partial run) are NaN.
-    """
-    import numpy as np
-
-    with open(f"{path}.json") as f:
-        layout = json.load(f)
-    arr = np.load(path, mmap_mode="r")
-    return {name: arr[:, off:off + h * w].reshape(arr.shape[0], h, w)
-            for name, (h, w), off in zip(layout["layers"], layout["shapes"], layout["offsets"])}
-
-
-def _open_maps(path: PathLike, n: int, layout: dict, create: bool, group: Optional[object], rank: int,
-               device: torch.device):
-    from numpy.lib.format import open_memmap
-
-    if not create and not os.path.exists(path):
-        raise FileNotFoundError(f"save_maps: resuming writes into the interrupted run's maps file, but {path} "
-                                "does not exist")
-    if create and rank == 0:
-        arr = open_memmap(path, mode="w+", dtype="float32", shape=(n, layout["pixels"]))
-        arr[:] = float("nan")
-        arr.flush()
-        del arr
-        with open(f"{path}.json", "w") as f:
-            json.dump(layout, f)
-    # A barrier (the file exists before any rank opens it), on the device so NCCL can carry it.
-    all_reduce_sum_([torch.zeros(1, device=device)], group=group, what="compdd save_maps barrier")
-    arr = open_memmap(path, mode="r+")
-    if arr.shape != (n, layout["pixels"]):
-        raise ValueError(f"save_maps file {path} holds shape {arr.shape}, expected {(n, layout['pixels'])}")
-    return arr
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _rank_path(path: PathLike, rank: int, size: int) -> str:
-    path = os.fspath(path)
-    if size == 1:
-        return path
-    root, ext = os.path.splitext(path)
-    return f"{root}.rank{rank}-of-{size}{ext}"
-
-
-def _save_checkpoint(path: str, config: dict, done: int, sums: Tensor, counts: Tensor) -> None:
-    tmp = f"{path}.tmp"
-    torch.save({"version": _CKPT_VERSION, "config": config, "done": done, "sums": sums.cpu(),
-                "counts": counts.cpu()}, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save leaves the previous checkpoint
-
-
-def _load_checkpoint(path: str, config: dict) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"resume: no checkpoint at {path}")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or ck.get("version") != _CKPT_VERSION or "config" not in ck:
-        raise ValueError(f"resume: {path} is not an edfkern.compdd checkpoint (version {_CKPT_VERSION})")
-    diff = [f"{k}: checkpoint {ck['config'].get(k)!r}, this call {v!r}" for k, v in config.items()
-            if ck["config"].get(k) != v]
-    if diff:
-        raise ValueError(f"resume: checkpoint {path} was written by another configuration; " + "; ".join(diff))
-    return ck
+def _nonfinite_message(bad: list[int], n: int) -> str:
+    shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
+    return (f"{len(bad)} of {n} images are not finite (NaN or inf in the image or in its CAM maps) and were left "
+            f"out of the scores: dataset indices [{shown}] (all of them in the result's nonfinite, "
+            f"and in complexity.json from the CLI)")
 
 
 # ----------------------------------------------------------------------------- the scorer
@@ -298,7 +310,8 @@ def score(model: nn.Module, loader: Union[DataLoader, Dataset], *, layers: Seque
           std: float = 0.3, seed: int = 0, noise: Optional[NoiseFn] = None, batch_size: Optional[int] = None,
           cam_batch_size: Optional[int] = None, checkpoint: Optional[PathLike] = None, checkpoint_every: int = 100,
           resume: Optional[PathLike] = None, save_maps: Optional[PathLike] = None, progress: bool = True,
-          group: Optional[object] = None) -> ComplexityResult:
+          group: Optional[object] = None, tags: Optional[dict] = None,
+          fingerprint_images: int = 16) -> ComplexityResult:
     """Class complexity of a labelled image set, the measure Comp-DD ranks classes by.
 
     Args:
@@ -307,7 +320,9 @@ def score(model: nn.Module, loader: Union[DataLoader, Dataset], *, layers: Seque
         loader: a ``DataLoader`` over a map-style dataset yielding ``(images (B, C, H, W), labels (B,))``,
             or the dataset itself. Its dataset, batch size, workers, collate function and pin_memory are
             used; its sampler is replaced by the dataset order (sharded under ``torchrun``), because the
-            scorer tracks each image's index (for the noise, resuming and ``save_maps``).
+            scorer tracks each image's index (for the noise, resuming and ``save_maps``). ``K`` is the
+            number of its ``.classes``, else its largest label + 1 (read from ``.targets``), else the
+            model's logit width; at most :data:`MAX_CLASSES`, checked before anything is allocated.
         layers: the modules scored (names in ``model.named_modules()`` or the modules), e.g.
             ``["layer1", "layer2", "layer3", "layer4"]`` for a ResNet. All share one set of CAM passes.
         method: ``"smoothgradcam++"`` (the authors', torchcam 0.4 ``SmoothGradCAMpp``), ``"gradcam++"``
@@ -317,24 +332,39 @@ def score(model: nn.Module, loader: Union[DataLoader, Dataset], *, layers: Seque
             published lists); ``False`` counts ``>=`` as the README's formula says.
         num_samples, std: noisy passes and noise standard deviation (torchcam: 4, 0.3).
         seed: seeds the per-image noise (see the module docstring).
-        noise: instead of the seeded per-image noise, ``noise(indices, images)`` returns the
-            ``(num_samples, B, C, H, W)`` standard-normal draws for a batch (scaled by ``std``).
+        noise: instead of the seeded per-image noise, ``noise(indices, images) -> (num_samples, B, C, H, W)``
+            standard-normal draws for a batch (scaled by ``std``).
         batch_size: images per batch (overrides the loader's; default 64 for a dataset).
         cam_batch_size: most rows per CAM forward pass (``CAMExtractor``'s ``batch_size``).
         checkpoint: write the running sums and the position there every ``checkpoint_every`` batches
             and at the end (atomically). Under ``torchrun`` each rank writes ``<root>.rank<r>-of-<W><ext>``.
-        resume: continue from this checkpoint (per-rank names as above); it must come from the same
-            model weights, layers, method, threshold, strict, num_samples, std, seed, dataset size and
-            world size, else ``ValueError`` says what differs. Checkpoints then go to ``checkpoint``,
+            Its folder is checked writable, with room for it, before scoring starts.
+        resume: continue from this checkpoint (per-rank names as above). It must come from the same
+            model weights, layers, method, threshold, strict, num_samples, std, seed, world size, tags
+            and dataset (size, label histogram and order, and a hash of ``fingerprint_images`` sampled
+            images), else ``ValueError`` says what differs. Checkpoints then go to ``checkpoint``,
             or to ``resume`` when ``checkpoint`` is ``None``.
         save_maps: also write every map into one ``.npy`` memory-mapped float32 array ``(n, P)``, ``P``
             the summed ``h*w`` of the layers, row ``i`` = dataset image ``i``, with a ``<path>.json``
-            layout; read it back with :func:`load_maps`.
+            layout; read it back with :func:`load_maps`. Its bytes are reserved before scoring starts.
         progress: a tqdm bar with images/second on rank 0 (only when stderr is a terminal).
         group: the process group; ``None`` uses the default group under ``torchrun`` (else one process).
+        tags: further settings that change the scores and that the caller wants checked on resume
+            (the CLI records ``image_size``, ``subset`` and ``dedupe``): recorded in the checkpoint and
+            the result's ``config``, compared like the options above.
+        fingerprint_images: images hashed into the dataset's fingerprint (``0``: none, e.g. for a
+            dataset with random transforms, whose images differ on every read).
 
     Returns:
-        A :class:`ComplexityResult` (identical on every rank).
+        A :class:`ComplexityResult` (identical on every rank). Images that hold NaN or inf, or whose
+        CAM maps do, are left out of the sums and counts and listed in its ``nonfinite``; a
+        :class:`NonFiniteImagesWarning` (on rank 0) gives their number and first indices.
+
+    Raises:
+        ValueError: bad options, labels or ``K``; a checkpoint of another configuration or dataset,
+            or an unreadable one; an output path that cannot be written or a disk without room; a
+            model that cannot take the images; no finite image at all. Under ``torchrun`` a rank
+            whose own checks fail makes every rank raise before the first image is scored.
 
     Under ``torchrun`` every rank calls ``score`` the same way: each takes its ``DistributedSampler``
     shard (the padded duplicates that make shards equal are skipped, not scored twice), and the
@@ -342,19 +372,13 @@ def score(model: nn.Module, loader: Union[DataLoader, Dataset], *, layers: Seque
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    threshold = check_options(method=method, threshold=threshold, strict=strict, num_samples=num_samples, std=std,
+                              seed=seed, checkpoint_every=checkpoint_every, batch_size=batch_size,
+                              cam_batch_size=cam_batch_size, fingerprint_images=fingerprint_images)
     names = _layer_names(model, layers)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    threshold = _check_number("threshold", threshold, 0.0, 1.0)
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if noise is not None and not callable(noise):
         raise TypeError("noise must be None or a callable (indices, images) -> (num_samples, B, C, H, W)")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
-    extractor = CAMExtractor(model, names, method=method, num_samples=num_samples, std=std, batch_size=cam_batch_size)
+    _check_tags(tags)
     ds, loader_kw = _loader_parts(loader, batch_size)
     n = len(ds)
     if n == 0:
@@ -366,39 +390,82 @@ def score(model: nn.Module, loader: Union[DataLoader, Dataset], *, layers: Seque
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     acc = torch.float32 if device.type == "mps" else torch.float64
+    collate = loader_kw["collate_fn"]
 
-    first = _split_batch(loader_kw["collate_fn"]([ds[0]]))[0][0].to(device=device, dtype=dtype)
-    width, shapes = _probe(model, names, first)
-    k = _num_classes(ds, width)
-    config = {"model": _model_fingerprint(model), "layers": names, "method": method, "threshold": threshold,
-              "strict": strict, "num_samples": num_samples if method == "smoothgradcam++" else 0,
-              "std": float(std) if method == "smoothgradcam++" else 0.0,
-              "noise": f"seed={seed}" if noise is None else f"custom:{getattr(noise, '__qualname__', type(noise).__name__)}",
-              "dataset_size": n, "num_classes": k, "world_size": size, "rank": rank}
+    def read(i: int) -> tuple[Tensor, int]:
+        images, labels = _split_batch(collate([ds[i]]))
+        return images[0], int(labels[0])
 
-    # This rank's images: its DistributedSampler shard without the padding (positions >= n).
-    if size > 1:
-        shard = list(DistributedSampler(ds, num_replicas=size, rank=rank, shuffle=False, drop_last=False))
-        mine = [i for j, i in enumerate(shard) if rank + j * size < n]
-    else:
-        mine = list(range(n))
+    # Every check this rank can fail on its own, before anything is allocated, written or scored.
+    error: Optional[BaseException] = None
+    try:
+        labels = stored_labels(ds)
+        width, shapes = _probe(model, names, read(0)[0].to(device=device, dtype=dtype))
+        k = _num_classes(ds, labels, width)
+        config = {"model": model_fingerprint(model), "layers": names, "method": method, "threshold": threshold,
+                  "strict": strict, "num_samples": num_samples if method == "smoothgradcam++" else 0,
+                  "std": float(std) if method == "smoothgradcam++" else 0.0,
+                  "noise": f"seed={seed}" if noise is None else
+                  f"custom:{getattr(noise, '__qualname__', type(noise).__name__)}",
+                  "num_classes": k, "world_size": size, "rank": rank,
+                  **dataset_fingerprint(n, labels, k, read, fingerprint_images)}
+        clash = sorted(set(tags or {}) & set(config))
+        if clash:
+            raise ValueError(f"tags must not reuse the scorer's own configuration names, got {clash}")
+        config.update(tags or {})
+        # This rank's images: its DistributedSampler shard without the padding (positions >= n).
+        if size > 1:
+            shard = list(DistributedSampler(ds, num_replicas=size, rank=rank, shuffle=False, drop_last=False))
+            mine = [i for j, i in enumerate(shard) if rank + j * size < n]
+        else:
+            mine = list(range(n))
+        ck = None
+        if resume is not None:
+            ck = storage.load_checkpoint(storage.rank_path(resume, rank, size), config, num_classes=k,
+                                         num_layers=len(names), todo=len(mine), n=n)
+            if checkpoint is None:
+                checkpoint = resume
+        ck_path = None if checkpoint is None else storage.rank_path(checkpoint, rank, size)
+        layout = storage.maps_layout(names, shapes)
+        writes = []  # (path, bytes it needs, what)
+        if ck_path is not None:
+            storage.check_output(ck_path, "checkpoint")
+            writes.append((ck_path, storage.checkpoint_bytes(k, len(names), n), "checkpoint"))
+        if save_maps is not None:
+            storage.check_output(save_maps, "save_maps")
+            storage.check_output(f"{os.fspath(save_maps)}.json", "save_maps layout")
+            if resume is None and rank == 0:
+                writes.append((os.fspath(save_maps), storage.maps_bytes(n, layout), "save_maps"))
+        storage.check_writes(writes)
+    except Exception as e:  # noqa: BLE001  (whatever it is, the other ranks must not wait for this one)
+        error = e
+    _agree(error, group=group, device=device, what="setup")
+
+    maps_file = None
+    if save_maps is not None:
+        error = None
+        if rank == 0:
+            try:
+                if resume is None:
+                    storage.create_maps(save_maps, n, layout)
+                else:
+                    storage.open_maps(save_maps, n, layout, reserve=True)  # whole, and its bytes reserved
+            except Exception as e:  # noqa: BLE001
+                error = e
+        _agree(error, group=group, device=device, what="save_maps")  # also the barrier: the file exists first
+        maps_file = storage.open_maps(save_maps, n, layout)
+    offsets = layout["offsets"]
 
     sums = torch.zeros(k, len(names), dtype=acc, device=device)
     counts = torch.zeros(k, dtype=torch.long, device=device)
+    nonfinite: list[int] = []
     start = 0
-    if resume is not None:
-        ck = _load_checkpoint(_rank_path(resume, rank, size), config)
+    if ck is not None:
         sums.copy_(ck["sums"])
         counts.copy_(ck["counts"])
+        nonfinite = ck["nonfinite"].tolist()
         start = int(ck["done"])
-        if checkpoint is None:
-            checkpoint = resume
-    ck_path = None if checkpoint is None else _rank_path(checkpoint, rank, size)
-    maps_file = None
-    if save_maps is not None:
-        maps_file = _open_maps(save_maps, n, _maps_layout(names, shapes), create=resume is None, group=group,
-                               rank=rank, device=device)
-    offsets = _maps_layout(names, shapes)["offsets"]
+    extractor = CAMExtractor(model, names, method=method, num_samples=num_samples, std=std, batch_size=cam_batch_size)
 
     todo = mine[start:]
     data = DataLoader(_Indexed(ds), sampler=todo, batch_size=loader_kw.pop("batch_size"),
@@ -411,31 +478,40 @@ def score(model: nn.Module, loader: Union[DataLoader, Dataset], *, layers: Seque
             if int(labels.min()) < 0 or int(labels.max()) >= k:
                 raise ValueError(f"labels must lie in [0, {k}) ({k} classes), got values in "
                                  f"[{int(labels.min())}, {int(labels.max())}]")
-            x = images.to(device=device, dtype=dtype, non_blocking=True)
-            z = None
-            if method == "smoothgradcam++":
-                z = image_noise(idx, x.shape[1:], num_samples, seed=seed, device=device, dtype=dtype) \
-                    if noise is None else noise(idx, x)
-            maps = extractor(x, "predicted", noise=z)
-            lab = labels.to(device, non_blocking=True)
-            counts.index_add_(0, lab, torch.ones_like(lab))
-            for j, m in enumerate(maps):
-                above = (m > threshold) if strict else (m >= threshold)
-                frac = above.flatten(1).sum(1).to(acc) / (m.shape[-2] * m.shape[-1])
-                sums[:, j].index_add_(0, lab, 1.0 - frac)
-                if maps_file is not None:
-                    if tuple(m.shape[-2:]) != shapes[j]:
-                        raise ValueError(f"save_maps needs every image to give layer {names[j]!r} maps of shape "
-                                         f"{shapes[j]}, got {tuple(m.shape[-2:])}")
-                    rows = idx.numpy()
-                    maps_file[rows, offsets[j]:offsets[j] + m[0].numel()] = m.flatten(1).float().cpu().numpy()
             done += len(idx)
+            x = images.to(device=device, dtype=dtype, non_blocking=True)
+            lab = labels.to(device, non_blocking=True)
+            keep = _finite_rows(x)  # non-finite images are not scored at all
+            if not bool(keep.all()):
+                nonfinite += idx[~keep.cpu()].tolist()
+                idx, x, lab = idx[keep.cpu()], x[keep], lab[keep]
+            if len(idx):
+                z = None
+                if method == "smoothgradcam++":
+                    z = image_noise(idx, x.shape[1:], num_samples, seed=seed, device=device, dtype=dtype) \
+                        if noise is None else noise(idx, x)
+                maps = extractor(x, "predicted", noise=z)
+                keep = _finite_rows(*maps)  # finite images whose maps are not (the model overflowed)
+                if not bool(keep.all()):
+                    nonfinite += idx[~keep.cpu()].tolist()
+                    idx, lab, maps = idx[keep.cpu()], lab[keep], [m[keep] for m in maps]
+                counts.index_add_(0, lab, torch.ones_like(lab))
+                for j, m in enumerate(maps):
+                    above = (m > threshold) if strict else (m >= threshold)
+                    frac = above.flatten(1).sum(1).to(acc) / (m.shape[-2] * m.shape[-1])
+                    sums[:, j].index_add_(0, lab, 1.0 - frac)
+                    if maps_file is not None and len(idx):
+                        if tuple(m.shape[-2:]) != shapes[j]:
+                            raise ValueError(f"save_maps needs every image to give layer {names[j]!r} maps of "
+                                             f"shape {shapes[j]}, got {tuple(m.shape[-2:])}")
+                        rows = idx.numpy()
+                        maps_file[rows, offsets[j]:offsets[j] + m[0].numel()] = m.flatten(1).float().cpu().numpy()
             if bar is not None:
-                bar.update(len(idx))
+                bar.update(len(batch[0]))
             if ck_path is not None and (b + 1) % checkpoint_every == 0:
                 if maps_file is not None:
                     maps_file.flush()
-                _save_checkpoint(ck_path, config, done, sums, counts)
+                storage.save_checkpoint(ck_path, config, done, sums, counts, nonfinite)
     finally:
         if bar is not None:
             bar.close()
@@ -443,17 +519,36 @@ def score(model: nn.Module, loader: Union[DataLoader, Dataset], *, layers: Seque
     if maps_file is not None:
         maps_file.flush()
     if ck_path is not None:
-        _save_checkpoint(ck_path, config, done, sums, counts)
+        storage.save_checkpoint(ck_path, config, done, sums, counts, nonfinite)
 
     # One collective: the per-class sums and counts (counts are exact in float64 below 2**53).
     merged = torch.cat([sums, counts[:, None].to(acc)], dim=1)
     all_reduce_sum_([merged], group=group, what="compdd score sums")
     sums, counts = merged[:, :-1].cpu().double(), merged[:, -1].cpu().round().long()
+    nonfinite = _gather_indices(nonfinite, group=group, device=device)
+    if int(counts.sum()) == 0:
+        raise ValueError(f"no image could be scored: all {n} images are not finite (NaN or inf in the image or "
+                         f"in its CAM maps)")
+    if nonfinite and rank == 0:
+        warnings.warn(_nonfinite_message(nonfinite, n), NonFiniteImagesWarning, stacklevel=2)
     complexity = sums / counts[:, None].clamp_min(1)
     complexity[counts == 0] = math.nan
-    public = {k_: v for k_, v in config.items() if k_ != "rank"}
+    public = {k_: v for k_, v in config.items() if k_ not in ("rank", "label_counts")}
     return ComplexityResult(layers=names, complexity=complexity, counts=counts, config=public,
-                            class_names=_class_names(ds, k))
+                            class_names=_class_names(ds, k), nonfinite=nonfinite)
+
+
+def _gather_indices(mine: list[int], *, group: Optional[object], device: torch.device) -> list[int]:
+    """Every rank's list of dataset indices, merged and sorted: the lengths first, then one padded table
+    (both small collectives; the second only when some rank has any)."""
+    lengths = [row[0] for row in gather_ints([len(mine)], group=group, device=device, what="compdd nonfinite count")]
+    if max(lengths) == 0:
+        return []
+    rank, size = world(group)
+    table = torch.zeros(size, max(lengths), dtype=torch.long, device=device)
+    table[rank, :len(mine)] = torch.tensor(mine, dtype=torch.long) + 1  # 0 = padding
+    all_reduce_sum_([table], group=group, what="compdd nonfinite indices")
+    return sorted(int(i) - 1 for i in table.flatten().tolist() if i)
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):

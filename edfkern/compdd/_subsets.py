@@ -11,7 +11,7 @@ import difflib
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
-__all__ = ["SUBSETS", "NUM_IMAGENET_CLASSES", "subsets", "categories", "classes", "check_classes"]
+__all__ = ["SUBSETS", "NUM_IMAGENET_CLASSES", "subsets", "categories", "classes", "check_classes", "lookup"]
 
 NUM_IMAGENET_CLASSES = 1000
 
@@ -97,7 +97,9 @@ def check_classes(cls: Sequence[int], *, what: str = "classes", dedupe: bool = F
     return out
 
 
-def _lookup(name: str) -> tuple[int, ...]:
+def lookup(name: str) -> tuple[int, ...]:
+    """Subset ``name``'s classes exactly as published (duplicates included); an unknown name is a
+    ``ValueError`` suggesting close names."""
     if not isinstance(name, str):
         raise TypeError(f"subset name must be a str, got {type(name).__name__}")
     if name not in SUBSETS:
@@ -113,5 +115,5 @@ def classes(name: str, *, dedupe: bool = False) -> list[int]:
     Raises ``ValueError`` for an unknown name (suggesting close names), and for ``music_hard``
     (class 420 listed twice) unless ``dedupe=True``, which returns its 9 distinct classes.
     """
-    return check_classes(_lookup(name), what=f"Comp-DD subset {name!r}", dedupe=dedupe,
+    return check_classes(lookup(name), what=f"Comp-DD subset {name!r}", dedupe=dedupe,
                          how=f"call classes({name!r}, dedupe=True) or subset(dataset, {name!r}, dedupe=True)")

@@ -15,7 +15,9 @@ Modules, top-down:
 
 - :mod:`._comm`: the only module that calls ``torch.distributed`` (timeouts, one buffer per dtype,
   byte accounting, class sharding);
-- :mod:`._agree`: the header every op exchanges first, so that bad input raises on every rank;
+- :mod:`._agree`: the header every op call exchanges first (the op's identity, a per-group call
+  counter, whether this rank's own checks failed, and the op's shapes and arguments), so that bad
+  input on any rank raises on every rank and the ranks never pair different calls;
 - :mod:`.stats`: the stable merge of per-class statistics (sums and counts, then the scatter about
   the global mean) and :func:`reduce_class_stats`;
 - :mod:`.features`: row-sharded ``local_covariance``, ``covariance_matching_loss``,

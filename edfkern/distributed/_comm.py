@@ -21,12 +21,42 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DEFAULT_TIMEOUT", "is_active", "world", "default_group", "shard_classes", "all_reduce_sum_",
-           "all_gather_object_sizes", "gather_ints", "CommStats", "record", "recorded",
+__all__ = ["collective_timeout", "is_active", "world", "default_group", "shard_classes",
+           "all_reduce_sum_", "all_gather_object_sizes", "gather_ints", "CommStats", "record", "recorded",
            "last_call_stats"]
 
-#: Upper bound on one collective. ``EDFKERN_DIST_TIMEOUT`` (seconds) overrides it.
-DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("EDFKERN_DIST_TIMEOUT", "300")))
+#: Upper bound on one collective when ``EDFKERN_DIST_TIMEOUT`` is unset or empty, in seconds.
+TIMEOUT_DEFAULT_S = 300.0
+#: The largest ``EDFKERN_DIST_TIMEOUT`` accepted (about 116 days): beyond it the value is a mistake.
+TIMEOUT_MAX_S = 1e7
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The bound on one collective: ``EDFKERN_DIST_TIMEOUT`` seconds (read at each use), else 300 s.
+
+    Raises ``ValueError`` naming the variable unless it is a positive, finite number of seconds of at
+    most :data:`TIMEOUT_MAX_S` (``abc``, ``0``, ``-5``, ``nan`` and ``inf`` are refused: ``0`` or
+    ``inf`` would wait forever, a negative value would fail every collective at once).
+    """
+    raw = os.environ.get("EDFKERN_DIST_TIMEOUT", "").strip()
+    if not raw:
+        return datetime.timedelta(seconds=TIMEOUT_DEFAULT_S)
+    try:
+        s = float(raw)
+    except ValueError:
+        s = float("nan")
+    if not (0 < s <= TIMEOUT_MAX_S):  # also False for nan
+        raise ValueError(f"EDFKERN_DIST_TIMEOUT must be a positive, finite number of seconds of at most "
+                         f"{TIMEOUT_MAX_S:g} (the bound on one collective), got {raw!r}")
+    return datetime.timedelta(seconds=s)
+
+
+def __getattr__(name: str):
+    """``DEFAULT_TIMEOUT``: :func:`collective_timeout` at the time of the lookup (validated then, not at
+    import, so a bad ``EDFKERN_DIST_TIMEOUT`` cannot break ``import edfkern``)."""
+    if name == "DEFAULT_TIMEOUT":
+        return collective_timeout()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_active(group: Optional[object]) -> bool:
@@ -135,7 +165,7 @@ def all_reduce_sum_(tensors: Sequence[Tensor], *, group: Optional[object],
     tensors = list(tensors)
     if not is_active(group) or not tensors:
         return tensors
-    timeout = timeout or DEFAULT_TIMEOUT
+    timeout = timeout or collective_timeout()
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(i)

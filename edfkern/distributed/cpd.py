@@ -17,7 +17,7 @@ key above ``+inf``: the order of a stable ``torch.sort``, which puts NaNs last):
 3. one all-reduce of the kept sums: ``loss = sum_K l / sum_K d``.
 
 Payload per rank and call (bytes handed to the collectives; a ring all-reduce sends about
-``2 (W-1)/W`` times that): ``32 W`` (header) ``+ passes * 2048 + 8 W`` (tie prefix) ``+ 2 * itemsize``
+``2 (W-1)/W`` times that): ``256 W`` (header) ``+ passes * 2048 + 8 W`` (tie prefix) ``+ 2 * itemsize``
 (sums), with ``passes`` 4 for float32/16 inputs and 8 for float64, and no selection at all when
 ``k == 0``. It does not grow with ``P``. Backward issues no collective.
 """
@@ -33,7 +33,7 @@ from .._dispatch import kernel
 from ..ops.cpd import _check_inputs, _check_ratio
 from ..ops.cpd import _k as _drop_count
 from . import _comm
-from ._agree import _DTYPE_CODE, float_bits
+from ._agree import HEADER_BYTES_PER_RANK, _DTYPE_CODE, bits_float, collective_op, exchange, float_bits, same
 
 __all__ = ["cpd_trajectory_loss", "cpd_keep_mask", "select_threshold", "order_keys", "payload_bytes"]
 
@@ -99,15 +99,17 @@ def _dropped(keys: Tensor, thr: int, tie: int) -> Tensor:
     return (keys < thr) | ((keys == thr) & (idx < tie))
 
 
-def _agree_chunks(n: int, dtype: torch.dtype, drop_ratio: float, numel: Optional[int], device, group,
+def _check_numel(numel: Optional[int]) -> Optional[int]:
+    return None if numel is None else C.check_int("numel", numel, lo=0, hi=2**62)
+
+
+def _agree_chunks(n: int, dtype: torch.dtype, drop_ratio: float, numel: Optional[int], group,
                   allow_empty: bool = False) -> tuple[int, int]:
     """Header: every rank's chunk length, dtype, ``drop_ratio`` and declared ``P``. Returns ``(P, offset)``."""
-    words = [_DTYPE_CODE[dtype], n, -1 if numel is None else int(numel), float_bits(drop_ratio)]
-    table = _comm.gather_ints(words, group=group, device=device, what="CPD header")
+    table = exchange([_DTYPE_CODE[dtype], n, -1 if numel is None else numel, float_bits(drop_ratio)])
     sizes = [r[1] for r in table]
-    for i, name in ((0, "dtype"), (3, "drop_ratio")):
-        if any(r[i] != table[0][i] for r in table):
-            raise ValueError(f"{name} must be the same on every rank; rows [dtype, chunk, numel, ratio bits]: {table}")
+    same(table, 0, "dtype", lambda c: str(C.FLOAT_DTYPES[c]))
+    same(table, 3, "drop_ratio", lambda b: repr(bits_float(b)))
     p = sum(sizes)
     declared = {r[2] for r in table} - {-1}
     if declared and declared != {p}:
@@ -167,7 +169,7 @@ class _CPDLoss(torch.autograd.Function):
         return gs.view(student.shape), None, None, None, None
 
 
-@_comm.recorded
+@collective_op()
 def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_ratio: float, process_group,
                         numel: Optional[int] = None) -> Tensor:
     """:func:`edfkern.cpd_trajectory_loss` over a flat vector split into one contiguous chunk per rank.
@@ -191,11 +193,11 @@ def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_
         return one(student, target, start, drop_ratio=drop_ratio)
     _check_inputs(student, target, start)
     drop_ratio = _check_ratio(drop_ratio)
-    p, _ = _agree_chunks(student.numel(), student.dtype, drop_ratio, numel, student.device, process_group)
+    p, _ = _agree_chunks(student.numel(), student.dtype, drop_ratio, _check_numel(numel), process_group)
     return _CPDLoss.apply(student, target, start, _drop_count(drop_ratio, p), process_group)
 
 
-@_comm.recorded
+@collective_op()
 def cpd_keep_mask(l: Tensor, drop_ratio: float, *, process_group, numel: Optional[int] = None) -> Tensor:
     """:func:`edfkern.cpd_keep_mask` for this rank's contiguous chunk of a flat ``l`` split over ranks.
 
@@ -206,7 +208,7 @@ def cpd_keep_mask(l: Tensor, drop_ratio: float, *, process_group, numel: Optiona
         return one(l, drop_ratio)
     C.check_float_tensor("l", l)
     drop_ratio = _check_ratio(drop_ratio)
-    p, _ = _agree_chunks(l.numel(), l.dtype, drop_ratio, numel, l.device, process_group, allow_empty=True)
+    p, _ = _agree_chunks(l.numel(), l.dtype, drop_ratio, _check_numel(numel), process_group, allow_empty=True)
     flat = l.reshape(-1).to(C.acc_dtype(l.dtype))
     keys, thr, tie = _select_local(flat, _drop_count(drop_ratio, p), process_group)
     return (~_dropped(keys, thr, tie)).view(l.shape)
@@ -217,4 +219,4 @@ def payload_bytes(world_size: int, dtype: torch.dtype = torch.float32, *, drops:
     acc = C.acc_dtype(dtype)
     passes = _spec(acc)[0] // 8
     select = passes * _BINS * 8 + 8 * world_size if drops else 0
-    return 32 * world_size + select + 2 * torch.empty((), dtype=acc).element_size()
+    return HEADER_BYTES_PER_RANK * world_size + select + 2 * torch.empty((), dtype=acc).element_size()

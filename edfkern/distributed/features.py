@@ -2,8 +2,9 @@
 
 Each op runs, on every rank:
 
-1. cheap local checks (types, ranks of tensors, ``weight``), then one small header collective in
-   which the ranks agree on dtypes, shapes, the number of groups and the label ranges
+1. every local check (types, ranks of tensors, ``weight``, the labels, the kernels of the selected
+   backend), then one small header collective in which the ranks agree on the op, dtypes, shapes,
+   the number of groups and the label ranges, and learn whether any rank's local checks failed
    (:mod:`edfkern.distributed._agree`);
 2. the local part with the selected backend's kernels (reference, native or triton);
 3. the merge of :mod:`edfkern.distributed.stats`: one all-reduce of per-class sums and counts (the
@@ -25,7 +26,7 @@ from torch import Tensor
 from .. import _checks as C
 from .._dispatch import kernel
 from . import _comm
-from ._agree import Side, agree, float_bits
+from ._agree import Side, agree, collective_op
 from .stats import centred, global_mean, local_class_sums, require_nonempty, scatter_of_centred
 
 __all__ = ["local_covariance", "covariance_matching_loss", "class_centralization_loss", "mean_matching_loss"]
@@ -53,7 +54,15 @@ def _as_rows(name: str, x: Tensor) -> Tensor:
 
 
 def _resolve(sides: list[Side], k: int) -> list[C.Groups]:
-    return [C.resolve_groups(s.groups, s.x.shape[0], s.x.device, k, s.name) for s in sides]
+    """CSR groups of every side with the agreed ``K`` (its bounds and the label ranges are checked in
+    the header already, so nothing here fails on one rank only)."""
+    return [C.resolve_groups(s.groups, s.x.shape[0], s.x.device, k, s.name, k_max=k) for s in sides]
+
+
+def _require_kernels(device: torch.device, *names: str) -> None:
+    """Look up the forward kernels before the header: a backend that cannot run here fails every rank."""
+    for name in names:
+        kernel(name, device)
 
 
 def _inv(n: Tensor) -> Tensor:
@@ -188,19 +197,20 @@ def _single(process_group) -> bool:
     return not _comm.is_active(process_group)
 
 
-def _pair(what: str, syn: Tensor, real: Tensor, syn_groups, real_groups, num_groups, weight, group):
+def _pair(what: str, syn: Tensor, real: Tensor, syn_groups, real_groups, num_groups, weight, kernels):
     """The two-sided losses' prologue: local checks, then one header exchange (K, shapes, weight) that
     every rank passes or fails together. Returns ``(weight, syn CSR groups, real CSR groups)``."""
     C.check_same_dtype(syn=syn, real=real)
     C.check_same_device(syn=syn, real=real)
     weight = C.check_number("weight", weight)
+    _require_kernels(syn.device, *kernels)
     sides = [Side("syn_groups", syn, syn_groups, num_groups), Side("real_groups", real, real_groups, num_groups)]
-    k, _ = agree(sides, {"weight": float_bits(weight)}, group=group, what=what)
+    k, _ = agree(sides, {"weight": weight}, what=what, allow_empty_groups=False)
     gs, gr = _resolve(sides, k)
     return weight, gs, gr
 
 
-@_comm.recorded
+@collective_op()
 def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None,
                      process_group) -> Tensor:
     """:func:`edfkern.local_covariance` of the union of every rank's rows.
@@ -220,13 +230,14 @@ def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int
         from ..ops.covariance import local_covariance as one
         return one(x, groups=groups, num_groups=num_groups)
     x = _as_ncl("x", x)
+    _require_kernels(x.device, "seg_mean", "cov_forward")
     sides = [Side("groups", x, groups, num_groups)]
-    k, _ = agree(sides, {}, group=process_group, what="local_covariance")
+    k, _ = agree(sides, {}, what="local_covariance", allow_empty_groups=True)
     g, = _resolve(sides, k)
     return _LocalCov.apply(x, g, process_group)
 
 
-@_comm.recorded
+@collective_op()
 def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, real_groups: C.GroupsArg,
                              num_groups: Optional[int] = None, weight: float = 0.01, process_group) -> Tensor:
     """:func:`edfkern.covariance_matching_loss` with both sides' rows spread over the ranks.
@@ -239,11 +250,11 @@ def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsA
         return one(syn, real, syn_groups=syn_groups, real_groups=real_groups, num_groups=num_groups, weight=weight)
     syn, real = _as_ncl("syn", syn), _as_ncl("real", real)
     weight, gs, gr = _pair("covariance_matching_loss", syn, real, syn_groups, real_groups, num_groups, weight,
-                           process_group)
+                           ("seg_mean", "cov_forward"))
     return _CovMatching.apply(syn, real, gs, gr, weight, process_group)
 
 
-@_comm.recorded
+@collective_op()
 def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int] = None,
                               weight: float = 0.05, process_group) -> Tensor:
     """:func:`edfkern.class_centralization_loss` with the rows spread over the ranks.
@@ -256,13 +267,14 @@ def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: 
         return one(feat, groups=groups, num_groups=num_groups, weight=weight)
     x = _as_rows("feat", feat)
     weight = C.check_number("weight", weight)
+    _require_kernels(x.device, "seg_mean", "cc_forward")
     sides = [Side("groups", x, groups, num_groups)]
-    k, _ = agree(sides, {"weight": float_bits(weight)}, group=process_group, what="class_centralization_loss")
+    k, _ = agree(sides, {"weight": weight}, what="class_centralization_loss", allow_empty_groups=False)
     g, = _resolve(sides, k)
     return _CentralLoss.apply(x, g, weight, process_group)
 
 
-@_comm.recorded
+@collective_op()
 def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, real_groups: C.GroupsArg,
                        num_groups: Optional[int] = None, weight: float = 1.0, process_group) -> Tensor:
     """:func:`edfkern.mean_matching_loss` (DM) with both sides' rows spread over the ranks.
@@ -273,5 +285,5 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, re
         from ..ops.features import mean_matching_loss as one
         return one(syn, real, syn_groups=syn_groups, real_groups=real_groups, num_groups=num_groups, weight=weight)
     s, r = _as_rows("syn", syn), _as_rows("real", real)
-    weight, gs, gr = _pair("mean_matching_loss", s, r, syn_groups, real_groups, num_groups, weight, process_group)
+    weight, gs, gr = _pair("mean_matching_loss", s, r, syn_groups, real_groups, num_groups, weight, ("seg_mean",))
     return _MeanMatching.apply(s, r, gs, gr, weight, process_group)

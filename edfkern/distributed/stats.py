@@ -18,7 +18,6 @@ against the spread.
 """
 from __future__ import annotations
 
-import zlib
 from typing import Optional
 
 import torch
@@ -28,6 +27,7 @@ from .. import _checks as C
 from .._dispatch import kernel
 from ..reference._common import ieee_matmul
 from . import _comm
+from ._agree import collective_op, exchange, same
 
 
 def local_class_sums(name: str, x: Tensor, g: C.Groups) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,6 +70,11 @@ def scatter_of_centred(sigma_c: Tensor, mean_c: Tensor, n_r: Tensor) -> Tensor:
     return (sigma_c + between) * n_r[:, None, None]
 
 
+_DTYPES = sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype)}, key=str)  # same order everywhere
+_MAX_DIMS = 16
+
+
+@collective_op(group_arg="group", none_means_default=True)
 def reduce_class_stats(sums: Tensor, counts: Tensor, *, group: Optional[object] = None
                        ) -> tuple[Tensor, Tensor]:
     """Sum per-class statistics over ranks: ``sums (K, ...)`` and ``counts (K,)`` -> the global ones.
@@ -81,16 +86,17 @@ def reduce_class_stats(sums: Tensor, counts: Tensor, *, group: Optional[object] 
     """
     group = group if group is not None else _comm.default_group()
     if not isinstance(sums, Tensor) or not isinstance(counts, Tensor):
-        raise TypeError("sums and counts must be tensors")
-    if counts.dim() != 1 or sums.dim() < 1 or sums.shape[0] != counts.shape[0]:
-        raise ValueError(f"sums must have shape (K, ...) and counts (K,), got {tuple(sums.shape)} and "
-                         f"{tuple(counts.shape)}")
+        raise TypeError(f"sums and counts must be tensors, got {type(sums).__name__} and {type(counts).__name__}")
+    if counts.dim() != 1 or sums.dim() < 1 or sums.shape[0] != counts.shape[0] or sums.dim() > _MAX_DIMS:
+        raise ValueError(f"sums must have shape (K, ...) with at most {_MAX_DIMS} dims and counts (K,), got "
+                         f"{tuple(sums.shape)} and {tuple(counts.shape)}")
     sums, counts = sums.clone(), counts.clone()
-    dtypes = sorted({str(sums.dtype), str(counts.dtype)})
-    words = [sums.numel(), sums.shape[0], zlib.crc32(str(sums.dtype).encode()), zlib.crc32(str(counts.dtype).encode())]
-    table = _comm.gather_ints(words, group=group, device=sums.device, what="reduce_class_stats header")
-    if any(r != table[0] for r in table):
-        raise ValueError(f"reduce_class_stats: ranks disagree on the shape or dtype of sums/counts ({dtypes} "
-                         f"here); rows [numel, K, dtype tags]: {table}")
+    table = exchange([_DTYPES.index(sums.dtype), _DTYPES.index(counts.dtype), sums.dim(), *sums.shape])
+    same(table, 0, "reduce_class_stats: the dtype of sums", lambda i: str(_DTYPES[i]))
+    same(table, 1, "reduce_class_stats: the dtype of counts", lambda i: str(_DTYPES[i]))
+    shapes = [tuple(r[3:3 + r[2]]) for r in table]
+    if any(sh != shapes[0] for sh in shapes):
+        raise ValueError("reduce_class_stats: the shape of sums must be the same on every rank, got " +
+                         ", ".join(f"rank {r}: {sh}" for r, sh in enumerate(shapes)))
     _comm.all_reduce_sum_([sums, counts], group=group, what="reduce_class_stats")
     return sums, counts

@@ -152,7 +152,17 @@ def _cpd_keep_mask_fake(l, drop_ratio):
 
 
 def _check_ratio(drop_ratio: float) -> float:
-    return C.check_number("drop_ratio", drop_ratio, lo=0.0, hi=1.0, hi_open=True)
+    """``drop_ratio`` in ``[0, 1)``. At 1 or above nothing is kept; the message says what EDF's code does then."""
+    f = C.check_number("drop_ratio", drop_ratio, lo=0.0)
+    if f >= 1.0:
+        raise ValueError(
+            f"drop_ratio must be < 1.0, got {f}: it would drop every element and leave nothing to match. "
+            "EDF's released code (distill/edf_distill.py, whose loss_threshold defaults to 1.0 in utils/cfg.py "
+            "for configs that do not set it) would silently skip the update there, with no error: its kept set "
+            "is empty, the loss is 0/0 = NaN, and 'grand_loss <= threshold' is never true, so the images are "
+            "never updated. "
+            "Use the configs' values (0.25-0.5), or 0 to keep every element.")
+    return f
 
 
 def _check_inputs(student: Tensor, target: Tensor, start: Tensor) -> None:
