@@ -114,6 +114,8 @@ NAMES = [
     (M + ["--providers", "baseline,gpu"], "--providers"),
     (M + ["--modes", ""], "--modes"),
     (M + ["--modes", "fwd,back"], "--modes"),
+    (M + ["--modes", "bwd", "--ops", "dae_"], "--modes"),                     # dae_ has no backward: no case
+    (M + ["--config", "cifar100-ipc50", "--ops", "cpd_trajectory_loss"], "--ops"),  # no CPD expert: no case
     (M + ["--config", "nope"], "--config"),
     (["--device", "tpu", "--quick"], "--device"),
     (["--device", "", "--quick"], "--device"),

@@ -159,7 +159,8 @@ def plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
                                           device=device, seed=args.seed, repeat=args.repeat, budget_s=args.budget,
                                           memory=not args.no_memory, threads=args.threads))
     if not out.tasks:
-        args_.fail(parser, "--ops", f"no case to run: {'; '.join(out.scale_notes)}")
+        by_mode = modes_req is not None and any("has no mode among" in n for n in out.scale_notes)
+        args_.fail(parser, "--modes" if by_mode else "--ops", f"no case to run: {'; '.join(out.scale_notes)}")
     room = _device_memory(device)
     if room is not None and biggest > room:
         arg = ("--sweep" if sweep else "--scale" if args.scale is not None

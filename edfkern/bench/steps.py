@@ -943,7 +943,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not fit:
             continue
         # the lockstep run holds every version's inputs at once, and one version's activations at a time
-        est = max(estimate_peak_bytes(args.step, v, ipc, pp) for v in fit) + (len(fit) - 1) * input_bytes(args.step, ipc, pp)
+        est = (max(estimate_peak_bytes(args.step, v, ipc, pp) for v in fit)
+               + (len(fit) - 1) * input_bytes(args.step, ipc, pp))
         secs = sum(estimate_seconds(args.step, v, ipc, pp, 1 + args.repeat, 0, conv_rate) for v in fit) \
             + (estimate_seconds(args.step, "edfkern", ipc, pp, 0, 1, conv_rate) if args.step == "mtt-edf" else 0)
         why = None
