@@ -82,7 +82,7 @@ def grads(case: Case, memory: str, *, seed: int = 5, **kw) -> tuple[float, dict[
         loss = edfkern.trajectory_matching_loss(case.student, x, y, case.start, case.target, a, memory=memory, **kw)
     loss.backward()
     after = float(torch.rand(()))
-    return float(loss), {"images": x.grad, "labels": y.grad if y.requires_grad else None, "syn_lr": a.grad}, after
+    return float(loss.detach()), {"images": x.grad, "labels": y.grad if y.requires_grad else None, "syn_lr": a.grad}, after
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
