@@ -188,7 +188,7 @@ class _Plan:
     soft: bool
     batches: list[Tensor] = field(default_factory=list)        # filled by the forward
     rng: list[Optional[tuple]] = field(default_factory=list)   # RNG states before each augmentation
-    losses: list[float] = field(default_factory=list)          # each step's loss in the forward
+    losses: list[Tensor] = field(default_factory=list)         # each step's loss in the forward (0-d)
     k_checked: bool = False
 
     # ------------------------------------------------------------------ checks
@@ -462,7 +462,7 @@ class _ConstantMemory(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        plan, saved = ctx.plan, ctx.saved
+        plan = ctx.plan
         images, labels, syn_lr = ctx.saved_tensors
         need_x, need_y, need_a = ctx.needs_input_grad[1], ctx.needs_input_grad[2] and plan.soft, ctx.needs_input_grad[3]
         prof = ctx.prof
@@ -472,16 +472,18 @@ class _ConstantMemory(torch.autograd.Function):
         dx = torch.zeros_like(x) if need_x else None
         dy = torch.zeros_like(y) if need_y else None
         da = torch.zeros((), dtype=lam.dtype, device=lam.device)
+        replayed: list[tuple[int, Tensor]] = []  # (step, recomputed loss): checked once, without a sync per step
         for seg_start in reversed(plan.checkpoints()):
             seg_end = min(seg_start + plan.every, plan.steps)
             ws = [ctx.saved[ctx.rows[seg_start]]]  # not consumed: a retained graph may run backward again
             with _Clock(prof, "recompute"):
                 for i in range(seg_start, seg_end - 1):  # the segment's w_i, from its checkpoint
                     loss, g = _step_grad(plan, ws[-1], x, y, i, prof)
-                    _check_replay(plan, i, loss)
+                    replayed.append((i, loss))
                     ws.append(ws[-1] - a * g)
             for i in range(seg_end - 1, seg_start - 1, -1):
-                lam, da = _reverse_step(plan, ws.pop(), x, y, i, lam, a, da, dx, dy, need_x, need_y, prof)
+                lam, da = _reverse_step(plan, ws.pop(), x, y, i, lam, a, da, dx, dy, need_x, need_y, prof, replayed)
+        _check_replay(plan, replayed)
         if plan.world > 1:
             with _Clock(prof, "collectives"):
                 from .distributed import _comm
@@ -491,8 +493,8 @@ class _ConstantMemory(torch.autograd.Function):
                 da.to(syn_lr.dtype).reshape(syn_lr.shape) if need_a else None)
 
 
-def _step_grad(plan: _Plan, w: Tensor, x: Tensor, y: Tensor, i: int, prof: Profile) -> tuple[float, Tensor]:
-    """Step ``i``'s loss (all ranks' sum) and its gradient ``g_i`` at ``w``, no graph kept."""
+def _step_grad(plan: _Plan, w: Tensor, x: Tensor, y: Tensor, i: int, prof: Profile) -> tuple[Tensor, Tensor]:
+    """Step ``i``'s loss (all ranks' sum, 0-d, no host sync) and its gradient ``g_i`` at ``w``, no graph kept."""
     with torch.enable_grad():
         wl = w.detach().requires_grad_(True)
         loss = plan.step_loss(wl, x, y, i)
@@ -503,13 +505,13 @@ def _step_grad(plan: _Plan, w: Tensor, x: Tensor, y: Tensor, i: int, prof: Profi
         with _Clock(prof, "collectives"):
             from .distributed import _comm
             _comm.all_reduce_sum_([buf], group=plan.group, what=f"trajectory_matching_loss step {i} gradient")
-        return float(buf[-1]), buf[:-1]
-    return float(loss), g
+        return buf[-1].clone(), buf[:-1]  # a copy: a view would keep the (P + 1) buffer of every step
+    return loss.detach(), g
 
 
 def _reverse_step(plan: _Plan, w: Tensor, x: Tensor, y: Tensor, i: int, lam: Tensor, a: Tensor, da: Tensor,
                   dx: Optional[Tensor], dy: Optional[Tensor], need_x: bool, need_y: bool,
-                  prof: Profile) -> tuple[Tensor, Tensor]:
+                  prof: Profile, replayed: list[tuple[int, Tensor]]) -> tuple[Tensor, Tensor]:
     """One step of the adjoint sweep: ``lam = dL/dw_{i+1}`` in, ``dL/dw_i`` out; adds step ``i``'s terms to
     ``dx``, ``dy`` and returns ``da``. The product is taken with ``-a lam``, the cotangent that
     ``w_{i+1} = w_i - a g_i`` sends to ``g_i``, so ``H_i``, ``J_X`` and ``J_Y`` terms come out scaled."""
@@ -534,10 +536,10 @@ def _reverse_step(plan: _Plan, w: Tensor, x: Tensor, y: Tensor, i: int, lam: Ten
             from .distributed import _comm
             _comm.all_reduce_sum_([buf], group=plan.group, what=f"trajectory_matching_loss step {i} backward")
         p = w.numel()
-        g, hl, value = buf[:p], buf[p:2 * p], float(buf[-1])
+        g, hl, value = buf[:p], buf[p:2 * p], buf[-1].clone()
     else:
-        value = float(loss)
-    _check_replay(plan, i, value)
+        value = loss.detach()
+    replayed.append((i, value))
     if jx is not None:
         dx.add_(jx)
     if jy is not None:
@@ -545,16 +547,22 @@ def _reverse_step(plan: _Plan, w: Tensor, x: Tensor, y: Tensor, i: int, lam: Ten
     return lam + hl, da - torch.dot(g, lam)
 
 
-def _check_replay(plan: _Plan, i: int, value: float) -> None:
-    """The recomputed step ``i`` must give the forward's loss; otherwise the gradient would be wrong."""
-    ref = plan.losses[i]
-    if value == ref or abs(value - ref) <= plan.replay_rtol * max(abs(ref), 1e-30):
+def _check_replay(plan: _Plan, replayed: list[tuple[int, Tensor]]) -> None:
+    """Every recomputed step must give the forward's loss (NaN where it was NaN); otherwise the gradient
+    would be wrong. One comparison of all steps (one host sync), before any gradient is returned; the
+    error names the first step the backward met."""
+    if not replayed:
         return
-    if math.isnan(value) and math.isnan(ref):
+    got = torch.stack([v.to(plan.losses[i].dtype) for i, v in replayed])
+    ref = torch.stack([plan.losses[i] for i, _ in replayed])
+    ok = (got == ref) | ((got - ref).abs() <= plan.replay_rtol * ref.abs().clamp_min(1e-30)) | (got.isnan() & ref.isnan())
+    if bool(ok.all()):
         return
+    j = int((~ok).nonzero()[0])
+    i, value, r = replayed[j][0], float(got[j]), float(ref[j])
     raise TrajectoryReplayError(
         f"trajectory_matching_loss: step {i} recomputed in the backward gives loss {value!r}, but the forward "
-        f"gave {ref!r} (relative difference {abs(value - ref) / max(abs(ref), 1e-30):.3g} > replay_rtol "
+        f"gave {r!r} (relative difference {abs(value - r) / max(abs(r), 1e-30):.3g} > replay_rtol "
         f"{plan.replay_rtol:.3g}). The step is not deterministic: dropout or another random layer in the student, "
         "an augmentation drawing from an RNG other than torch's default generators (numpy, random, an explicit "
         "torch.Generator), or a forward with side effects. Make it deterministic, or use memory='unrolled'")
