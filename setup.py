@@ -33,8 +33,8 @@ class build_py_with_csrc(build_py):
 
 ext_modules, cmdclass = [], {"build_py": build_py_with_csrc}
 if os.environ.get("EDFKERN_BUILD_EXT", "0") == "1":
-    # edfkern/build.py is loaded by path: importing the package here would need torch for nothing.
-    spec = importlib.util.spec_from_file_location("edfkern_build", os.path.join(HERE, "edfkern", "build.py"))
+    # edfkern/build/__init__.py is loaded by path: importing the package here would need torch for nothing.
+    spec = importlib.util.spec_from_file_location("edfkern_build", os.path.join(HERE, "edfkern", "build", "__init__.py"))
     edfkern_build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(edfkern_build)
     ext_modules, ext_cmdclass = edfkern_build.ahead_of_time_extension()

@@ -1,11 +1,12 @@
 // Argument checks of the edfkern._C functions (csrc/edfkern.cpp), for their CPU and CUDA paths alike.
-// The functions can be called directly, so every argument that indexes memory is checked here:
-// shapes, dtypes, devices, contiguity, aliasing of in-place outputs, and the CSR group tensors
-// (offsets start at 0, never decrease, end at N; perm is a permutation of range(N)). A failure is a
-// Python TypeError (a wrong dtype, a missing tensor) or ValueError (anything else), never a crash.
+// The functions can be called directly, so this file checks what the C++ code needs to read and write
+// memory safely: dtypes, devices, contiguity, the sizes the kernels index with, aliasing of in-place
+// outputs, and the CSR group tensors (offsets start at 0, never decrease, end at N; perm is a
+// permutation of range(N)). A failure is a Python TypeError (a wrong dtype, a missing tensor) or
+// ValueError (anything else), never a crash. The ops' own rules (how many groups a loss allows, the
+// largest output the ops agree to allocate) live once, in the registered ops (edfkern/ops).
 // Cost: O(K + N) on the host for CPU tensors; for CUDA tensors the value checks are device-side
-// asserts (at::_assert_async), so there is no host sync. The same rules, with Python messages,
-// live in edfkern/_checks.py for the edfkern:: ops.
+// asserts (at::_assert_async), so there is no host sync.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,17 +14,12 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <vector>
 
 namespace edfkern {
 namespace checks {
-
-// More groups than max(N, kMaxSparseGroups) is refused (edfkern/_checks.py: MAX_SPARSE_GROUPS).
-constexpr int64_t kMaxSparseGroups = int64_t(1) << 16;
-// Largest output the ops agree to allocate (edfkern/_checks.py: MAX_NUMEL, MAX_DIM).
-constexpr int64_t kMaxNumel = int64_t(1) << 40;
-constexpr int64_t kMaxDim = (int64_t(1) << 31) - 1;
 
 inline bool is_float(const at::Tensor& t) {
   const auto s = t.scalar_type();
@@ -81,14 +77,17 @@ inline void no_overlap(const char* op, const char* out_name, const at::Tensor& o
               " and ", name, " share memory; the written tensor needs storage of its own");
 }
 
+// An output of `shape` whose byte count (at 8 bytes an element) fits int64: every offset the kernels
+// compute into it is representable, and the allocator is never asked for an overflowed size.
 inline void bounded_numel(const char* op, const char* what, std::initializer_list<int64_t> shape) {
-  double n = 1.0;
+  constexpr int64_t kMaxElements = std::numeric_limits<int64_t>::max() / 8;
+  int64_t n = 1;
   for (int64_t s : shape) {
-    TORCH_CHECK_VALUE(s >= 0 && s <= kMaxDim, "edfkern._C.", op, ": ", what, " extent ", s, " is out of range");
-    n *= static_cast<double>(s);
+    TORCH_CHECK_VALUE(s >= 0, "edfkern._C.", op, ": ", what, " extent ", s, " is negative");
+    TORCH_CHECK_VALUE(s == 0 || n <= kMaxElements / s, "edfkern._C.", op, ": ", what,
+                      " is too large to index (its extents multiply past 2^60 elements)");
+    n *= s;
   }
-  TORCH_CHECK_VALUE(n <= static_cast<double>(kMaxNumel), "edfkern._C.", op, ": ", what, " would hold ", n,
-              " elements, more than 2^40");
 }
 
 // `cond` (0-d bool tensor) must hold: at once on the host for CPU tensors, as a device-side assert
@@ -112,8 +111,6 @@ inline int64_t csr(const char* op, int64_t N, const std::optional<at::Tensor>& p
   same_device(op, "offsets", offsets, ref);
   const int64_t K = offsets.numel() - 1;
   TORCH_CHECK_VALUE(K >= 1 || (K == 0 && N == 0), "edfkern._C.", op, ": offsets must have K+1 >= 2 entries");
-  TORCH_CHECK_VALUE(K <= std::max<int64_t>(N, kMaxSparseGroups), "edfkern._C.", op, ": offsets describe K=", K,
-              " groups, more than max(N, 65536)");
   const bool has_perm = perm.has_value() && perm->defined();
   if (has_perm) {
     readable(op, "perm", *perm);

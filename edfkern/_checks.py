@@ -33,9 +33,15 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def check_float_tensor(name: str, t: object) -> Tensor:
+def check_tensor(name: str, t: object) -> Tensor:
+    """A ``torch.Tensor`` (what an op's schema needs before its own checks can run)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float_tensor(name: str, t: object) -> Tensor:
+    check_tensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must have a floating dtype (float32, float16, bfloat16 or float64), got {t.dtype}"
@@ -76,6 +82,17 @@ def _is_real(v: object) -> bool:
     return isinstance(v, numbers.Real)
 
 
+def as_float(name: str, v: object) -> float:
+    """A real scalar (``int``, ``float``, numpy scalar) as a Python float; any value, NaN and inf included."""
+    if not _is_real(v):
+        raise TypeError(f"{name} must be a real number (int, float or numpy scalar), got {type(v).__name__}")
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer of {len(str(abs(int(v))))} digits, too large "
+                         "for a float") from None
+
+
 def check_number(name: str, v: object, *, lo: Optional[float] = None, hi: Optional[float] = None,
                  hi_open: bool = False, lo_open: bool = False) -> float:
     """A finite real scalar as a Python float.
@@ -85,13 +102,7 @@ def check_number(name: str, v: object, *, lo: Optional[float] = None, hi: Option
     sync on CUDA and a graph break under torch.compile; call ``.item()`` yourself), strings and
     anything else. Values that do not fit a float (``10**400``), NaN and inf are ``ValueError``.
     """
-    if not _is_real(v):
-        raise TypeError(f"{name} must be a real number (int, float or numpy scalar), got {type(v).__name__}")
-    try:
-        f = float(v)
-    except OverflowError:
-        raise ValueError(f"{name} must be finite, got an integer of {len(str(abs(int(v))))} digits, too large "
-                         "for a float") from None
+    f = as_float(name, v)
     if not math.isfinite(f):
         raise ValueError(f"{name} must be finite, got {f}")
     if lo is not None and (f < lo or (lo_open and f == lo)):
@@ -140,6 +151,67 @@ def check_optional_tensor(name: str, t: object) -> Optional[Tensor]:
     if t is not None and not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     return t
+
+
+# --------------------------------------------------------------------------- op arguments shared by the
+# single-process ops (edfkern/ops) and their multi-rank paths (edfkern/distributed)
+
+
+def as_ncl(name: str, x: object, *, empty_rows: bool = False) -> Tensor:
+    """Conv features as ``(N, C, L)``: ``(N, C, h, w)`` is flattened, ``(N, D)`` read as ``(N, D, 1)``.
+
+    ``empty_rows``: a rank of a process group may hold ``N = 0`` rows; one process needs ``N >= 1``.
+    """
+    check_float_tensor(name, x)
+    check_rank(name, x, (2, 3, 4), "(N, C, L), (N, C, h, w) or (N, D)")
+    if empty_rows:
+        if any(s == 0 for s in x.shape[1:]):
+            raise ValueError(f"{name} must have non-empty per-row features, got {tuple(x.shape)}")
+    elif x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must have N >= 1 rows and non-empty features, got {tuple(x.shape)}")
+    return x.flatten(2) if x.dim() == 4 else (x.unsqueeze(2) if x.dim() == 2 else x)
+
+
+def as_rows(name: str, x: object, *, empty_rows: bool = False) -> Tensor:
+    """Flat features ``(N, D)``; other shapes are flattened per row (``empty_rows`` as in :func:`as_ncl`)."""
+    check_float_tensor(name, x)
+    if empty_rows:
+        if x.dim() < 2 or any(s == 0 for s in x.shape[1:]):
+            raise ValueError(f"{name} must have shape (N, D) with D >= 1 (other shapes are flattened per row), "
+                             f"got {tuple(x.shape)}")
+    elif x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must have shape (N, D) with N, D >= 1 (other shapes are flattened per row), "
+                         f"got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1) if x.dim() != 2 else x
+
+
+def check_drop_ratio(drop_ratio: object) -> float:
+    """CPD's ``drop_ratio`` in ``[0, 1)``. At 1 or above nothing is kept; the message says what EDF's code does then."""
+    f = check_number("drop_ratio", drop_ratio, lo=0.0)
+    if f >= 1.0:
+        raise ValueError(
+            f"drop_ratio must be < 1.0, got {f}: it would drop every element and leave nothing to match. "
+            "EDF's released code (distill/edf_distill.py, whose loss_threshold defaults to 1.0 in utils/cfg.py "
+            "for configs that do not set it) would silently skip the update there, with no error: its kept set "
+            "is empty, the loss is 0/0 = NaN, and 'grand_loss <= threshold' is never true, so the images are "
+            "never updated. "
+            "Use the configs' values (0.25-0.5), or 0 to keep every element.")
+    return f
+
+
+def drop_count(drop_ratio: float, p: int) -> int:
+    """CPD's ``k``: how many of the ``p`` entries are dropped, ``floor(drop_ratio * p)``."""
+    return int(math.floor(drop_ratio * p))
+
+
+def check_cpd_vectors(student: object, target: object, start: object) -> None:
+    """CPD's three flat vectors: floating, one shape, dtype and device (a rank's chunk may be empty)."""
+    for name, v in (("student", student), ("target", target), ("start", start)):
+        check_float_tensor(name, v)
+    check_shape("target", target, student.shape, "(P,) like student")
+    check_shape("start", start, student.shape, "(P,) like student")
+    check_same_dtype(student=student, target=target, start=start)
+    check_same_device(student=student, target=target, start=start)
 
 
 # --------------------------------------------------------------------------- aliasing
@@ -341,16 +413,20 @@ def resolve_groups(groups: GroupsArg, n: int, device: torch.device, num_groups: 
 
 
 def resolve_group_pair(syn_groups: GroupsArg, real_groups: GroupsArg, n_syn: int, n_real: int,
-                       device: torch.device, num_groups: Optional[int]) -> tuple[Groups, Groups]:
-    """Normalise the two sides of a matching loss to the same K; raise on any empty group."""
+                       device: torch.device, num_groups: Optional[int],
+                       real_device: Optional[torch.device] = None) -> tuple[Groups, Groups]:
+    """Normalise the two sides of a matching loss to the same K; raise on any empty group.
+
+    ``device`` is the syn side's, ``real_device`` the real side's (default: the same)."""
+    real_device = device if real_device is None else real_device
     num_groups = _check_num_groups(num_groups)
     ks = _infer_k("syn_groups", syn_groups, num_groups)
     kr = _infer_k("real_groups", real_groups, num_groups)
     if ks is not None and kr is not None and ks != kr:
         raise ValueError(f"syn_groups has {ks} groups but real_groups has {kr}; they must agree")
-    for name, g, n in (("syn_groups", syn_groups, n_syn), ("real_groups", real_groups, n_real)):
+    for name, g, n, dev in (("syn_groups", syn_groups, n_syn, device), ("real_groups", real_groups, n_real, real_device)):
         if isinstance(g, Tensor):
-            _check_labels(name, g, n, device)
+            _check_labels(name, g, n, dev)
     syn_groups = syn_groups if isinstance(syn_groups, Tensor) else ks
     real_groups = real_groups if isinstance(real_groups, Tensor) else kr
     k = ks if ks is not None else kr
@@ -358,12 +434,12 @@ def resolve_group_pair(syn_groups: GroupsArg, real_groups: GroupsArg, n_syn: int
     if k is None:  # both label tensors, no num_groups: K = max label + 1 over both sides
         if syn_groups.device.type == "meta":
             raise ValueError("syn_groups: labels on the meta device carry no values; pass num_groups")
-        hi = torch.stack([syn_groups.max(), real_groups.max()]).tolist() if n_syn and n_real else [0]
+        hi = torch.stack([syn_groups.max(), real_groups.max().to(syn_groups.device)]).tolist() if n_syn and n_real else [0]
         k = max(1, max(hi) + 1)
         for name, n in (("syn_groups", n_syn), ("real_groups", n_real)):
             _check_k(name, k, n, n, True)
     gs = _build("syn_groups", syn_groups, n_syn, k, device, n_syn)
-    gr = _build("real_groups", real_groups, n_real, k, device, n_real)
+    gr = _build("real_groups", real_groups, n_real, k, real_device, n_real)
     require_nonempty(gs, "syn")
     require_nonempty(gr, "real")
     return gs, gr
@@ -462,15 +538,20 @@ def check_shape_arg(op: str, name: str, t: Tensor, shape: Sequence[int]) -> None
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def check_matching_pair(syn: Tensor, real: Tensor, syn_groups: GroupsArg, real_groups: GroupsArg,
-                        num_groups: Optional[int], weight: float, feature: str) -> tuple[float, Groups, Groups]:
-    """Shared checks of the two-sided matching losses: same per-row shape, dtype, device; groups; weight."""
+def check_pair_tensors(syn: Tensor, real: Tensor, feature: str) -> None:
+    """The two sides of a matching loss: the same per-row shape (``feature`` names it), dtype and device."""
     if syn.shape[1:] != real.shape[1:]:
         raise ValueError(f"real must have the same {feature} as syn {tuple(syn.shape[1:])}, got {tuple(real.shape[1:])}")
     check_same_dtype(syn=syn, real=real)
     check_same_device(syn=syn, real=real)
+
+
+def matching_groups(syn: Tensor, real: Tensor, syn_groups: GroupsArg, real_groups: GroupsArg,
+                    num_groups: Optional[int], weight: object) -> tuple[float, Groups, Groups]:
+    """The two-sided losses' Python-level arguments: ``weight`` as a float, both sides' groups with one K."""
     weight = check_number("weight", weight)
-    gs, gr = resolve_group_pair(syn_groups, real_groups, syn.shape[0], real.shape[0], syn.device, num_groups)
+    gs, gr = resolve_group_pair(syn_groups, real_groups, syn.shape[0], real.shape[0], syn.device, num_groups,
+                                real_device=real.device)
     return weight, gs, gr
 
 

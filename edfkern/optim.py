@@ -24,8 +24,7 @@ from torch.optim.sgd import sgd as _sgd_functional
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _checks as C
-from .ops.dae import _check_cam as _check_cam_tensor
-from .ops.dae import _check_step_tensors, dae_sgd_step_
+from .ops.dae import as_cam, check_cam, check_step_tensors, dae_sgd_step_
 
 __all__ = ["DAESGD"]
 
@@ -148,7 +147,7 @@ class DAESGD(Optimizer):
             raise TypeError(f"cam must be a torch.Tensor or None, got {type(cam).__name__}")
         if p.dim() != 4:
             raise ValueError(f"a CAM needs an image parameter of shape (N, C, H, W), got {tuple(p.shape)}")
-        _check_cam_tensor(cam, p.shape[0], p.device)  # float, (N, h, w) or (N, 1, h, w), non-empty
+        check_cam(as_cam(cam), p.shape[0], p.device)  # float, (N, h, w) or (N, 1, h, w), non-empty
         return cam.detach()
 
     def set_cam(self, param_or_index: ParamRef, cam: Optional[Tensor]) -> None:
@@ -221,7 +220,7 @@ class DAESGD(Optimizer):
                 if p.grad.is_sparse:
                     raise ValueError("DAESGD: a parameter with a CAM cannot have a sparse gradient")
                 buf = self.state[p].get("momentum_buffer") if p in self.state else None
-                _check_step_tensors(p, p.grad, buf, cam, group["momentum"] if buf is not None else 0.0)
+                check_step_tensors(p, p.grad, buf, as_cam(cam), group["momentum"] if buf is not None else 0.0)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, *, cams: CamsArg = None):

@@ -37,6 +37,9 @@ from torch import Tensor, nn
 
 from . import _checks as C
 from . import baselines
+from .distributed import _comm
+from .distributed._agree import op_call
+from .ops.cpd import cpd_trajectory_loss
 
 __all__ = ["trajectory_matching_loss", "soft_cross_entropy", "TrajectoryReplayError", "last_call_profile"]
 
@@ -110,7 +113,6 @@ def trajectory_matching_loss(forward: Forward, images: Tensor, labels: Tensor, s
               loss_fn=loss_fn, drop_ratio=drop_ratio, memory=memory, checkpoint_every=checkpoint_every,
               process_group=process_group, replay_rtol=replay_rtol)
     if process_group is not None:
-        from .distributed._agree import op_call
         # the op's header: a check failing on one rank raises on every rank, and the ranks must agree on the call
         with op_call("trajectory_matching_loss", process_group) as call:
             plan = _Plan.build(forward, images, labels, start, target, syn_lr, **kw)
@@ -243,8 +245,7 @@ class _Plan:
                 raise ValueError("syn_steps is required when batches is not given")
             steps = C.check_int("syn_steps", syn_steps)
             bsz = n if batch_syn is None else C.check_int("batch_syn", batch_syn)
-        from .ops.cpd import _check_ratio
-        drop_ratio = _check_ratio(drop_ratio)
+        drop_ratio = C.check_drop_ratio(drop_ratio)
         if checkpoint_every is not None:
             if memory != "constant":
                 raise ValueError("checkpoint_every applies to memory='constant' only")
@@ -257,7 +258,6 @@ class _Plan:
         if process_group is not None:
             if memory != "constant":
                 raise ValueError("process_group applies to memory='constant' only (the unrolled loop is one process)")
-            from .distributed import _comm
             rank, world = _comm.world(process_group)
             _refuse_train_batchnorm(forward)
         return cls(forward=forward, loss_fn=F.cross_entropy if loss_fn is None else loss_fn, augment=augment,
@@ -451,7 +451,6 @@ class _ConstantMemory(torch.autograd.Function):
                 plan.losses.append(loss)
                 w = w - a * g
         with _Clock(prof, "loss"), torch.enable_grad():
-            from .ops.cpd import cpd_trajectory_loss
             w_s = w.requires_grad_(True)
             out = cpd_trajectory_loss(w_s, plan.target.detach(), plan.start.detach(), drop_ratio=plan.drop_ratio)
             (lam,) = torch.autograd.grad(out, w_s)
@@ -486,7 +485,6 @@ class _ConstantMemory(torch.autograd.Function):
         _check_replay(plan, replayed)
         if plan.world > 1:
             with _Clock(prof, "collectives"):
-                from .distributed import _comm
                 _comm.all_reduce_sum_([t for t in (dx, dy) if t is not None], group=plan.group,
                                       what="trajectory_matching_loss image/label gradients")
         return (None, dx if need_x else None, dy if need_y else None,
@@ -503,7 +501,6 @@ def _step_grad(plan: _Plan, w: Tensor, x: Tensor, y: Tensor, i: int, prof: Profi
     if plan.world > 1:
         buf = torch.cat([g.reshape(-1), loss.detach().reshape(1).to(g.dtype)])
         with _Clock(prof, "collectives"):
-            from .distributed import _comm
             _comm.all_reduce_sum_([buf], group=plan.group, what=f"trajectory_matching_loss step {i} gradient")
         return buf[-1].clone(), buf[:-1]  # a copy: a view would keep the (P + 1) buffer of every step
     return loss.detach(), g
@@ -533,7 +530,6 @@ def _reverse_step(plan: _Plan, w: Tensor, x: Tensor, y: Tensor, i: int, lam: Ten
     if plan.world > 1:
         buf = torch.cat([g.reshape(-1), hl.reshape(-1), loss.detach().reshape(1).to(g.dtype)])
         with _Clock(prof, "collectives"):
-            from .distributed import _comm
             _comm.all_reduce_sum_([buf], group=plan.group, what=f"trajectory_matching_loss step {i} backward")
         p = w.numel()
         g, hl, value = buf[:p], buf[p:2 * p], buf[-1].clone()

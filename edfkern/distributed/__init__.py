@@ -8,8 +8,11 @@ Start processes with ``torchrun`` (NCCL on GPUs, gloo on CPUs) and pass a proces
     loss = edfkern.distributed.covariance_matching_loss(syn, real, syn_groups=ys, real_groups=yr,
                                                         process_group=pg)
 
-``edfkern.<op>(..., process_group=pg)`` forwards to the functions here; ``process_group=None`` is one
-process, exactly the single-process op. See ``docs/distributed.md`` for the layouts and the costs.
+``edfkern.<op>(..., process_group=pg)`` forwards to the functions here when ``pg`` is an initialised
+group; ``process_group=None`` is the single-process op. Called directly with an inactive group, the
+functions here run the same multi-rank algorithm on this process's rows alone. This package sits
+below :mod:`edfkern.ops`: it imports no op module, and the backward formulas it shares with the ops
+live in :mod:`edfkern._grads`. See ``docs/distributed.md`` for the layouts and the costs.
 
 Modules, top-down:
 

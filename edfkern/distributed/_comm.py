@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["collective_timeout", "is_active", "world", "default_group", "shard_classes",
-           "all_reduce_sum_", "all_gather_object_sizes", "gather_ints", "CommStats", "record", "recorded",
+           "all_reduce_sum_", "gather_ints", "CommStats", "record", "recorded",
            "last_call_stats"]
 
 #: Upper bound on one collective when ``EDFKERN_DIST_TIMEOUT`` is unset or empty, in seconds.
@@ -224,18 +224,6 @@ def exit_process(code: int = 0) -> NoReturn:
         except Exception:  # noqa: BLE001  (a closed stream must not keep the process alive)
             pass
     os._exit(int(code))
-
-
-def all_gather_object_sizes(n: int, *, group: Optional[object],
-                            timeout: Optional[datetime.timedelta] = None) -> list[int]:
-    """Every rank's integer ``n`` (e.g. its chunk length), in rank order; ``[n]`` for one process."""
-    rank, size = world(group)
-    if size == 1 and not is_active(group):
-        return [int(n)]
-    buf = torch.zeros(size, dtype=torch.int64)
-    buf[rank] = int(n)
-    all_reduce_sum_([buf], group=group, timeout=timeout, what="size exchange")
-    return buf.tolist()
 
 
 def gather_ints(values: Sequence[int], *, group: Optional[object], device: Optional[torch.device] = None,

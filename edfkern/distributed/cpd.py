@@ -30,8 +30,6 @@ from torch import Tensor
 
 from .. import _checks as C
 from .._dispatch import kernel
-from ..ops.cpd import _check_inputs, _check_ratio
-from ..ops.cpd import _k as _drop_count
 from . import _comm
 from ._agree import HEADER_BYTES_PER_RANK, _DTYPE_CODE, bits_float, collective_op, exchange, float_bits, same
 
@@ -178,7 +176,8 @@ def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_
         student, target, start: this rank's chunk (any shape, read flat; the chunk may be empty).
             Rank ``r`` holds global indices ``[sum of earlier chunks, + its numel)``.
         drop_ratio: in ``[0, 1)``, the same on every rank.
-        process_group: the ``torch.distributed`` group; ``None`` means one process.
+        process_group: the ``torch.distributed`` group. An inactive one (``None``, or no initialised
+            default group) runs this algorithm on this process's chunk alone.
         numel: optional total ``P`` the caller expects (for example the FSDP flat parameter's size);
             ``ValueError`` on every rank if the chunk sizes do not add up to it.
 
@@ -186,15 +185,10 @@ def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_
         ``sum_K l / sum_K d`` over the global keep-set, the same value on every rank. The gradient flows
         to ``student`` (this rank's chunk) only, with no collective in backward.
     """
-    if not _comm.is_active(process_group):
-        from ..ops.cpd import cpd_trajectory_loss as one
-        if numel is not None and numel != student.numel():
-            raise ValueError(f"the CPD chunk does not add up: student has {student.numel()} elements, numel={numel}")
-        return one(student, target, start, drop_ratio=drop_ratio)
-    _check_inputs(student, target, start)
-    drop_ratio = _check_ratio(drop_ratio)
+    C.check_cpd_vectors(student, target, start)
+    drop_ratio = C.check_drop_ratio(drop_ratio)
     p, _ = _agree_chunks(student.numel(), student.dtype, drop_ratio, _check_numel(numel), process_group)
-    return _CPDLoss.apply(student, target, start, _drop_count(drop_ratio, p), process_group)
+    return _CPDLoss.apply(student, target, start, C.drop_count(drop_ratio, p), process_group)
 
 
 @collective_op()
@@ -203,14 +197,11 @@ def cpd_keep_mask(l: Tensor, drop_ratio: float, *, process_group, numel: Optiona
 
     Returns a bool tensor shaped like ``l``: the chunk's part of the keep-set of a global stable sort.
     """
-    if not _comm.is_active(process_group):
-        from ..ops.cpd import cpd_keep_mask as one
-        return one(l, drop_ratio)
     C.check_float_tensor("l", l)
-    drop_ratio = _check_ratio(drop_ratio)
+    drop_ratio = C.check_drop_ratio(drop_ratio)
     p, _ = _agree_chunks(l.numel(), l.dtype, drop_ratio, _check_numel(numel), process_group, allow_empty=True)
     flat = l.reshape(-1).to(C.acc_dtype(l.dtype))
-    keys, thr, tie = _select_local(flat, _drop_count(drop_ratio, p), process_group)
+    keys, thr, tie = _select_local(flat, C.drop_count(drop_ratio, p), process_group)
     return (~_dropped(keys, thr, tie)).view(l.shape)
 
 

@@ -24,33 +24,13 @@ import torch
 from torch import Tensor
 
 from .. import _checks as C
+from .. import _grads
 from .._dispatch import kernel
 from . import _comm
 from ._agree import Side, agree, collective_op
 from .stats import centred, global_mean, local_class_sums, require_nonempty, scatter_of_centred
 
 __all__ = ["local_covariance", "covariance_matching_loss", "class_centralization_loss", "mean_matching_loss"]
-
-
-# ----------------------------------------------------------------------------- shapes (a rank may hold 0 rows)
-
-
-def _as_ncl(name: str, x: Tensor) -> Tensor:
-    """(N,C,L) as is; (N,C,h,w) -> (N,C,h*w); (N,D) -> (N,D,1). ``N = 0`` is allowed (a rank with no rows)."""
-    C.check_float_tensor(name, x)
-    C.check_rank(name, x, (2, 3, 4), "(N, C, L), (N, C, h, w) or (N, D)")
-    if any(s == 0 for s in x.shape[1:]):
-        raise ValueError(f"{name} must have non-empty per-row features, got {tuple(x.shape)}")
-    return x.flatten(2) if x.dim() == 4 else (x.unsqueeze(2) if x.dim() == 2 else x)
-
-
-def _as_rows(name: str, x: Tensor) -> Tensor:
-    """(N, D), other shapes flattened per row; ``N = 0`` is allowed."""
-    C.check_float_tensor(name, x)
-    if x.dim() < 2 or any(s == 0 for s in x.shape[1:]):
-        raise ValueError(f"{name} must have shape (N, D) with D >= 1 (other shapes are flattened per row), "
-                         f"got {tuple(x.shape)}")
-    return x.reshape(x.shape[0], -1) if x.dim() != 2 else x
 
 
 def _resolve(sides: list[Side], k: int) -> list[C.Groups]:
@@ -63,10 +43,6 @@ def _require_kernels(device: torch.device, *names: str) -> None:
     """Look up the forward kernels before the header: a backend that cannot run here fails every rank."""
     for name in names:
         kernel(name, device)
-
-
-def _inv(n: Tensor) -> Tensor:
-    return torch.where(n > 0, 1.0 / n.clamp_min(1), torch.zeros_like(n))
 
 
 # ----------------------------------------------------------------------------- covariance: two rounds, any sides
@@ -90,7 +66,7 @@ def _cov_merge(xs: list[Tensor], gs: list[C.Groups], require: list[Optional[str]
         sigma_c, mean_c = kernel("cov_forward", x.device)(centred(x, g, mu).contiguous(), g.perm, g.offsets)
         scatter.append(scatter_of_centred(sigma_c, mean_c, g.offsets.diff().to(mu.dtype)))
     _comm.all_reduce_sum_(scatter, group=group, what="class scatter")
-    return [(s * _inv(n)[:, None, None], mu, n) for s, mu, (_, _, n) in zip(scatter, mus, local)]
+    return [(s * _grads.inv_counts(n)[:, None, None], mu, n) for s, mu, (_, _, n) in zip(scatter, mus, local)]
 
 
 def _cov_grad(x: Tensor, g: C.Groups, mu: Tensor, M: Tensor) -> Tensor:
@@ -111,7 +87,7 @@ class _LocalCov(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_sigma):
         x, = ctx.saved_tensors
-        M = (g_sigma + g_sigma.transpose(1, 2)) * _inv(ctx.n)[:, None, None]
+        M = _grads.local_covariance_coef(g_sigma, ctx.n)
         return _cov_grad(x, ctx.g, ctx.mu, M.to(ctx.mu.dtype)), None, None
 
 
@@ -129,9 +105,9 @@ class _CovMatching(torch.autograd.Function):
     def backward(ctx, g):
         syn, real = ctx.saved_tensors
         s_syn, m_syn, n_syn, s_real, m_real, n_real = ctx.stats
-        d = (s_syn - s_real) * (4.0 * ctx.weight * g)  # dL/dX_i = 4w/n_k (S_syn - S_real)(X_i - mu_k)
-        g_syn = _cov_grad(syn, ctx.gs, m_syn, d * _inv(n_syn)[:, None, None]) if ctx.needs_input_grad[0] else None
-        g_real = _cov_grad(real, ctx.gr, m_real, -d * _inv(n_real)[:, None, None]) if ctx.needs_input_grad[1] else None
+        m_s, m_r = _grads.covariance_matching_coefs(g, ctx.weight, s_syn, s_real, n_syn, n_real)
+        g_syn = _cov_grad(syn, ctx.gs, m_syn, m_s) if ctx.needs_input_grad[0] else None
+        g_real = _cov_grad(real, ctx.gr, m_real, m_r) if ctx.needs_input_grad[1] else None
         return g_syn, g_real, None, None, None, None
 
 
@@ -184,17 +160,12 @@ class _MeanMatching(torch.autograd.Function):
             if not ctx.needs_input_grad[i]:
                 out.append(None)
                 continue
-            per_class = ctx.diff * (sign * 2.0 * ctx.weight * g) * _inv(n)[:, None]  # 2w (mu_syn - mu_real) / n_k
             labels = C.row_labels(grp.perm, grp.offsets, ctx.rows[i])
-            out.append(per_class.index_select(0, labels).to(ctx.dtypes[i]))
+            out.append(_grads.mean_matching_rows(g, sign * 2.0 * ctx.weight, ctx.diff, n, labels, ctx.dtypes[i]))
         return out[0], out[1], None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public functions
-
-
-def _single(process_group) -> bool:
-    return not _comm.is_active(process_group)
 
 
 def _pair(what: str, syn: Tensor, real: Tensor, syn_groups, real_groups, num_groups, weight, kernels):
@@ -220,16 +191,14 @@ def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int
             the single-process op). ``C`` and ``L`` must agree across ranks.
         groups: this rank's ``(N_r,)`` labels, or an int ``K`` (this rank's rows in K equal blocks).
         num_groups: K (default: the largest label on any rank + 1).
-        process_group: the ``torch.distributed`` group; ``None`` means one process.
+        process_group: the ``torch.distributed`` group. An inactive one (``None``, or no initialised
+            default group) runs this algorithm on this process's rows alone.
 
     Returns:
         ``(K, C, C)``, identical on every rank: ``Sigma_k`` over all ranks' rows of class ``k``,
         divided by the global ``n_k``; zeros for a class with no row anywhere.
     """
-    if _single(process_group):
-        from ..ops.covariance import local_covariance as one
-        return one(x, groups=groups, num_groups=num_groups)
-    x = _as_ncl("x", x)
+    x = C.as_ncl("x", x, empty_rows=True)
     _require_kernels(x.device, "seg_mean", "cov_forward")
     sides = [Side("groups", x, groups, num_groups)]
     k, _ = agree(sides, {}, what="local_covariance", allow_empty_groups=True)
@@ -245,10 +214,7 @@ def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsA
     ``weight * sum_k ||Sigma_k(real) - Sigma_k(syn)||_F^2`` with the global ``Sigma_k``; the same value
     on every rank. ``ValueError`` on every rank if a class has no row on either side on any rank.
     """
-    if _single(process_group):
-        from ..ops.covariance import covariance_matching_loss as one
-        return one(syn, real, syn_groups=syn_groups, real_groups=real_groups, num_groups=num_groups, weight=weight)
-    syn, real = _as_ncl("syn", syn), _as_ncl("real", real)
+    syn, real = C.as_ncl("syn", syn, empty_rows=True), C.as_ncl("real", real, empty_rows=True)
     weight, gs, gr = _pair("covariance_matching_loss", syn, real, syn_groups, real_groups, num_groups, weight,
                            ("seg_mean", "cov_forward"))
     return _CovMatching.apply(syn, real, gs, gr, weight, process_group)
@@ -262,10 +228,7 @@ def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: 
     ``weight * sum_k sum_{i in k} ||f_i - mu_k||^2`` with the global class means ``mu_k``; the same value
     on every rank. Gradient ``2 weight (f_i - mu_k)`` for this rank's rows.
     """
-    if _single(process_group):
-        from ..ops.features import class_centralization_loss as one
-        return one(feat, groups=groups, num_groups=num_groups, weight=weight)
-    x = _as_rows("feat", feat)
+    x = C.as_rows("feat", feat, empty_rows=True)
     weight = C.check_number("weight", weight)
     _require_kernels(x.device, "seg_mean", "cc_forward")
     sides = [Side("groups", x, groups, num_groups)]
@@ -281,9 +244,6 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, re
 
     ``weight * sum_k ||mean_real_k - mean_syn_k||^2`` with the global class means; the same on every rank.
     """
-    if _single(process_group):
-        from ..ops.features import mean_matching_loss as one
-        return one(syn, real, syn_groups=syn_groups, real_groups=real_groups, num_groups=num_groups, weight=weight)
-    s, r = _as_rows("syn", syn), _as_rows("real", real)
+    s, r = C.as_rows("syn", syn, empty_rows=True), C.as_rows("real", real, empty_rows=True)
     weight, gs, gr = _pair("mean_matching_loss", s, r, syn_groups, real_groups, num_groups, weight, ("seg_mean",))
     return _MeanMatching.apply(s, r, gs, gr, weight, process_group)

@@ -13,7 +13,10 @@ import torch
 from torch import Tensor
 
 from .. import _checks as C
+from .. import _grads
 from .._dispatch import kernel
+from ..distributed import features as _multi_rank
+from ..distributed._comm import is_active
 from ._util import keep_context, no_double_backward
 
 # ----------------------------------------------------------------------------- public API
@@ -35,10 +38,9 @@ def local_covariance(x: Tensor, *, groups: C.GroupsArg, num_groups: Optional[int
         ``(K, C, C)`` with ``Sigma_k = 1/n_k sum_{i in k} (X_i - Xbar_k)(X_i - Xbar_k)^T`` (divided by
         ``n_k``, not ``n_k - 1`` or ``L``); zeros for an empty group. float32 (float64 for float64 input).
     """
-    if process_group is not None:
-        from ..distributed import local_covariance as sharded
-        return sharded(x, groups=groups, num_groups=num_groups, process_group=process_group)
-    x = _as_ncl("x", x)
+    if is_active(process_group):
+        return _multi_rank.local_covariance(x, groups=groups, num_groups=num_groups, process_group=process_group)
+    x = C.as_ncl("x", x)
     g = C.resolve_groups(groups, x.shape[0], x.device, num_groups)
     return _local_covariance_op(x, g.perm, g.offsets)[0]
 
@@ -64,21 +66,19 @@ def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsA
     Raises:
         ValueError: a group is empty on either side, or shapes disagree.
     """
-    if process_group is not None:
-        from ..distributed import covariance_matching_loss as sharded
-        return sharded(syn, real, syn_groups=syn_groups, real_groups=real_groups, num_groups=num_groups,
-                       weight=weight, process_group=process_group)
-    syn, real = _as_ncl("syn", syn), _as_ncl("real", real)
-    weight, gs, gr = C.check_matching_pair(syn, real, syn_groups, real_groups, num_groups, weight, "(C, L)")
+    if is_active(process_group):
+        return _multi_rank.covariance_matching_loss(syn, real, syn_groups=syn_groups, real_groups=real_groups,
+                                                    num_groups=num_groups, weight=weight, process_group=process_group)
+    syn, real = C.as_ncl("syn", syn), C.as_ncl("real", real)
+    weight, gs, gr = C.matching_groups(syn, real, syn_groups, real_groups, num_groups, weight)
     return _covariance_matching_loss_op(syn, gs.perm, gs.offsets, real, gr.perm, gr.offsets, weight)[0]
 
 
 # ----------------------------------------------------------------------------- registered ops
 #
-# torch.ops.edfkern.<name>: opaque to torch.compile, each checking every argument that indexes
-# memory (shapes, dtypes, devices and the CSR group tensors) itself, since it may be called
-# directly with tensors no public function built; the kernel chosen at run time by
-# kernel("<kernel>", device); fake and autograd below.
+# torch.ops.edfkern.<name>: the one place that checks the tensors (shapes, dtypes, devices and the
+# CSR group tensors), for the public functions and direct callers alike; opaque to torch.compile; the
+# kernel chosen at run time by kernel("<kernel>", device). The fakes check what needs no values.
 
 
 @torch.library.custom_op("edfkern::local_covariance", mutates_args=())
@@ -104,7 +104,7 @@ def _local_covariance_autograd(ctx, g_sigma, g_mean):
     x, perm, offsets, mean = ctx.saved_tensors
     if g_sigma is None:
         return None, None, None
-    M = (g_sigma + g_sigma.transpose(1, 2)) * _inv_counts(offsets, g_sigma.dtype)
+    M = _grads.local_covariance_coef(g_sigma, offsets.diff())
     return _covariance_backward_op(x, perm, offsets, mean, M), None, None
 
 
@@ -132,11 +132,11 @@ def _covariance_matching_loss_op(syn: Tensor, syn_perm: Optional[Tensor], syn_of
                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, sigma_syn, sigma_real, mean_syn, mean_real); only ``loss`` is public."""
     op = "edfkern::covariance_matching_loss"
+    C.check_pair_tensors(syn, real, "(C, L)")
     ks = _check_x_csr(op, syn, syn_perm, syn_offsets, "syn")
     kr = _check_x_csr(op, real, real_perm, real_offsets, "real")
-    if ks != kr or syn.shape[1:] != real.shape[1:] or syn.device != real.device:
-        raise ValueError(f"{op}: syn and real must share K, (C, L) and device, got K={ks} {tuple(syn.shape)} "
-                         f"{syn.device} and K={kr} {tuple(real.shape)} {real.device}")
+    if ks != kr:
+        raise ValueError(f"{op}: syn and real must have the same number of groups, got K={ks} and K={kr}")
     fwd = kernel("cov_forward", syn.device)
     s_syn, m_syn = fwd(syn.contiguous(), syn_perm, syn_offsets)
     s_real, m_real = fwd(real.contiguous(), real_perm, real_offsets)
@@ -146,6 +146,7 @@ def _covariance_matching_loss_op(syn: Tensor, syn_perm: Optional[Tensor], syn_of
 
 @_covariance_matching_loss_op.register_fake
 def _covariance_matching_loss_fake(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight):
+    C.check_pair_tensors(syn, real, "(C, L)")
     k, (_, c, l) = syn_offsets.shape[0] - 1, syn.shape
     acc = C.acc_dtype(syn.dtype)
     e = syn.new_empty
@@ -165,12 +166,11 @@ def _covariance_matching_loss_autograd(ctx, g, *_aux):
     grads = [None] * 7
     if g is None:
         return tuple(grads)
-    d = (s_syn - s_real) * (4.0 * ctx.weight * g)  # dL/dX_i = 4w/n_k (S_syn - S_real)(X_i - Xbar_k)
+    m_s, m_r = _grads.covariance_matching_coefs(g, ctx.weight, s_syn, s_real, syn_offsets.diff(), real_offsets.diff())
     if ctx.needs_input_grad[0]:
-        grads[0] = _covariance_backward_op(syn, syn_perm, syn_offsets, m_syn, d * _inv_counts(syn_offsets, d.dtype))
+        grads[0] = _covariance_backward_op(syn, syn_perm, syn_offsets, m_syn, m_s)
     if ctx.needs_input_grad[3]:
-        grads[3] = _covariance_backward_op(real, real_perm, real_offsets, m_real,
-                                           -d * _inv_counts(real_offsets, d.dtype))
+        grads[3] = _covariance_backward_op(real, real_perm, real_offsets, m_real, m_r)
     return tuple(grads)
 
 
@@ -179,19 +179,6 @@ _covariance_matching_loss_op.register_autograd(_covariance_matching_loss_autogra
 
 
 # ----------------------------------------------------------------------------- argument checks and helpers
-
-
-def _as_ncl(name: str, x: Tensor) -> Tensor:
-    """(N,C,L) as is; (N,C,h,w) -> (N,C,h*w); (N,D) -> (N,D,1)."""
-    C.check_float_tensor(name, x)
-    C.check_rank(name, x, (2, 3, 4), "(N, C, L), (N, C, h, w) or (N, D)")
-    if x.shape[0] == 0 or x.numel() == 0:
-        raise ValueError(f"{name} must have N >= 1 rows and non-empty features, got {tuple(x.shape)}")
-    if x.dim() == 4:
-        return x.flatten(2)
-    if x.dim() == 2:
-        return x.unsqueeze(2)
-    return x
 
 
 def _check_x_csr(op: str, x: Tensor, perm: Optional[Tensor], offsets: Tensor, side: str = "") -> int:
@@ -206,9 +193,3 @@ def _check_cov_backward_args(x: Tensor, perm: Optional[Tensor], offsets: Tensor,
     C.check_tensor_arg(op, "M", M, device=x.device)
     C.check_shape_arg(op, "mean", mean, (k, c, l))
     C.check_shape_arg(op, "M", M, (k, c, c))
-
-
-def _inv_counts(offsets: Tensor, dtype: torch.dtype) -> Tensor:
-    """1/n_k as a (K,1,1) tensor (0 for empty groups, whose rows do not exist)."""
-    n = offsets.diff().to(dtype)
-    return torch.where(n > 0, 1.0 / n.clamp_min(1), torch.zeros_like(n))[:, None, None]

@@ -8,7 +8,6 @@ rebuilds the keep-set with no P-sized mask in memory.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -16,6 +15,8 @@ from torch import Tensor
 
 from .. import _checks as C
 from .._dispatch import kernel
+from ..distributed import cpd as _multi_rank
+from ..distributed._comm import is_active
 from ._util import keep_context, no_double_backward
 
 # ----------------------------------------------------------------------------- public API
@@ -40,14 +41,12 @@ def cpd_trajectory_loss(student: Tensor, target: Tensor, start: Tensor, *, drop_
         Scalar ``sum_K l / sum_K d`` (float32; float64 for float64 inputs). The gradient flows to
         ``student`` only: ``2 (student - target) 1_K / sum_K d``.
     """
-    if process_group is not None:
-        from ..distributed import cpd_trajectory_loss as sharded
-        return sharded(student, target, start, drop_ratio=drop_ratio, process_group=process_group)
-    _check_inputs(student, target, start)
-    if student.numel() == 0:
-        raise ValueError("student must hold at least one parameter (P >= 1), got an empty tensor")
-    drop_ratio = _check_ratio(drop_ratio)
-    return _cpd_trajectory_loss_op(student, target, start, drop_ratio)[0]
+    if is_active(process_group):
+        return _multi_rank.cpd_trajectory_loss(student, target, start, drop_ratio=drop_ratio,
+                                               process_group=process_group)
+    for name, v in (("student", student), ("target", target), ("start", start)):
+        C.check_tensor(name, v)
+    return _cpd_trajectory_loss_op(student, target, start, C.as_float("drop_ratio", drop_ratio))[0]
 
 
 def cpd_keep_mask(l: Tensor, drop_ratio: float, *, process_group: Optional[object] = None) -> Tensor:
@@ -65,37 +64,33 @@ def cpd_keep_mask(l: Tensor, drop_ratio: float, *, process_group: Optional[objec
     Returns:
         bool tensor shaped like ``l``.
     """
-    if process_group is not None:
-        from ..distributed import cpd_keep_mask as sharded
-        return sharded(l, drop_ratio, process_group=process_group)
-    C.check_float_tensor("l", l)
-    drop_ratio = _check_ratio(drop_ratio)
-    if l.numel() == 0:
-        return torch.ones_like(l, dtype=torch.bool)
-    return _cpd_keep_mask_op(l, drop_ratio)
+    if is_active(process_group):
+        return _multi_rank.cpd_keep_mask(l, drop_ratio, process_group=process_group)
+    C.check_tensor("l", l)
+    return _cpd_keep_mask_op(l, C.as_float("drop_ratio", drop_ratio))
 
 
 # ----------------------------------------------------------------------------- registered ops
 #
-# torch.ops.edfkern.<name>: opaque to torch.compile, checked again here (they may be called
-# directly: the three vectors agree in size, dtype and device, the scalars are 0-d tensors on that
-# device, and drop_ratio keeps k = floor(drop_ratio * P) inside [0, P)), the kernel chosen at run
-# time by kernel("<kernel>", device); fake and autograd below.
+# torch.ops.edfkern.<name>: the one place that checks the tensors and drop_ratio (the public
+# functions and direct callers alike: the three vectors agree in shape, dtype and device, the scalars
+# are 0-d tensors on that device, and drop_ratio keeps k = floor(drop_ratio * P) inside [0, P)),
+# opaque to torch.compile; the kernel chosen at run time by kernel("<kernel>", device).
 
 
 @torch.library.custom_op("edfkern::cpd_trajectory_loss", mutates_args=())
 def _cpd_trajectory_loss_op(student: Tensor, target: Tensor, start: Tensor,
                             drop_ratio: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, thr, tie, sum_d); only ``loss`` is public."""
-    _check_vectors("edfkern::cpd_trajectory_loss", student, target, start)
-    drop_ratio = _check_ratio(drop_ratio)
+    drop_ratio = _check_loss_args(student, target, start, drop_ratio)
     s, t, s0 = (v.reshape(-1).contiguous() for v in (student, target, start))
-    sum_l, sum_d, thr, tie = kernel("cpd_forward", s.device)(s, t, s0, _k(drop_ratio, s.numel()))
+    sum_l, sum_d, thr, tie = kernel("cpd_forward", s.device)(s, t, s0, C.drop_count(drop_ratio, s.numel()))
     return sum_l / sum_d, thr, tie, sum_d
 
 
 @_cpd_trajectory_loss_op.register_fake
 def _cpd_trajectory_loss_fake(student, target, start, drop_ratio):
+    _check_loss_args(student, target, start, drop_ratio)
     acc = C.acc_dtype(student.dtype)
     e = student.new_empty
     return e((), dtype=acc), e((), dtype=acc), e((), dtype=torch.int64), e((), dtype=acc)  # loss, thr, tie, sum_d
@@ -137,50 +132,30 @@ _cpd_trajectory_loss_backward_op.register_autograd(no_double_backward("cpd_traje
 
 @torch.library.custom_op("edfkern::cpd_keep_mask", mutates_args=())
 def _cpd_keep_mask_op(l: Tensor, drop_ratio: float) -> Tensor:
-    C.check_tensor_arg("edfkern::cpd_keep_mask", "l", l)
-    drop_ratio = _check_ratio(drop_ratio)
+    C.check_float_tensor("l", l)
+    drop_ratio = C.check_drop_ratio(drop_ratio)
+    if l.numel() == 0:
+        return torch.ones_like(l, dtype=torch.bool)
     flat = l.reshape(-1).contiguous()
-    return kernel("cpd_keep_mask", flat.device)(flat, _k(drop_ratio, flat.numel())).view(l.shape)
+    return kernel("cpd_keep_mask", flat.device)(flat, C.drop_count(drop_ratio, flat.numel())).view(l.shape)
 
 
 @_cpd_keep_mask_op.register_fake
 def _cpd_keep_mask_fake(l, drop_ratio):
+    C.check_float_tensor("l", l)
+    C.check_drop_ratio(drop_ratio)
     return torch.empty_like(l, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_ratio(drop_ratio: float) -> float:
-    """``drop_ratio`` in ``[0, 1)``. At 1 or above nothing is kept; the message says what EDF's code does then."""
-    f = C.check_number("drop_ratio", drop_ratio, lo=0.0)
-    if f >= 1.0:
-        raise ValueError(
-            f"drop_ratio must be < 1.0, got {f}: it would drop every element and leave nothing to match. "
-            "EDF's released code (distill/edf_distill.py, whose loss_threshold defaults to 1.0 in utils/cfg.py "
-            "for configs that do not set it) would silently skip the update there, with no error: its kept set "
-            "is empty, the loss is 0/0 = NaN, and 'grand_loss <= threshold' is never true, so the images are "
-            "never updated. "
-            "Use the configs' values (0.25-0.5), or 0 to keep every element.")
-    return f
-
-
-def _check_inputs(student: Tensor, target: Tensor, start: Tensor) -> None:
-    """The public op's checks of the three vectors: floating, same shape, dtype and device.
-
-    Shared with ``edfkern.distributed``, where a rank's chunk may be empty (the op itself refuses P = 0).
-    """
-    for name, v in (("student", student), ("target", target), ("start", start)):
-        C.check_float_tensor(name, v)
-    C.check_shape("target", target, student.shape, "(P,) like student")
-    C.check_shape("start", start, student.shape, "(P,) like student")
-    C.check_same_dtype(student=student, target=target, start=start)
-    C.check_same_device(student=student, target=target, start=start)
-
-
-def _k(drop_ratio: float, p: int) -> int:
-    """The kernels' ``k``: how many of the ``p`` entries are dropped, ``floor(drop_ratio * p)``."""
-    return int(math.floor(drop_ratio * p))
+def _check_loss_args(student: Tensor, target: Tensor, start: Tensor, drop_ratio: float) -> float:
+    """The loss's rules: three floating vectors of one shape, dtype and device, P >= 1, drop_ratio in [0, 1)."""
+    C.check_cpd_vectors(student, target, start)
+    if student.numel() == 0:
+        raise ValueError("student must hold at least one parameter (P >= 1), got an empty tensor")
+    return C.check_drop_ratio(drop_ratio)
 
 
 def _check_vectors(op: str, student: Tensor, target: Tensor, start: Tensor) -> None:

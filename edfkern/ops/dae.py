@@ -14,9 +14,12 @@ from torch import Tensor
 
 from .. import _checks as C
 from .._dispatch import kernel
-from ._util import keep_context, not_differentiable
+from ._util import contiguous_outputs, keep_context, not_differentiable, register_inplace_fake
 
 # ----------------------------------------------------------------------------- public API
+#
+# The public functions turn Python-level arguments into the registered ops' form (scalars checked
+# and converted, a (N, 1, h, w) CAM viewed as (N, h, w)); the registered ops check every tensor.
 
 
 def dae_mask(cam: Tensor, *, beta: float, threshold: Optional[float] = None,
@@ -32,11 +35,10 @@ def dae_mask(cam: Tensor, *, beta: float, threshold: Optional[float] = None,
     Returns:
         ``(N, 1, H, W)`` mask in ``cam.dtype``: ``U(cam)+beta`` where ``U(cam) >= tau``, else 1.
     """
-    cam = _check_cam(cam, None, None)
+    cam = as_cam(cam)
     beta = C.check_number("beta", beta)
-    threshold = _check_threshold(threshold)
+    threshold = _threshold(threshold)
     H, W = C.check_size("size", size) if size is not None else tuple(cam.shape[-2:])
-    _check_mask_size(cam.shape[0], H, W)
     return _dae_mask_op(cam, beta, threshold, H, W)
 
 
@@ -51,13 +53,13 @@ def dae_(grad: Tensor, cam: Tensor, *, beta: float, threshold: Optional[float] =
     Returns:
         ``grad``.
     """
-    cam = _check_dae_args(grad, cam)
+    C.check_tensor("grad", grad)
+    cam = as_cam(cam)
     beta = C.check_number("beta", beta)
-    threshold = _check_threshold(threshold)
+    threshold = _threshold(threshold)
     if grad.requires_grad and torch.is_grad_enabled():
         raise ValueError("grad must not require grad: dae_ rescales it in place and has no autograd formula")
-    if grad.numel() > 0:
-        _dae__op(grad, cam, beta, threshold)
+    _dae__op(grad, cam, beta, threshold)
     return grad
 
 
@@ -81,31 +83,34 @@ def dae_sgd_step_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor]
     """
     lr, momentum, dampening, weight_decay = C.check_sgd_args(lr, momentum, dampening, weight_decay, nesterov)
     maximize, first_step = C.check_bool("maximize", maximize), C.check_bool("first_step", first_step)
-    cam, momentum_buffer = _check_step_tensors(param, grad, momentum_buffer, cam, momentum)
+    C.check_tensor("param", param)
+    C.check_tensor("grad", grad)
+    C.check_optional_tensor("momentum_buffer", momentum_buffer)
+    cam = as_cam(cam)
     beta = C.check_number("beta", beta)
-    threshold = _check_threshold(threshold)
-    if param.numel() > 0:
-        with torch.no_grad():
-            _dae_sgd_step__op(param, grad, momentum_buffer, cam, lr, beta, threshold, momentum, dampening,
-                              weight_decay, bool(nesterov), bool(maximize), bool(first_step))
+    threshold = _threshold(threshold)
+    with torch.no_grad():
+        _dae_sgd_step__op(param, grad, momentum_buffer, cam, lr, beta, threshold, momentum, dampening,
+                          weight_decay, bool(nesterov), maximize, first_step)
     return param
 
 
 # ----------------------------------------------------------------------------- registered ops
 #
-# torch.ops.edfkern.<name>: opaque to torch.compile, checked again here (they may be called
-# directly), the kernel chosen at run time by kernel("<name>", device); fake and autograd below.
+# torch.ops.edfkern.<name>: the one place that checks the tensors (the public functions and direct
+# callers alike), opaque to torch.compile; the kernel chosen at run time by kernel("<name>", device).
+# The fakes run the same shape checks on fake tensors.
 
 
 @torch.library.custom_op("edfkern::dae_mask", mutates_args=())
 def _dae_mask_op(cam: Tensor, beta: float, threshold: Optional[float], H: int, W: int) -> Tensor:
-    cam = _check_cam(cam, None, None)
-    _check_mask_size(cam.shape[0], H, W)
+    _check_mask_args(cam, H, W)
     return kernel("dae_mask", cam.device)(cam.contiguous(), beta, threshold, H, W)
 
 
 @_dae_mask_op.register_fake
 def _dae_mask_fake(cam, beta, threshold, H, W):
+    _check_mask_args(cam, H, W)
     return cam.new_empty((cam.shape[0], 1, H, W))
 
 
@@ -115,53 +120,49 @@ _dae_mask_op.register_autograd(
 
 @torch.library.custom_op("edfkern::dae_", mutates_args=("grad",))
 def _dae__op(grad: Tensor, cam: Tensor, beta: float, threshold: Optional[float]) -> None:
-    cam = _check_dae_args(grad, cam)
-    fn = kernel("dae_", grad.device)
-    if grad.is_contiguous():
-        fn(grad, cam.contiguous(), beta, threshold)
-    else:
-        tmp = grad.contiguous()
-        fn(tmp, cam.contiguous(), beta, threshold)
-        grad.copy_(tmp)
+    _check_dae_tensors(grad, cam)
+    C.check_writable("grad", grad)
+    C.check_no_alias(("grad",), grad=grad, cam=cam)
+    if grad.numel() == 0:
+        return
+    with contiguous_outputs(grad) as (g,):
+        kernel("dae_", grad.device)(g, cam.contiguous(), beta, threshold)
 
 
-@_dae__op.register_fake
-def _dae__fake(grad, cam, beta, threshold):
-    return None
+register_inplace_fake(_dae__op, lambda grad, cam, **_: _check_dae_tensors(grad, cam))
 
 
 @torch.library.custom_op("edfkern::dae_sgd_step_", mutates_args=("param", "momentum_buffer"))
 def _dae_sgd_step__op(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], cam: Tensor, lr: float,
                       beta: float, threshold: Optional[float], momentum: float, dampening: float,
                       weight_decay: float, nesterov: bool, maximize: bool, first_step: bool) -> None:
-    cam, momentum_buffer = _check_step_tensors(param, grad, momentum_buffer, cam, momentum)
-    fn = kernel("dae_sgd_step_", param.device)
-    p = param if param.is_contiguous() else param.contiguous()
-    b = momentum_buffer
-    if b is not None and not b.is_contiguous():
-        b = b.contiguous()
-    fn(p, grad.contiguous(), b, cam.contiguous(), lr, beta, threshold, momentum, dampening, weight_decay,
-       nesterov, maximize, first_step)
-    if p is not param:
-        param.copy_(p)
-    if b is not momentum_buffer:
-        momentum_buffer.copy_(b)
+    buf = check_step_tensors(param, grad, momentum_buffer, cam, momentum)
+    if param.numel() == 0:
+        return
+    with contiguous_outputs(param, buf) as (p, b):
+        kernel("dae_sgd_step_", param.device)(p, grad.contiguous(), b, cam.contiguous(), lr, beta, threshold,
+                                              momentum, dampening, weight_decay, nesterov, maximize, first_step)
 
 
-@_dae_sgd_step__op.register_fake
-def _dae_sgd_step__fake(param, grad, momentum_buffer, cam, lr, beta, threshold, momentum, dampening, weight_decay,
-                        nesterov, maximize, first_step):
-    return None
+register_inplace_fake(_dae_sgd_step__op, lambda param, grad, momentum_buffer, cam, momentum, **_:
+                      _check_step_shapes(param, grad, momentum_buffer, cam, momentum))
 
 
-# ----------------------------------------------------------------------------- argument checks
+# ----------------------------------------------------------------------------- argument rules
+#
+# as_cam, check_cam and check_step_tensors are shared with edfkern.optim.DAESGD, whose all-or-nothing
+# step checks every parameter before it writes the first one.
 
 
-def _check_cam(cam: Tensor, n: Optional[int], device: Optional[torch.device]) -> Tensor:
-    """Validate ``cam`` ((N,h,w) or (N,1,h,w)) and return it as (N,h,w)."""
+def as_cam(cam: object) -> Tensor:
+    """A CAM tensor as the registered ops take it: ``(N, 1, h, w)`` viewed as ``(N, h, w)``; other shapes as given."""
     C.check_float_tensor("cam", cam)
-    if cam.dim() == 4 and cam.shape[1] == 1:
-        cam = cam[:, 0]
+    return cam[:, 0] if cam.dim() == 4 and cam.shape[1] == 1 else cam
+
+
+def check_cam(cam: Tensor, n: Optional[int], device: Optional[torch.device]) -> None:
+    """``cam`` is a non-empty float ``(N, h, w)`` with ``n`` maps on ``device`` (either ``None``: any)."""
+    C.check_float_tensor("cam", cam)
     C.check_rank("cam", cam, (3,), "(N, h, w) or (N, 1, h, w)")
     if n is not None and cam.shape[0] != n:
         raise ValueError(f"cam must have N={n} maps (one per image), got shape {tuple(cam.shape)}")
@@ -169,10 +170,9 @@ def _check_cam(cam: Tensor, n: Optional[int], device: Optional[torch.device]) ->
         raise ValueError(f"cam must be non-empty, got shape {tuple(cam.shape)}")
     if device is not None and cam.device != device:
         raise ValueError(f"cam must be on the same device as the gradient ({device}), got {cam.device}")
-    return cam
 
 
-def _check_threshold(threshold: Optional[float]) -> Optional[float]:
+def _threshold(threshold: Optional[float]) -> Optional[float]:
     """None or 0 (EDF's ``act_threshold = 0.0``) select the per-image mean; anything else is fixed."""
     if threshold is None:
         return None
@@ -180,32 +180,26 @@ def _check_threshold(threshold: Optional[float]) -> Optional[float]:
     return None if t == 0 else t
 
 
-def _check_grad(name: str, grad: Tensor) -> None:
-    C.check_float_tensor(name, grad)
-    C.check_rank(name, grad, (4,), "(N, C, H, W)")
+def _check_image(name: str, t: Tensor) -> None:
+    C.check_float_tensor(name, t)
+    C.check_rank(name, t, (4,), "(N, C, H, W)")
 
 
-def _check_mask_size(n: int, H: int, W: int) -> None:
+def _check_mask_args(cam: Tensor, H: int, W: int) -> None:
+    check_cam(cam, None, None)
     H, W = C.check_size("size", (H, W))
-    C.check_numel("the mask", (n, 1, H, W))
+    C.check_numel("the mask", (cam.shape[0], 1, H, W))
 
 
-def _check_dae_args(grad: Tensor, cam: Tensor) -> Tensor:
-    """``dae_``'s tensors: grad (N,C,H,W) with memory of its own, cam (N,h,w) apart from it; returns cam as (N,h,w)."""
-    _check_grad("grad", grad)
-    cam = _check_cam(cam, grad.shape[0], grad.device)
-    C.check_writable("grad", grad)
-    C.check_no_alias(("grad",), grad=grad, cam=cam)
-    return cam
+def _check_dae_tensors(grad: Tensor, cam: Tensor) -> None:
+    """``dae_``'s shapes: grad (N, C, H, W), cam (N, h, w) on grad's device."""
+    _check_image("grad", grad)
+    check_cam(cam, grad.shape[0], grad.device)
 
 
-def _check_step_tensors(param: Tensor, grad: Tensor, momentum_buffer: object, cam: Tensor,
-                        momentum: float) -> tuple[Tensor, Optional[Tensor]]:
-    """``dae_sgd_step_``'s tensors; returns (cam as (N,h,w), the buffer or None when momentum == 0).
-
-    The written tensors (param, buffer) each own their memory and share none with grad or cam.
-    """
-    _check_grad("param", param)
+def _check_step_shapes(param: Tensor, grad: Tensor, momentum_buffer: object, cam: Tensor, momentum: float) -> None:
+    """``dae_sgd_step_``'s shapes, dtypes and devices (no memory is read)."""
+    _check_image("param", param)
     C.check_float_tensor("grad", grad)
     C.check_shape("grad", grad, param.shape, "(N, C, H, W) like param")
     C.check_same_device(param=param, grad=grad)
@@ -218,10 +212,18 @@ def _check_step_tensors(param: Tensor, grad: Tensor, momentum_buffer: object, ca
         C.check_shape("momentum_buffer", momentum_buffer, param.shape, "(N, C, H, W) like param")
         C.check_same_device(param=param, momentum_buffer=momentum_buffer)
         C.check_same_dtype(param=param, momentum_buffer=momentum_buffer)
-    cam = _check_cam(cam, param.shape[0], param.device)
+    check_cam(cam, param.shape[0], param.device)
+
+
+def check_step_tensors(param: Tensor, grad: Tensor, momentum_buffer: object, cam: Tensor,
+                       momentum: float) -> Optional[Tensor]:
+    """Every rule on ``dae_sgd_step_``'s tensors; returns the buffer the step writes (``None`` when
+    ``momentum == 0``). The written tensors (param, buffer) each own their memory and share none with
+    grad or cam."""
+    _check_step_shapes(param, grad, momentum_buffer, cam, momentum)
     buf = momentum_buffer if momentum != 0 else None
     C.check_writable("param", param)
     if buf is not None:
         C.check_writable("momentum_buffer", buf)
     C.check_no_alias(("param", "momentum_buffer"), param=param, grad=grad, momentum_buffer=buf, cam=cam)
-    return cam, buf
+    return buf

@@ -12,7 +12,10 @@ import torch
 from torch import Tensor
 
 from .. import _checks as C
+from .. import _grads
 from .._dispatch import kernel
+from ..distributed import features as _multi_rank
+from ..distributed._comm import is_active
 from ._util import keep_context, no_double_backward
 
 # ----------------------------------------------------------------------------- public API
@@ -36,10 +39,10 @@ def class_centralization_loss(feat: Tensor, *, groups: C.GroupsArg, num_groups: 
     Returns:
         Scalar ``weight * sum_k sum_{i in k} ||f_i - mu_k||^2``; gradient ``2 * weight * (f_i - mu_k)``.
     """
-    if process_group is not None:
-        from ..distributed import class_centralization_loss as sharded
-        return sharded(feat, groups=groups, num_groups=num_groups, weight=weight, process_group=process_group)
-    x = _as_rows("feat", feat)
+    if is_active(process_group):
+        return _multi_rank.class_centralization_loss(feat, groups=groups, num_groups=num_groups, weight=weight,
+                                                     process_group=process_group)
+    x = C.as_rows("feat", feat)
     weight = C.check_number("weight", weight)
     g = C.resolve_groups(groups, x.shape[0], x.device, num_groups, k_max=x.shape[0])
     C.require_nonempty(g, "feat")
@@ -64,19 +67,19 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, re
     Returns:
         Scalar loss, float32 (float64 for float64 inputs).
     """
-    if process_group is not None:
-        from ..distributed import mean_matching_loss as sharded
-        return sharded(syn, real, syn_groups=syn_groups, real_groups=real_groups, num_groups=num_groups,
-                       weight=weight, process_group=process_group)
-    s, r = _as_rows("syn", syn), _as_rows("real", real)
-    weight, gs, gr = C.check_matching_pair(s, r, syn_groups, real_groups, num_groups, weight, "feature size D")
+    if is_active(process_group):
+        return _multi_rank.mean_matching_loss(syn, real, syn_groups=syn_groups, real_groups=real_groups,
+                                              num_groups=num_groups, weight=weight, process_group=process_group)
+    s, r = C.as_rows("syn", syn), C.as_rows("real", real)
+    weight, gs, gr = C.matching_groups(s, r, syn_groups, real_groups, num_groups, weight)
     return _mean_matching_loss_op(s, gs.perm, gs.offsets, r, gr.perm, gr.offsets, weight)[0]
 
 
 # ----------------------------------------------------------------------------- registered ops
 #
-# torch.ops.edfkern.<name>: opaque to torch.compile, each checking its own tensors (they may be
-# called directly), the kernel chosen at run time by kernel("<kernel>", device); fake and autograd below.
+# torch.ops.edfkern.<name>: the one place that checks the tensors (shapes, dtypes, devices and the
+# CSR group tensors), for the public functions and direct callers alike; opaque to torch.compile; the
+# kernel chosen at run time by kernel("<kernel>", device). The fakes check what needs no values.
 
 
 @torch.library.custom_op("edfkern::class_centralization_loss", mutates_args=())
@@ -133,11 +136,11 @@ def _mean_matching_loss_op(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets:
                            real_perm: Optional[Tensor], real_offsets: Tensor, weight: float) -> tuple[Tensor, Tensor]:
     """Returns (loss, mean_syn - mean_real (K,D)); the difference is kept for backward."""
     op = "edfkern::mean_matching_loss"
+    C.check_pair_tensors(syn, real, "feature size D")
     ks = C.check_rows_csr(op, "syn", syn, 2, syn_perm, syn_offsets, "syn")
     kr = C.check_rows_csr(op, "real", real, 2, real_perm, real_offsets, "real")
-    if ks != kr or syn.shape[1] != real.shape[1] or syn.device != real.device:
-        raise ValueError(f"{op}: syn and real must share K, D and device, got K={ks} {tuple(syn.shape)} "
-                         f"{syn.device} and K={kr} {tuple(real.shape)} {real.device}")
+    if ks != kr:
+        raise ValueError(f"{op}: syn and real must have the same number of groups, got K={ks} and K={kr}")
     mean = kernel("seg_mean", syn.device)
     diff = mean(syn.contiguous(), syn_perm, syn_offsets) - mean(real.contiguous(), real_perm, real_offsets)
     return weight * (diff * diff).sum(), diff
@@ -145,6 +148,7 @@ def _mean_matching_loss_op(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets:
 
 @_mean_matching_loss_op.register_fake
 def _mean_matching_loss_fake(syn, syn_perm, syn_offsets, real, real_perm, real_offsets, weight):
+    C.check_pair_tensors(syn, real, "feature size D")
     acc = C.acc_dtype(syn.dtype)
     return syn.new_empty((), dtype=acc), syn.new_empty((syn_offsets.shape[0] - 1, syn.shape[1]), dtype=acc)
 
@@ -187,8 +191,7 @@ def _mean_matching_backward_op(grad: Tensor, diff: Tensor, perm: Optional[Tensor
     C.check_tensor_arg(op, "grad", grad, dims=(0,), device=diff.device)
     k = C.check_csr(op, n, perm, offsets, diff.device)
     C.check_shape_arg(op, "diff", diff, (k, diff.shape[1]))
-    per_class = diff * (coef * grad) / offsets.diff().clamp_min(1).to(diff.dtype)[:, None]
-    return per_class.index_select(0, C.row_labels(perm, offsets, n)).to(dtype)
+    return _grads.mean_matching_rows(grad, coef, diff, offsets.diff(), C.row_labels(perm, offsets, n), dtype)
 
 
 @_mean_matching_backward_op.register_fake
@@ -200,14 +203,6 @@ _mean_matching_backward_op.register_autograd(no_double_backward("mean_matching_l
 
 
 # ----------------------------------------------------------------------------- argument checks and helpers
-
-
-def _as_rows(name: str, x: Tensor) -> Tensor:
-    C.check_float_tensor(name, x)
-    if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
-        raise ValueError(f"{name} must have shape (N, D) with N, D >= 1 (other shapes are flattened per row), "
-                         f"got {tuple(x.shape)}")
-    return x.reshape(x.shape[0], -1) if x.dim() != 2 else x
 
 
 def _check_cc_backward_args(grad: Tensor, feat: Tensor, perm: Optional[Tensor], offsets: Tensor,

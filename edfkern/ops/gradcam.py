@@ -40,20 +40,26 @@ def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam",
     Returns:
         ``(N, h, w)``, or ``(N, H, W)`` with ``size``; float32 (float64 for float64 inputs).
     """
-    hw = _check_args(activations, gradients, clean_activations, method, normalize, size)
-    return _grad_cam_op(activations, gradients, clean_activations, method, bool(normalize), hw)
+    _check_method(method)
+    normalize = C.check_bool("normalize", normalize)
+    hw = list(C.check_size("size", size)) if size is not None else None
+    C.check_tensor("activations", activations)
+    C.check_tensor("gradients", gradients)
+    C.check_optional_tensor("clean_activations", clean_activations)
+    return _grad_cam_op(activations, gradients, clean_activations, method, normalize, hw)
 
 
 # ----------------------------------------------------------------------------- registered op
 #
-# torch.ops.edfkern.grad_cam: opaque to torch.compile, checked again here (it may be called
-# directly), the kernel chosen at run time by kernel("grad_cam", device); fake and autograd below.
+# torch.ops.edfkern.grad_cam: the one place that checks the tensors (the public function and direct
+# callers alike), opaque to torch.compile; the kernel chosen at run time by kernel("grad_cam", device).
+# The fake runs the same checks on fake tensors.
 
 
 @torch.library.custom_op("edfkern::grad_cam", mutates_args=())
 def _grad_cam_op(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str,
                  normalize: bool, size: Optional[list[int]]) -> Tensor:
-    _check_args(activations, gradients, clean_activations, method, normalize, size)
+    _check_args(activations, gradients, clean_activations, method, size)
     clean = None if clean_activations is None else clean_activations.contiguous()
     return kernel("grad_cam", activations.device)(
         activations.contiguous(), gradients.contiguous(), clean, method, normalize,
@@ -62,6 +68,7 @@ def _grad_cam_op(activations: Tensor, gradients: Tensor, clean_activations: Opti
 
 @_grad_cam_op.register_fake
 def _grad_cam_fake(activations, gradients, clean_activations, method, normalize, size):
+    _check_args(activations, gradients, clean_activations, method, size)
     n, h, w = activations.shape[-4], activations.shape[-2], activations.shape[-1]
     hh, ww = (h, w) if size is None else size
     return activations.new_empty((n, hh, ww), dtype=C.acc_dtype(activations.dtype))
@@ -75,12 +82,15 @@ _grad_cam_op.register_autograd(
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_args(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str,
-                normalize: bool, size) -> Optional[list[int]]:
-    """Every check of :func:`grad_cam`, shared with the registered op; returns ``size`` as a list."""
+def _check_method(method: object) -> None:
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    C.check_bool("normalize", normalize)
+
+
+def _check_args(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str,
+                size: Optional[list[int]]) -> None:
+    """The registered op's rules: the tensors' ranks, shapes, dtypes and devices, the method, the output size."""
+    _check_method(method)
     C.check_float_tensor("activations", activations)
     C.check_float_tensor("gradients", gradients)
     smooth = method == "smoothgradcam++"
@@ -102,7 +112,5 @@ def _check_args(activations: Tensor, gradients: Tensor, clean_activations: Optio
         raise ValueError(f"clean_activations is only used by method='smoothgradcam++', not {method!r}")
     if activations.shape[-2] == 0 or activations.shape[-1] == 0 or activations.shape[-3] == 0:
         raise ValueError(f"activations must have C, h, w >= 1, got shape {tuple(activations.shape)}")
-    hw = list(C.check_size("size", size)) if size is not None else None
-    n = activations.shape[-4]
-    C.check_numel("the CAMs", (n,) + (tuple(hw) if hw else tuple(activations.shape[-2:])))
-    return hw
+    hw = C.check_size("size", size) if size is not None else tuple(activations.shape[-2:])
+    C.check_numel("the CAMs", (activations.shape[-4],) + hw)

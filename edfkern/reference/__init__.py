@@ -60,3 +60,19 @@ __all__ = [
     "dae_mask", "dae_", "dae_sgd_step_", "grad_cam", "cpd_forward", "cpd_backward", "cpd_keep_mask",
     "cov_forward", "cov_backward", "seg_mean", "cc_forward", "cc_backward",
 ]
+
+#: Each public op's contract kernels, the forward one first: the one map between the two vocabularies
+#: (``edfkern.local_covariance`` runs ``cov_forward`` and, in backward, ``cov_backward``). The bench and
+#: the GPU tools read it to name an op's kernel.
+OP_KERNELS: dict[str, tuple[str, ...]] = {
+    "dae_mask": ("dae_mask",),
+    "dae_": ("dae_",),
+    "dae_sgd_step_": ("dae_sgd_step_",),
+    "grad_cam": ("grad_cam",),
+    "cpd_trajectory_loss": ("cpd_forward", "cpd_backward"),
+    "cpd_keep_mask": ("cpd_keep_mask",),
+    "local_covariance": ("cov_forward", "cov_backward"),
+    "covariance_matching_loss": ("cov_forward", "cov_backward"),
+    "class_centralization_loss": ("cc_forward", "cc_backward"),
+    "mean_matching_loss": ("seg_mean",),
+}

@@ -42,10 +42,12 @@ def ld_flags() -> list[str]:
 CUDA_ARCHS = ("80", "90")
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # edfkern/, this file's package's parent
+
+
 def csrc_dir() -> Optional[str]:
     """The ``csrc`` folder: inside the package (wheel installs) or at the repository top (editable/repo)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(here, "csrc"), os.path.join(os.path.dirname(here), "csrc")):
+    for cand in (os.path.join(_PACKAGE, "csrc"), os.path.join(os.path.dirname(_PACKAGE), "csrc")):
         if os.path.isfile(os.path.join(cand, "edfkern.cpp")):
             return cand
     return None
@@ -123,7 +125,7 @@ def ahead_of_time_extension():
         raise RuntimeError("edfkern: csrc/ not found next to the package; cannot build the extension")
     force = os.environ.get("EDFKERN_FORCE_CUDA", "0") == "1"
     with_cuda = cuda_reason() is None or force
-    rel = [os.path.relpath(s, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) for s in
+    rel = [os.path.relpath(s, os.path.dirname(_PACKAGE)) for s in
            sources(root, with_cuda)]
     kw = dict(include_dirs=include_dirs(root), extra_link_args=LD_FLAGS)
     if with_cuda:
@@ -133,30 +135,3 @@ def ahead_of_time_extension():
         ext = CppExtension("edfkern._C", rel, extra_compile_args={"cxx": CXX_FLAGS}, **kw)
     os.environ.setdefault("MAX_JOBS", max_jobs())
     return [ext], {"build_ext": BuildExtension}
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m edfkern.build", description=__doc__.splitlines()[0])
-    ap.add_argument("--force", action="store_true", help="delete the cached build and compile again")
-    ap.add_argument("--verbose", action="store_true", help="show the compiler output")
-    args = ap.parse_args(argv)
-    from edfkern import _extension
-
-    if args.force:
-        try:
-            _extension.clear_cache()
-        except _extension.CacheError as e:
-            print(f"edfkern: cannot clear the cached build: {e}", file=sys.stderr)
-            return 1
-    mod, why = _extension.load(verbose=args.verbose)
-    if mod is None:
-        print(f"edfkern: native extension not built: {why}", file=sys.stderr)
-        return 1
-    print(f"edfkern: native extension ready ({'CPU + CUDA' if mod.with_cuda() else 'CPU only'}): {mod.__file__}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
