@@ -10,7 +10,7 @@ instant. On failure the reason is returned, one warning is issued, and dispatch 
 the next backend. ``EDFKERN_NO_NATIVE=1`` disables the extension; ``EDFKERN_SANITIZE=1`` builds the
 CPU kernels with AddressSanitizer and UBSan into a cache directory of their own (``.ci/sanitize.sh``).
 
-The cache heals itself (issue 20, class 3):
+The cache heals itself:
 
 * **Lock.** A process builds or loads the cache only while it holds ``edfkern-build.lock`` there
   (``flock``: the kernel releases it when its holder dies, however it dies; the file, which stays,

@@ -117,12 +117,18 @@ def test_drop_ratio_of_one_names_edfs_silent_skip(op, ratio):
 
 
 def test_drop_ratio_check_has_one_home():
-    """The sharded loss checks drop_ratio with the same function, so it gives the same message."""
-    from edfkern.distributed import cpd as dist_cpd
-    from edfkern.ops import cpd as ops_cpd
-    assert dist_cpd._check_ratio is ops_cpd._check_ratio
-    with pytest.raises(ValueError, match=">= 0.0"):
-        edfkern.cpd_trajectory_loss(torch.randn(4), torch.randn(4), torch.randn(4), drop_ratio=-0.1)
+    """The sharded loss checks drop_ratio with the same function as the op, so it gives the same message."""
+    import edfkern.distributed as ED
+    v = torch.randn(4)
+    for ratio in (1.5, -0.1):
+        messages = []
+        for call in (lambda: edfkern.cpd_trajectory_loss(v, v, v, drop_ratio=ratio),
+                     lambda: ED.cpd_trajectory_loss(v, v, v, drop_ratio=ratio, process_group=None)):
+            with pytest.raises(ValueError) as info:
+                call()
+            messages.append(str(info.value))
+        assert messages[0] == messages[1], messages
+    assert ">= 0.0" in messages[0]
 
 
 def test_edf_block_matches_cpd_loss_below_one():

@@ -10,8 +10,8 @@
 // Fast path (AVX-512 builds, fp32 accumulation, L a multiple of 16; FLOPs about 1.1*N*C*(C+1)*L
 // forward, one triangle plus tile waste, 2*N*C*C*L backward): own micro-kernels in x's own
 // layout, where one zmm register holds 16 positions l of one channel. MKL runs its AVX2 code on
-// AMD CPUs, at well under half of what their AVX-512 FMA units do (benchmarks/NOTES.md,
-// 2026-12-02). Forward: the lower triangle only of each Gram, as lane-parallel dot products
+// AMD CPUs, at well under half of what their AVX-512 FMA units do (benchmarks/NOTES.md).
+// Forward: the lower triangle only of each Gram, as lane-parallel dot products
 // acc[c1][c2] += y[c1, l:l+16] * y[c2, l:l+16] over tiles of 4 x 6 channel pairs, the rows centred
 // chunk by chunk into an L2-sized fp32 buffer; the 16 lanes are summed once per class and the
 // upper triangle mirrored. Backward: out_i[c, :] = sum_d M[c, d] y_i[d, :] over tiles of 8
@@ -55,7 +55,7 @@ namespace {
 // 4 KB pages costs about 40 ms of page faults on one core, with 2 MB pages about 6 ms. Opt-in only:
 // where THP defrag is "madvise" (common), a fault in such a region may stall in direct compaction,
 // and a bench run after other work measured CM forward+backward at 44-145 ms (median 58) with huge
-// pages against a steady 49-51 ms without (benchmarks/NOTES.md, 2026-12-02). The same trade-off as
+// pages against a steady 49-51 ms without (benchmarks/NOTES.md). The same trade-off as
 // THP_MEM_ALLOC_ENABLE=1 for PyTorch's own allocator.
 at::Tensor empty_output_like(const at::Tensor& x) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

@@ -40,11 +40,12 @@ struct MaskMaker {
   int64_t h, w, H, W;
   Axis<m_t> ay, ax;
   bool fixed;
-  m_t thr, beta;
+  m_t thr;
+  MaskRule<m_t> rule;
 
   MaskMaker(int64_t h_, int64_t w_, int64_t H_, int64_t W_, const DaeArgs& a)
       : h(h_), w(w_), H(H_), W(W_), ay(h_, H_), ax(w_, W_), fixed(a.has_threshold),
-        thr(static_cast<m_t>(a.threshold)), beta(static_cast<m_t>(a.beta)) {}
+        thr(static_cast<m_t>(a.threshold)), rule(MaskRule<m_t>::of(a)) {}
 
   void operator()(const m_t* cam, m_t* rows, m_t* mask) const {
     const int64_t hw = h * w, HW = H * W;
@@ -56,10 +57,10 @@ struct MaskMaker {
       lo = v < lo ? v : lo;
       hi = v > hi ? v : hi;
     }
-    const m_t b = beta;
+    const MaskRule<m_t> mask_of = rule;
     if (finite && lo == hi) {  // flat map: U(cam) is the constant and so is its mean (docs/special-values.md)
       const m_t tau = fixed ? thr : lo;
-      const m_t val = dae_mask_value(lo, tau, b);
+      const m_t val = mask_of(lo, tau);
       for (int64_t p = 0; p < HW; ++p) mask[p] = val;
       return;
     }
@@ -82,11 +83,11 @@ struct MaskMaker {
       double s = 0.0;
       for (int64_t p = 0; p < HW; ++p) s += static_cast<double>(mask[p]);
       tau = static_cast<m_t>(s / static_cast<double>(HW));
-      for (int64_t p = 0; p < HW; ++p) mask[p] = dae_mask_value(mask[p], tau, b);
+      for (int64_t p = 0; p < HW; ++p) mask[p] = mask_of(mask[p], tau);
       return;
     }
     // vertical pass and threshold (locals and restrict: a store to the mask must not be
-    // assumed to alias beta or the rows, or the loop stays scalar)
+    // assumed to alias the rule or the rows, or the loop stays scalar)
     for (int64_t y = 0; y < H; ++y) {
       const m_t* __restrict__ r0 = rows + ay.i0[y] * W;
       const m_t* __restrict__ r1 = rows + ay.i1[y] * W;
@@ -94,7 +95,7 @@ struct MaskMaker {
       m_t* __restrict__ m = mask + y * W;
       for (int64_t x = 0; x < W; ++x) {
         const m_t u = w0 * r0[x] + w1 * r1[x];
-        m[x] = dae_mask_value(u, tau, b);
+        m[x] = mask_of(u, tau);
       }
     }
   }

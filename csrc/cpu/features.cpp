@@ -6,7 +6,7 @@
 // float64, and the grouping changes no arithmetic, so results do not depend on the thread count.
 // seg_mean (DM, and the covariance means): tasks are (class, block of whole rows) pairs, so every
 // task streams contiguous rows (a column slice strided over rows ran at 65 % of the copy
-// bandwidth, benchmarks/NOTES.md 2026-12-02); the block partials are summed per class in block
+// bandwidth, benchmarks/NOTES.md); the block partials are summed per class in block
 // order. The blocks are fixed by the row count, not the thread count, so neither is the result.
 #include "kernels.h"
 #include "groups.h"

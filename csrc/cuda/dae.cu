@@ -7,7 +7,7 @@
 //      low-resolution CAM (dae_separable_mean, on one thread, in the CPU's order); for a map with
 //      NaN / inf the mean of U(cam) itself (NaN or +-inf exactly when the CPU's is);
 //   3. one grid-stride pass over the gradient that upsamples the CAM on the fly (4 cached loads per
-//      element), thresholds (dae_mask_value) and applies the mask (dae_apply) or the fused SGD
+//      element), thresholds (MaskRule) and applies the mask (dae_apply) or the fused SGD
 //      update (SgdArgs::step). No (N, H, W) map is ever written.
 #include "common.cuh"
 
@@ -75,7 +75,7 @@ __device__ __forceinline__ m_t mask_at(const m_t* cam, const m_t* tau, const uns
                                        const DaeArgs& a, int64_t n, int64_t p) {
   const m_t* c = cam + n * s.h * s.w;
   const m_t u = flat[n] ? c[0] : bilinear_at(c, s.h, s.w, s.H, s.W, p / s.W, p % s.W);
-  return dae_mask_value(u, a.has_threshold ? static_cast<m_t>(a.threshold) : tau[n], static_cast<m_t>(a.beta));
+  return MaskRule<m_t>::of(a)(u, a.has_threshold ? static_cast<m_t>(a.threshold) : tau[n]);
 }
 
 template <typename T, typename m_t>

@@ -211,7 +211,7 @@ def exit_process(code: int = 0) -> NoReturn:
     interpreter's finalization: on torch 2.13 with gloo, a process that has finished every
     collective and destroyed its process group still aborts in finalization now and then ("terminate
     called without an active exception", exit -6; about 1 run in 5 of a 3-rank CPU world here, with
-    edfkern's native backend off too, and with this package's code of 2026-12-01), which would make a
+    edfkern's native backend off too), which would make a
     finished run look failed. Without a shut-down process group it is ``sys.exit(code)``.
     """
     import sys

@@ -70,12 +70,7 @@ def cpd_keep_mask(l: Tensor, drop_ratio: float, *, process_group: Optional[objec
     return _cpd_keep_mask_op(l, C.as_float("drop_ratio", drop_ratio))
 
 
-# ----------------------------------------------------------------------------- registered ops
-#
-# torch.ops.edfkern.<name>: the one place that checks the tensors and drop_ratio (the public
-# functions and direct callers alike: the three vectors agree in shape, dtype and device, the scalars
-# are 0-d tensors on that device, and drop_ratio keeps k = floor(drop_ratio * P) inside [0, P)),
-# opaque to torch.compile; the kernel chosen at run time by kernel("<kernel>", device).
+# ------------------------------------------------ registered ops (the one checked boundary: see edfkern/ops/__init__.py)
 
 
 @torch.library.custom_op("edfkern::cpd_trajectory_loss", mutates_args=())

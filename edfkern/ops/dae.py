@@ -95,11 +95,7 @@ def dae_sgd_step_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor]
     return param
 
 
-# ----------------------------------------------------------------------------- registered ops
-#
-# torch.ops.edfkern.<name>: the one place that checks the tensors (the public functions and direct
-# callers alike), opaque to torch.compile; the kernel chosen at run time by kernel("<name>", device).
-# The fakes run the same shape checks on fake tensors.
+# ------------------------------------------------ registered ops (the one checked boundary: see edfkern/ops/__init__.py)
 
 
 @torch.library.custom_op("edfkern::dae_mask", mutates_args=())

@@ -75,11 +75,7 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, re
     return _mean_matching_loss_op(s, gs.perm, gs.offsets, r, gr.perm, gr.offsets, weight)[0]
 
 
-# ----------------------------------------------------------------------------- registered ops
-#
-# torch.ops.edfkern.<name>: the one place that checks the tensors (shapes, dtypes, devices and the
-# CSR group tensors), for the public functions and direct callers alike; opaque to torch.compile; the
-# kernel chosen at run time by kernel("<kernel>", device). The fakes check what needs no values.
+# ------------------------------------------------ registered ops (the one checked boundary: see edfkern/ops/__init__.py)
 
 
 @torch.library.custom_op("edfkern::class_centralization_loss", mutates_args=())

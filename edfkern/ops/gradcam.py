@@ -49,11 +49,7 @@ def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam",
     return _grad_cam_op(activations, gradients, clean_activations, method, normalize, hw)
 
 
-# ----------------------------------------------------------------------------- registered op
-#
-# torch.ops.edfkern.grad_cam: the one place that checks the tensors (the public function and direct
-# callers alike), opaque to torch.compile; the kernel chosen at run time by kernel("grad_cam", device).
-# The fake runs the same checks on fake tensors.
+# ------------------------------------------------ registered op (the one checked boundary: see edfkern/ops/__init__.py)
 
 
 @torch.library.custom_op("edfkern::grad_cam", mutates_args=())

@@ -49,9 +49,15 @@ constexpr DType dae_mask_dtype(DType cam, DType scaled) {
   return cam == DType::F64 || scaled == DType::F64 ? DType::F64 : DType::F32;
 }
 
-// The mask value of one upsampled CAM pixel u against its image's threshold tau.
+// The mask rule, in the mask dtype m_t: an upsampled CAM pixel u against its image's threshold tau
+// gives u + beta where u >= tau, else 1. Built once per call from the user's arguments
+// (MaskRule<m_t>::of(a)); the CPU loops keep a copy in a local, so its fields are loop invariants.
 template <typename m_t>
-EDFKERN_HD m_t dae_mask_value(m_t u, m_t tau, m_t beta) { return u >= tau ? u + beta : m_t(1); }
+struct MaskRule {
+  m_t beta;
+  EDFKERN_HD static MaskRule of(const DaeArgs& a) { return MaskRule{static_cast<m_t>(a.beta)}; }
+  EDFKERN_HD m_t operator()(m_t u, m_t tau) const { return u >= tau ? u + beta : m_t(1); }
+};
 
 // The weight each of the `in` inputs of one axis gets in the bilinear upsampling to `out` outputs,
 // summed over the outputs (mass[i] += l0 at i0, l1 at i1; mass starts at zero). With the masses of
