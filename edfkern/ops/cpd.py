@@ -130,7 +130,7 @@ def _cpd_keep_mask_op(l: Tensor, drop_ratio: float) -> Tensor:
     C.check_float_tensor("l", l)
     drop_ratio = C.check_drop_ratio(drop_ratio)
     if l.numel() == 0:
-        return torch.ones_like(l, dtype=torch.bool)
+        return torch.ones(l.shape, dtype=torch.bool, device=l.device)
     flat = l.reshape(-1).contiguous()
     return kernel("cpd_keep_mask", flat.device)(flat, C.drop_count(drop_ratio, flat.numel())).view(l.shape)
 

@@ -90,8 +90,9 @@ def dae_sgd_step_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor]
     beta = C.check_number("beta", beta)
     threshold = _threshold(threshold)
     with torch.no_grad():
-        _dae_sgd_step__op(param, grad, momentum_buffer, cam, lr, beta, threshold, momentum, dampening,
-                          weight_decay, bool(nesterov), maximize, first_step)
+        buf = momentum_buffer if momentum != 0 else None  # an unused buffer is neither read nor written
+        _dae_sgd_step__op(param, grad, buf, cam, lr, beta, threshold, momentum, dampening, weight_decay,
+                          bool(nesterov), maximize, first_step)
     return param
 
 
@@ -106,7 +107,7 @@ def _dae_mask_op(cam: Tensor, beta: float, threshold: Optional[float], H: int, W
 
 @_dae_mask_op.register_fake
 def _dae_mask_fake(cam, beta, threshold, H, W):
-    _check_mask_args(cam, H, W)
+    check_cam(cam, None, None)  # H and W may be SymInts here; the public function and the op check them
     return cam.new_empty((cam.shape[0], 1, H, W))
 
 
