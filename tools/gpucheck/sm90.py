@@ -1,6 +1,6 @@
 """Compile every GPU kernel for sm_90 (H100/H200) on a machine without a GPU, and check its resources.
 
-Triton: every specialisation :mod:`edfkern.gpucheck.capture` records is compiled with
+Triton: every specialisation :mod:`tools.gpucheck.capture` records is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` (PTX for sm_90a, then a
 cubin through Triton's bundled ptxas). CUDA: every ``csrc/cuda/*.cu`` is compiled with
 ``nvcc -gencode arch=compute_90,code=sm_90`` and read back with ``cuobjdump
@@ -302,7 +302,7 @@ def check_cuda(jobs: int = 0, log=print) -> dict:
     """Compile every csrc/cuda/*.cu for sm_90 and judge each kernel's resources."""
     import glob
 
-    from .. import build
+    from edfkern import build
 
     t0 = time.perf_counter()
     root = build.csrc_dir()
