@@ -204,9 +204,8 @@ def load_note(load: float, ncpu: int, *, own: float = 0.0, when: str = "at start
 def header(device: str, threads: Optional[int]) -> list[str]:
     """The run's first lines: the device, the versions and (CPU) the load average and what it implies."""
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    notes = [f"device: {dev_type} = {_device_name(device)}",
-             f"torch {torch.__version__}, edfkern {edfkern.__version__}, torch threads "
-             f"{threads or torch.get_num_threads()}"]
+    notes = [f"device: {dev_type} = {_device_name(device)}", f"torch {torch.__version__}, edfkern {edfkern.__version__}"
+             + (f"; --threads {threads} in each case" if threads else "")]
     if dev_type == "cpu":
         notes.append("no CUDA device: timings are CPU timings")
         load = _loadavg()
