@@ -71,6 +71,7 @@ from edfkern.optim import DAESGD
 from edfkern.trajectory import last_call_profile
 
 from . import memory
+from .configs import CONFIGS
 from .report import Panel, Series, fmt_bytes, fmt_time
 from .step_models import FlatStudent, conv_costs, flat_params, seeded_convnet
 
@@ -88,35 +89,41 @@ AXIS_LABEL = {"ipc": "IPC", "syn_steps": "syn_steps"}
 DEFAULT_SWEEP = (10, 50, 100)
 CATEGORIES = ("network", "CAM", "losses", "update")
 MB = 2 ** 20
+_CIFAR10 = CONFIGS["cifar10-ipc1000"]
 
 
 @dataclass(frozen=True)
 class StepParams:
-    """The shapes and hyper-parameters of one step (defaults: the cifar10 config, the demos' values)."""
+    """The shapes and hyper-parameters of one step (defaults: the cifar10 config's, and the demos' values)."""
 
-    K: int = 10
-    channels: int = 3
-    size: int = 32
+    # images: the config's classes and image size; the ConvNet's width and depth
+    K: int = _CIFAR10.K
+    channels: int = _CIFAR10.image[0]
+    size: int = _CIFAR10.image[1]
     width: int = 128
     depth: int = 3
-    # DM + IID
-    real_per_class: int = 256
+    # DM + IID: real images per class, the CC and CM weights, the image lr; the edfkern version embeds the
+    # synthetic set in one batched forward (INTEGRATION.md, "IID on DM") unless dm_batched_forward is off
+    real_per_class: int = _CIFAR10.real_per_class
     w_cc: float = 0.001
     w_cm: float = 0.01
     lr_img_dm: float = 1.0
-    dm_batched_forward: bool = True  # edfkern version: one forward over all N images (INTEGRATION.md, "IID on DM")
-    # MTT + EDF
+    dm_batched_forward: bool = True
+    # MTT: the student's unrolled steps, CPD's drop ratio, synthetic images per step, EDF's CAM refresh
+    # interval, the image lr, the student's initial (learnable) lr and that lr's own lr
     syn_steps: int = 10
+    drop_ratio: float = _CIFAR10.drop_ratio
     batch_syn: int = 10
     interval: int = 50
     lr_img_mtt: float = 1000.0
     lr_teacher: float = 0.01
     lr_lr: float = 1e-5
-    drop_ratio: float = 0.375
-    beta: float = 1.0
+    # EDF: DAE's beta and threshold; the CAM ConvNet's width, Smooth Grad-CAM++'s samples and noise std,
+    # CAMExtractor's batch_size
+    beta: float = _CIFAR10.beta
     threshold: Optional[float] = None
     cam_width: int = 32
-    cam_samples: int = 4
+    cam_samples: int = _CIFAR10.cam_samples
     cam_std: float = 0.3
     cam_batch: int = 1024
 
