@@ -209,7 +209,7 @@ def check_triton(configs: Optional[list[str]] = None, jobs: int = 0, variants: b
             problems.append(f"spills {res['spill_stores']} B stores / {res['spill_loads']} B loads")
         if (res.get("shared") or 0) > SMEM_LIMIT and not _allowed(fn, ALLOW_SMEM):
             problems.append(f"shared {res['shared']} B > {SMEM_LIMIT}")
-        enforced = variant in ("default", "tf32")  # tf32x3 is not reachable today: reported only
+        enforced = variant in ("default", "tf32")  # no launcher selects tf32x3: reported only
         rows.append({"kernel": spec.name, "variant": variant, "spec": spec.describe(), "spec_json": spec.to_json(),
                      "used_by": used_by[:4], "n_used_by": len(used_by), **res,
                      "problems": problems, "fails": bool(problems) and enforced})
