@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "per-op tables: with --sweep)")
     p.add_argument("--sweep", metavar="KEY=V1,V2,...",
                    help="per-op tables: ipc=... runs every case at each IPC, e.g. ipc=10,50,100,500,1000; --step: "
-                        "ipc=... or, for mtt-edf, syn_steps=... (the unrolled student's steps, at --ipc) (default "
+                        "ipc=... or, for mtt-edf, syn_steps=... (the unrolled student's steps, at --ipc) (--step default "
                         f"{SHARED_DEFAULTS['step']['sweep']})")
     p.add_argument("--repeat", type=args_.int_in(1), help="timed calls per case (default: as many as fit --budget, "
                                                          "3..50); --step: timed iterations per point after the "
