@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import torch
 
