@@ -10,4 +10,4 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 out="${1:-${TMPDIR:-/tmp}/gpucheck-sm90.json}"
-exec python -m edfkern.gpucheck compile-sm90 --json "$out"
+exec python -m tools.gpucheck compile-sm90 --json "$out"

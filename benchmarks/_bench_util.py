@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from edfkern.bench.cases import Unavailable, fit_scale, make_case, providers
+from edfkern.bench.cases import Unavailable, fit_scale, make_case, op_modes, providers
 from edfkern.bench.configs import CONFIGS, get_config
 
 DEVICE = os.environ.get("EDFKERN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,3 +76,14 @@ def run_bench(benchmark, op: str, provider: str, mode: str, config: str) -> None
     med = getattr(stats, "median", None)
     if med:
         benchmark.extra_info.update(GBps=case.bytes_moved / med / 1e9, GFLOPs=case.flops / med / 1e9)
+
+
+def op_bench(op: str):
+    """The pytest-benchmark test of ``op``: one case per provider x mode x config (assign it to a ``test_*`` name)."""
+    @pytest.mark.parametrize("config", config_params())
+    @pytest.mark.parametrize("mode", op_modes(op))
+    @pytest.mark.parametrize("provider", provider_params())
+    def test(benchmark, provider, mode, config):
+        run_bench(benchmark, op, provider, mode, config)
+    test.__doc__ = f"``{op}``, timed by :func:`run_bench`."
+    return test

@@ -6,7 +6,8 @@ in which a rank exited abnormally.
     EDFKERN_NO_NATIVE=1 python benchmarks/dist_teardown_repro.py 14
 
 To see the abort rate without ``exit_process``, replace ``ED.exit_process(main())`` at the bottom of
-tests/_dist_cases.py with ``raise SystemExit(main())`` (2026-12-02, this 2-core CPU: 5 of 14 worlds).
+tests/_dist_cases.py with ``raise SystemExit(main())`` (measured rates: benchmarks/NOTES.md, "Distributed
+teardown").
 """
 import os
 import sys

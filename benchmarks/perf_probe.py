@@ -14,7 +14,7 @@ Candidates per op (cifar10-ipc1000 shapes, fp32, CPU):
 * ``gemm`` (CM only): just the GEMMs a one-GEMM-per-class kernel must run (``torch.mm`` of the
   centred (C, n_k L) class block with itself, forward; ``M_k Y_k`` backward), precomputed inputs.
 
-Floors (docs in benchmarks/NOTES.md, section "2026-12-02"): CM counts one triangle per symmetric
+Floors (benchmarks/NOTES.md, "CM, CC and DM against the floor"): CM counts one triangle per symmetric
 Gram, ``N C (C+1) L`` FLOPs, plus ``2 N_syn C^2 L`` for the backward GEMM; CC and DM count the
 bytes that must move (inputs read once, gradient written once).
 

@@ -54,9 +54,9 @@ _BACKENDS: dict[str, Backend] = {}
 _GLOBAL: Optional[str] = None
 _CTX: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("edfkern_backend", default=None)
 
-#: ``auto`` order for CUDA tensors, per kernel. Every op defaults to ``triton``
-#: first: no GPU has measured triton against native for this table yet
-#: (see benchmarks/RESULTS.md); a measured per-op order replaces this entry.
+#: ``auto`` order for CUDA tensors, per kernel, edited by hand from measured timings (how: docs/gpu.md,
+#: "The AUTO_CUDA table"). A kernel missing here gets ``_AUTO_CUDA_DEFAULT``. Empty: no GPU run has
+#: yet measured triton against native.
 AUTO_CUDA: dict[str, tuple[str, ...]] = {}
 _AUTO_CUDA_DEFAULT = ("triton", "native", "reference")
 _AUTO_CPU = ("native", "reference")

@@ -7,6 +7,7 @@ and split 70/30 (stratified) into train and held-out test.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -230,6 +231,18 @@ def nudge_one_ulp(distiller) -> None:
         x.copy_(torch.nextafter(x, torch.full_like(x, float("inf"))))
 
 
+def start_lockstep(make, ulp_control: bool):
+    """``(base, fused, ctrl)``: the baseline and edfkern runs (``make(fused)``), warmed up, and with
+    ``ulp_control`` the control run (a baseline from initial images one ulp larger), else None."""
+    base, fused = make(False), make(True)
+    base.warm_up()
+    fused.warm_up()
+    ctrl = make(False) if ulp_control else None
+    if ctrl is not None:
+        nudge_one_ulp(ctrl)
+    return base, fused, ctrl
+
+
 def run_lockstep(base, fused, ctrl, iters: int, init_x: torch.Tensor, desc: str, on_first=None):
     """Step the baseline, edfkern (and the optional control) runs together, so load hits them alike.
 
@@ -254,6 +267,22 @@ def run_lockstep(base, fused, ctrl, iters: int, init_x: torch.Tensor, desc: str,
     return trace, rel_first
 
 
+def test_accuracies(images: Sequence[Tensor], labels: Tensor, data: Digits, args) -> list[tuple[float, float]]:
+    """(mean, std) held-out accuracy of each synthetic set in ``images`` (``--eval-epochs``, ``--eval-runs``)."""
+    return [mean_acc(x, labels, data, epochs=args.eval_epochs, lr=0.01, runs=args.eval_runs) for x in images]
+
+
+def conclude(base, fused, ctrl, init_x: torch.Tensor, iters: int, trace, rel_first: float, speedups: str) -> int:
+    """The end of a single-process demo: how far the baseline and edfkern runs ended apart (and the 1-ulp
+    control if it ran), the ``speedups`` line, and ``RESULT: OK`` when the runs agree (first-iteration
+    difference at rounding level, no NaN loss), else ``RESULT: MISMATCH``. Returns the exit code."""
+    report_agreement(base, fused, ctrl, init_x, iters, trace, rel_first)
+    print(f"speed-up of edfkern over the loops: {speedups}")
+    ok = rel_first < 1e-2 and base.last == base.last and fused.last == fused.last
+    print("RESULT:", "OK" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
 def report_agreement(base, fused, ctrl, init_x: torch.Tensor, iters: int, trace, rel_first: float) -> None:
     """Print how far the baseline and edfkern runs ended apart, and the 1-ulp control if it ran."""
     syn_b, syn_f = base.image_syn.detach(), fused.image_syn.detach()
@@ -267,6 +296,47 @@ def report_agreement(base, fused, ctrl, init_x: torch.Tensor, iters: int, trace,
     if ctrl is not None:
         print(f"control: max |image_syn(baseline) - image_syn(baseline, initial images +1 ulp)| = "
               f"{float((base.image_syn - ctrl.image_syn).abs().max()):.3e} after {iters} iterations")
+
+
+def init_gloo():
+    """Join the ``--distributed`` demo's gloo process group (torchrun's environment): (group, rank, world size)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+
+
+def distributed_lockstep(mine, make_single: Callable[[], object], args, data: Digits, rank: int, desc: str,
+                         gather: Callable[[], Tensor]):
+    """Step this rank's share of a ``--distributed`` demo (``mine``) and, on rank 0, the single-process
+    edfkern run (``make_single()``) and the optional 1-ulp control in lockstep.
+
+    ``gather()`` gives the distributed run's whole synthetic set; it is called on every rank after the
+    first iteration (it may be a collective). Returns ``(one, ctrl, trace, rel_first)``: the single-process
+    and control runs (None off rank 0), ``(iteration, single-process loss, distributed loss)`` per
+    iteration, and ||difference|| / ||update|| after the first iteration (rank 0; NaN elsewhere).
+    """
+    one = make_single() if rank == 0 else None
+    ctrl = make_single() if (rank == 0 and args.ulp_control) else None
+    if ctrl is not None:  # the rounding floor: the single-process run from initial images 1 ulp larger
+        nudge_one_ulp(ctrl)
+    init_x, _ = random_real_init(data, args.ipc, args.seed)
+    trace: list[tuple[int, float, float]] = []
+    rel_first = float("nan")
+    for it in progress(range(args.iters), desc=desc, disable=rank != 0):
+        mine.step(it)
+        whole = gather() if it == 0 else None
+        if one is not None:
+            one.step(it)
+            if ctrl is not None:
+                ctrl.step(it)
+            trace.append((it + 1, one.last, mine.last))
+            if it == 0:
+                step = float((one.image_syn.detach() - init_x).norm())
+                rel_first = float((one.image_syn.detach() - whole).norm()) / max(step, 1e-30)
+    return one, ctrl, trace, rel_first
 
 
 def report_distributed(trace, single_images: torch.Tensor, dist_images: torch.Tensor, ctrl, iters: int,
@@ -291,8 +361,12 @@ def report_distributed(trace, single_images: torch.Tensor, dist_images: torch.Te
     return ok
 
 
-def add_common_args(p) -> None:
-    """The options both demos share: evaluation, seed, the 1-ulp control run and threads."""
+def demo_parser(doc: str) -> argparse.ArgumentParser:
+    """A demo's parser with the options both demos share: --quick, IPC, evaluation, seed, the 1-ulp control
+    run and threads (the demo adds its own)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a < 60 s smoke run")
+    p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--eval-epochs", type=int, default=None, help="default 300; quick 100")
     p.add_argument("--eval-runs", type=int, default=None, help="default 5; quick 2")
     p.add_argument("--seed", type=int, default=0)
@@ -301,6 +375,7 @@ def add_common_args(p) -> None:
                         "rounding alone moves the result (the floor for the baseline-vs-edfkern difference)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: robust timings on a small, shared machine)")
+    return p
 
 
 def finish_common_args(args) -> None:

@@ -33,7 +33,6 @@ images, and the losses equal those of one process on the union.
 """
 from __future__ import annotations
 
-import argparse
 import types
 
 import torch
@@ -173,32 +172,12 @@ class DistDistiller:
 
 def run_distributed(args, data: U.Digits) -> int:
     """Every rank steps its share; rank 0 also steps the single-process edfkern run and compares."""
-    import datetime
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    pg = dist.group.WORLD
-    rank, world = dist.get_rank(), dist.get_world_size()
+    pg, rank, world = U.init_gloo()
     mine = DistDistiller(data, args, pg, args.layout)
-    one = Distiller(loss_ops(edfkern), data, args) if rank == 0 else None
-    ctrl = Distiller(loss_ops(edfkern), data, args) if (rank == 0 and args.ulp_control) else None
-    if ctrl is not None:  # the rounding floor: the single-process run from initial images 1 ulp larger
-        U.nudge_one_ulp(ctrl)
-    init_x, _ = U.random_real_init(data, args.ipc, args.seed)
-    rel_first, trace = float("nan"), []
-    for it in U.progress(range(args.iters), desc=f"DM+IID on {world} ranks ({args.layout})", disable=rank != 0):
-        mine.step(it)
-        full = mine.full_images() if (it == 0 or it + 1 == args.iters) else None
-        if one is not None:
-            one.step(it)
-            if ctrl is not None:
-                ctrl.step(it)
-            trace.append((it + 1, one.last, mine.last))
-            if it == 0:
-                step = float((one.image_syn.detach() - init_x).norm())
-                rel_first = float((one.image_syn.detach() - full).norm()) / max(step, 1e-30)
-    full = mine.full_images() if args.iters == 0 else full
+    one, ctrl, trace, rel_first = U.distributed_lockstep(
+        mine, lambda: Distiller(loss_ops(edfkern), data, args), args, data, rank,
+        desc=f"DM+IID on {world} ranks ({args.layout})", gather=mine.full_images)
+    full = mine.full_images()
     ok = True
     if rank == 0:
         print(f"distributed DM+IID: {world} ranks (gloo), layout {args.layout}; rank 0 holds "
@@ -211,9 +190,7 @@ def run_distributed(args, data: U.Digits) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a < 60 s smoke run")
-    p.add_argument("--ipc", type=int, default=10)
+    p = U.demo_parser(__doc__)
     p.add_argument("--iters", type=int, default=None, help="distillation iterations (default 500; quick 25)")
     p.add_argument("--real-per-class", type=int, default=64)
     p.add_argument("--lr-img", type=float, default=1.0)
@@ -224,7 +201,6 @@ def main(argv=None) -> int:
                    help="run under torchrun: the ops get a process group; rank 0 compares with one process")
     p.add_argument("--layout", choices=("rows", "classes"), default="rows",
                    help="--distributed: split every class over the ranks (rows) or give each rank whole classes")
-    U.add_common_args(p)
     args = p.parse_args(argv)
     U.finish_common_args(args)
     args.iters = args.iters or (25 if args.quick else 500)
@@ -236,22 +212,15 @@ def main(argv=None) -> int:
           f"IPC {args.ipc}, {args.iters} iterations; torch threads {torch.get_num_threads()}")
 
     init_x, init_y = U.random_real_init(data, args.ipc, args.seed)
-    base, fused = Distiller(loss_ops(baselines), data, args), Distiller(loss_ops(edfkern), data, args)
-    base.warm_up()
-    fused.warm_up()
-    ctrl = Distiller(loss_ops(baselines), data, args) if args.ulp_control else None
-    if ctrl is not None:
-        U.nudge_one_ulp(ctrl)
+    base, fused, ctrl = U.start_lockstep(lambda f: Distiller(loss_ops(edfkern if f else baselines), data, args),
+                                         args.ulp_control)
     trace, rel_first = U.run_lockstep(base, fused, ctrl, args.iters, init_x,
                                       desc="DM+IID (baseline and edfkern in lockstep)")
     syn_base, syn_fused = base.image_syn.detach(), fused.image_syn.detach()
     t_base, l_base, t_fused, l_fused = base.it_time, base.loss_time, fused.it_time, fused.loss_time
     print(f"final loss: baseline {base.last:.6g}, edfkern {fused.last:.6g}")
 
-    kw = dict(epochs=args.eval_epochs, lr=0.01, runs=args.eval_runs)
-    acc_init = U.mean_acc(init_x, init_y, data, **kw)
-    acc_base = U.mean_acc(syn_base, init_y, data, **kw)
-    acc_fused = U.mean_acc(syn_fused, init_y, data, **kw)
+    acc_init, acc_base, acc_fused = U.test_accuracies((init_x, syn_base, syn_fused), init_y, data, args)
 
     U.print_table(
         f"DM + IID on digits, IPC {args.ipc}: held-out test accuracy (%), mean +- std over {args.eval_runs} "
@@ -261,12 +230,9 @@ def main(argv=None) -> int:
          ["DM+IID, baseline loops", U.fmt_acc(*acc_base), f"{t_base.median_ms:.2f}", f"{l_base.median_ms:.2f}"],
          ["DM+IID, " + U.describe_backend(), U.fmt_acc(*acc_fused), f"{t_fused.median_ms:.2f}",
           f"{l_fused.median_ms:.2f}"]])
-    U.report_agreement(base, fused, ctrl, init_x, args.iters, trace, rel_first)
-    print(f"speed-up of edfkern over the loops: {t_base.median_ms / t_fused.median_ms:.2f}x per iteration, "
-          f"{l_base.median_ms / l_fused.median_ms:.2f}x for the loss forward+backward")
-    ok = rel_first < 1e-2 and base.last == base.last and fused.last == fused.last
-    print("RESULT:", "OK" if ok else "MISMATCH")
-    return 0 if ok else 1
+    return U.conclude(base, fused, ctrl, init_x, args.iters, trace, rel_first,
+                      f"{t_base.median_ms / t_fused.median_ms:.2f}x per iteration, "
+                      f"{l_base.median_ms / l_fused.median_ms:.2f}x for the loss forward+backward")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ whole batch from one generator, so a class shard cannot reproduce the single-pro
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -203,30 +202,11 @@ class DistDistiller(Distiller):
 
 
 def run_distributed(args, data: U.Digits, experts) -> int:
-    import datetime
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    pg = dist.group.WORLD
-    rank, world = dist.get_rank(), dist.get_world_size()
+    pg, rank, world = U.init_gloo()
     mine = DistDistiller(data, experts, args, pg)
-    one = Distiller(True, data, experts, args) if rank == 0 else None
-    ctrl = Distiller(True, data, experts, args) if (rank == 0 and args.ulp_control) else None
-    if ctrl is not None:
-        U.nudge_one_ulp(ctrl)
-    init_x, _ = U.random_real_init(data, args.ipc, args.seed)
-    trace, rel_first = [], float("nan")
-    for it in U.progress(range(args.iters), desc=f"MTT+EDF on {world} ranks", disable=rank != 0):
-        mine.step(it)
-        if one is not None:
-            one.step(it)
-            if ctrl is not None:
-                ctrl.step(it)
-            trace.append((it + 1, one.last, mine.last))
-            if it == 0:
-                step = float((one.image_syn.detach() - init_x).norm())
-                rel_first = float((one.image_syn.detach() - mine.image_syn.detach()).norm()) / max(step, 1e-30)
+    one, ctrl, trace, rel_first = U.distributed_lockstep(
+        mine, lambda: Distiller(True, data, experts, args), args, data, rank, desc=f"MTT+EDF on {world} ranks",
+        gather=lambda: mine.image_syn.detach())
     ok = True
     if rank == 0:
         print(f"distributed MTT+EDF: {world} ranks (gloo); P = {experts[0][0].numel()}; each student step's "
@@ -241,9 +221,7 @@ def run_distributed(args, data: U.Digits, experts) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a < 60 s smoke run")
-    p.add_argument("--ipc", type=int, default=10)
+    p = U.demo_parser(__doc__)
     p.add_argument("--experts", type=int, default=None, help="default 3; quick 2")
     p.add_argument("--expert-train-epochs", type=int, default=None, help="default 8; quick 3")
     p.add_argument("--expert-epochs", type=int, default=2, help="M: target is the expert at epoch t+M")
@@ -262,7 +240,6 @@ def main(argv=None) -> int:
     p.add_argument("--cam-std", type=float, default=0.3)
     p.add_argument("--distributed", action="store_true",
                    help="run under torchrun: student minibatches split over ranks; rank 0 compares with one process")
-    U.add_common_args(p)
     args = p.parse_args(argv)
     U.finish_common_args(args)
     q = args.quick
@@ -289,12 +266,7 @@ def main(argv=None) -> int:
     if args.distributed:
         return run_distributed(args, data, experts)
     init_x, init_y = U.random_real_init(data, args.ipc, args.seed)
-    base, fused = Distiller(False, data, experts, args), Distiller(True, data, experts, args)
-    base.warm_up()
-    fused.warm_up()
-    ctrl = Distiller(False, data, experts, args) if args.ulp_control else None
-    if ctrl is not None:
-        U.nudge_one_ulp(ctrl)
+    base, fused, ctrl = U.start_lockstep(lambda f: Distiller(f, data, experts, args), args.ulp_control)
     first: dict[str, float] = {}
 
     def record_cams() -> None:  # same images and noise: the CAM paths agree up to rounding; so must one step
@@ -312,10 +284,7 @@ def main(argv=None) -> int:
           f"{float(base.syn_lr):.5g} / {float(fused.syn_lr):.5g}; max |CAM difference| at the first refresh "
           f"{cam_diff:.3e}")
 
-    kw = dict(epochs=args.eval_epochs, lr=0.01, runs=args.eval_runs)
-    acc_init = U.mean_acc(init_x, init_y, data, **kw)
-    acc_b = U.mean_acc(syn_b, init_y, data, **kw)
-    acc_f = U.mean_acc(syn_f, init_y, data, **kw)
+    acc_init, acc_b, acc_f = U.test_accuracies((init_x, syn_b, syn_f), init_y, data, args)
 
     def times(ts):
         it, cam, student, dae = ts
@@ -329,13 +298,11 @@ def main(argv=None) -> int:
         [["random real init (no distillation)", U.fmt_acc(*acc_init), "-", "-", "-", "-"],
          ["MTT+EDF, baseline loops", U.fmt_acc(*acc_b), *times(tb)],
          ["MTT+EDF, " + U.describe_backend(), U.fmt_acc(*acc_f), *times(tf)]])
-    U.report_agreement(base, fused, ctrl, init_x, args.iters, trace, rel_first)
-    print(f"speed-up of edfkern over the loops: {tb[0].median_ms / tf[0].median_ms:.2f}x per iteration, "
-          f"{tb[1].median_ms / tf[1].median_ms:.2f}x CAM refresh, {tb[2].median_ms / tf[2].median_ms:.2f}x student+CPD (constant memory), "
-          f"{tb[3].median_ms / tf[3].median_ms:.2f}x DAE+step")
-    ok = rel_first < 1e-2 and base.last == base.last and fused.last == fused.last
-    print("RESULT:", "OK" if ok else "FAILED")
-    return 0 if ok else 1
+    return U.conclude(base, fused, ctrl, init_x, args.iters, trace, rel_first,
+                      f"{tb[0].median_ms / tf[0].median_ms:.2f}x per iteration, "
+                      f"{tb[1].median_ms / tf[1].median_ms:.2f}x CAM refresh, "
+                      f"{tb[2].median_ms / tf[2].median_ms:.2f}x student+CPD (constant memory), "
+                      f"{tb[3].median_ms / tf[3].median_ms:.2f}x DAE+step")
 
 
 if __name__ == "__main__":

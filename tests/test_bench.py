@@ -137,7 +137,7 @@ def test_markdown_renders_the_committed_run_and_runs_without_a_baseline(tmp_path
     """RESULTS.md's tables come from this renderer: it must reproduce the committed run's rows."""
     from edfkern.bench import markdown
 
-    src = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-cifar10-ipc1000-latest.json"
+    src = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu-cifar10-ipc1000-all-ops-20261121T1712.json"
     data = json.loads(src.read_text())
     text = markdown.render(data)
     cm = [r for r in data["results"] if r["op"] == "covariance_matching_loss" and r["mode"] == "full"

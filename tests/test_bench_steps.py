@@ -17,10 +17,11 @@ import torch
 
 from edfkern.bench.step_models import ConvNet, conv_costs
 from edfkern.bench import steps as steps_mod
+from edfkern.bench.cli import main
 from edfkern.bench.steps import (STEP_VERSIONS, STEPS, Parts, StepParams, estimate_peak_bytes, input_bytes,
-                                 largest_fit, main, make_step)
+                                 largest_fit, make_step)
 
-from _utils import assert_fp_rule
+from tests._utils import assert_fp_rule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = replace(StepParams(), width=16, real_per_class=8, batch_syn=8, syn_steps=2, cam_width=8, cam_batch=16)

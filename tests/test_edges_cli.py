@@ -1,4 +1,4 @@
-"""CLI argument errors of ``python -m edfkern.bench`` (main mode) and ``--step`` mode (issue 20, class 5).
+"""CLI argument errors of ``python -m edfkern.bench``, per-op tables and ``--step`` mode alike.
 
 Every bad argument is refused before any work: exit code 2, exactly one line on stderr, naming the
 argument. Output paths (``--json``, ``--plot``) are checked writable before the run. Valid input still

@@ -1,5 +1,5 @@
-"""edfkern.gpucheck: the GPU validation script's CPU dry run, the sm_90 spec capture, the
-resource-report parsers and the AUTO_CUDA table tool.
+"""tools.gpucheck (developer tooling, run from the repository): the GPU validation script's CPU
+dry run, the sm_90 spec capture and the resource-report parsers.
 
 The dry run is the same script the lent GPU runs, with every CUDA step skipped and tiny
 sizes elsewhere; running it here keeps it from rotting. Subprocesses run without
@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from edfkern.gpucheck import auto_table, sm90, validate
+from tools.gpucheck import sm90, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_budgets_fit_nine_minutes():
 
 def test_dry_run(tmp_path):
     """The whole script on CPU: CUDA steps print 'skipped: no CUDA', the others run and pass."""
-    proc = subprocess.run([sys.executable, "-m", "edfkern.gpucheck", "validate", "--dry-run", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "tools.gpucheck", "validate", "--dry-run", "--out", str(tmp_path)],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     summary = json.loads((tmp_path / "validate.json").read_text())
@@ -72,11 +72,15 @@ def test_per_class_cam_loop_matches_extractor():
 
 def test_capture_records_launcher_choices(tmp_path):
     """At cifar10-ipc1000 the CM backward is captured with the spill-free launch (num_stages=1;
-    fp64 on 8 warps), int and label groups, and every kernel family shows up."""
+    fp64 on 8 warps), int and label groups, and every kernel family shows up; the launcher modules
+    are as they were afterwards."""
     code = textwrap.dedent("""
         import json, torch
-        from edfkern.gpucheck.capture import capture
+        from tools.gpucheck.capture import capture
+        import edfkern.triton.covariance as cov
+        kernel, sms = cov._cov_bwd_kernel, cov.device_sm_count
         found = capture(["cifar10-ipc1000"], dtypes=(torch.float32, torch.float64))
+        assert cov._cov_bwd_kernel is kernel and cov.device_sm_count is sms  # the patches are undone
         out = [dict(s.to_json(), name=s.name) for s in found]
         print(json.dumps(out))
     """)
@@ -118,45 +122,3 @@ def test_parse_ptxas_and_cuobjdump():
     """)
     assert sm90.parse_resource_usage(dump) == {"_ZN7edfkern4cuda10sq_kernelIfEEvPKT_":
                                                {"REG": 32, "STACK": 0, "SHARED": 1024, "LOCAL": 0}}
-
-
-def _row(cfg, op, mode, prov, median):
-    return {"op": op, "provider": prov, "mode": mode, "config": cfg, "device": "cuda", "status": "ok",
-            "median": median}
-
-
-def test_auto_table_on_synthetic_bench(tmp_path):
-    rows = [
-        _row("cifar10-ipc1000", "dae_", "fwd", "triton", 1.0e-3), _row("cifar10-ipc1000", "dae_", "fwd", "native", 2.0e-3),
-        _row("cifar10-ipc1000", "dae_", "fwd", "baseline", 9.0e-1),
-        _row("cifar10-ipc1000", "covariance_matching_loss", "fwd", "triton", 4e-3),
-        _row("cifar10-ipc1000", "covariance_matching_loss", "fwd", "native", 1e-3),
-        _row("cifar10-ipc1000", "covariance_matching_loss", "full", "triton", 5e-3),   # bwd = 1e-3
-        _row("cifar10-ipc1000", "covariance_matching_loss", "full", "native", 4e-3),   # bwd = 3e-3
-        _row("cifar100-ipc50", "local_covariance", "fwd", "triton", 2e-3),
-        _row("cifar100-ipc50", "local_covariance", "fwd", "native", 1e-3),
-        dict(_row("cifar100-ipc50", "grad_cam", "fwd", "triton", 1e-3), status="error"),
-        _row("cifar100-ipc50", "grad_cam", "fwd", "native", 1e-3),
-    ]
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"meta": {"device": "cuda"}, "results": rows}))
-    table = auto_table.auto_table(auto_table.load_results([str(path)]))
-    assert table["dae_"]["order"] == ("triton", "native", "reference")
-    assert table["cov_forward"]["order"] == ("native", "triton", "reference")
-    assert table["cov_forward"]["cases"] == 2
-    assert abs(table["cov_forward"]["ratio"] - (4 * 2) ** 0.5) < 1e-9
-    assert table["cov_backward"]["order"] == ("triton", "native", "reference")
-    assert "grad_cam" not in table  # the triton row failed: no evidence, the default order stays
-    text = auto_table.format_table(table)
-    ns: dict = {}
-    exec(text, {}, ns)
-    assert ns["AUTO_CUDA"]["cov_forward"] == ("native", "triton", "reference")
-    proc = subprocess.run([sys.executable, "-m", "edfkern.gpucheck", "auto-table", str(path)], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "AUTO_CUDA" in proc.stdout and "'cov_backward'" in proc.stdout
-
-
-def test_auto_table_ignores_cpu_runs(tmp_path):
-    rows = [dict(_row("c", "dae_", "fwd", "triton", 1.0), device="cpu"), dict(_row("c", "dae_", "fwd", "native", 2.0),
-                                                                             device="cpu")]
-    assert auto_table.auto_table(rows) == {}

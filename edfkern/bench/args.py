@@ -1,6 +1,6 @@
-"""Argument checks shared by both benchmark command lines (``python -m edfkern.bench`` and ``--step``).
+"""Argument checks of ``python -m edfkern.bench`` (per-op tables and ``--step`` alike).
 
-One rule for both: every argument is checked before any work starts, and a bad one ends the process
+One rule: every argument is checked before any work starts, and a bad one ends the process
 with exit code 2 and exactly one line on stderr that names the argument and says what was expected::
 
     python -m edfkern.bench: error: argument --scale: expected a finite number > 0, got 'nan'

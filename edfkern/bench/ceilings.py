@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import torch
 
@@ -71,8 +71,9 @@ class Ceilings:
         return d
 
 
-def _best_time(fn, sync, reps: int) -> float:
-    """Fastest of ``reps`` calls: a ceiling is the best the device can do (other load only slows it)."""
+def call_times(fn: Callable[[], object], device: str, reps: int) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn`` (the device synchronised after each), after one warm-up call."""
+    sync = _sync(device)
     fn()
     sync()
     ts = []
@@ -81,20 +82,24 @@ def _best_time(fn, sync, reps: int) -> float:
         fn()
         sync()
         ts.append(time.perf_counter() - t0)
-    return min(ts)
+    return ts
+
+
+def _best_time(fn, device: str, reps: int) -> float:
+    """Fastest of ``reps`` calls: a ceiling is the best the device can do (other load only slows it)."""
+    return min(call_times(fn, device, reps))
 
 
 def stream_rate(device: str, traffic_bytes: int, reps: int) -> tuple[float, str]:
     """(bytes/s, kernel): the best of copy_, in-place mul_ and read-only sum, each moving ``traffic_bytes``."""
-    sync = _sync(device)
     n = max(1024, traffic_bytes // 8)  # fp32 elements of a half-traffic buffer
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
-    rates = {"copy_": 8 * n / _best_time(lambda: dst.copy_(src), sync, reps),
-             "in-place mul_": 8 * n / _best_time(lambda: src.mul_(1.0), sync, reps)}
+    rates = {"copy_": 8 * n / _best_time(lambda: dst.copy_(src), device, reps),
+             "in-place mul_": 8 * n / _best_time(lambda: src.mul_(1.0), device, reps)}
     del dst
     whole = torch.rand(2 * n, device=device)
-    rates["read-only sum"] = 8 * n / _best_time(lambda: whole.sum(), sync, reps)
+    rates["read-only sum"] = 8 * n / _best_time(lambda: whole.sum(), device, reps)
     kernel = max(rates, key=rates.get)
     return rates[kernel], kernel
 
@@ -102,7 +107,6 @@ def stream_rate(device: str, traffic_bytes: int, reps: int) -> tuple[float, str]
 def measure_ceilings(device: str, *, quick: bool = False) -> Ceilings:
     """Measure streaming bandwidth and fp32 matmul rate on ``device`` (``quick``: smaller, for tests)."""
     cuda = device.startswith("cuda")
-    sync = _sync("cuda" if cuda else "cpu")
     copy_bytes = (1 << 30 if cuda else 1 << 28) >> (4 if quick else 0)  # 1 GiB / 256 MiB buffer
     bps, kernel = stream_rate(device, 2 * copy_bytes, 3 if quick else 10)
 
@@ -113,7 +117,7 @@ def measure_ceilings(device: str, *, quick: bool = False) -> Ceilings:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        t_mm = _best_time(lambda: a @ b, sync, 3 if quick else 10)
+        t_mm = _best_time(lambda: a @ b, device, 3 if quick else 10)
     finally:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = old_tf32

@@ -20,24 +20,30 @@ CPU
 Children come from a ``multiprocessing`` *forkserver* that has imported torch and
 edfkern once (``spawn`` where there is no forkserver): every case still runs in a clean
 process that has run nothing else, without paying a torch import per case.
+
+:func:`run_tasks` is the one runner of both command-line modes: each task in its own child
+(or in this process), under ``--timeout``, a progress bar, and optionally a
+:class:`Watchdog` that kills a child whose resident set passes a limit.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
 import multiprocessing as mp
+import os
 import re
+import signal
+import sys
 import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
 __all__ = ["MemoryResult", "available_bytes", "rss_bytes", "peak_rss_bytes", "reset_peak_rss", "trim_heap",
-           "measure_call",
-           "run_isolated"]
+           "measure_call", "run_isolated", "Watchdog", "run_tasks"]
 
 _STATUS = "/proc/self/status"
 
@@ -221,3 +227,125 @@ def available_bytes() -> Optional[int]:
     except (OSError, ValueError):
         pass
     return None
+
+
+# ----------------------------------------------------------------------------- watchdog and the task runner
+
+
+def _descendants(root: int) -> list[int]:
+    """Pids of every live descendant of ``root`` (read from /proc; empty where /proc is missing)."""
+    parent: dict[int, int] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                stat = fh.read()
+            parent[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == pid]
+        out.extend(kids)
+        frontier.extend(kids)
+    return out
+
+
+def _rss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class Watchdog:
+    """Kills (SIGKILL) any descendant process of this one whose resident set passes ``limit`` bytes.
+
+    Only processes this process started (directly or through the multiprocessing forkserver) are
+    looked at. ``killed`` lists ``(pid, rss)`` of what it killed.
+    """
+
+    def __init__(self, limit: int, period: float = 0.25) -> None:
+        self.limit, self.period = limit, period
+        self.killed: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.wait(self.period):
+            for pid in _descendants(me):
+                rss = _rss_of(pid)
+                if rss > self.limit:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.append((pid, rss))
+                    except OSError:
+                        pass
+
+    def __enter__(self) -> "Watchdog":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+
+
+def run_tasks(tasks: Iterable[dict], target: Callable[[dict], Any], *, timeout: float, isolate: bool = True,
+              limit: Optional[int] = None, desc: str = "edfkern.bench", label: Callable[[dict], str] = str,
+              skip: Callable[[dict], bool] = lambda task: False) -> Iterator[tuple[dict, Any, Optional[str]]]:
+    """Run ``target(task)`` for each task, in order; yields ``(task, result, None)`` or ``(task, None, reason)``.
+
+    ``isolate``: each task in a fresh child (:func:`run_isolated`, killed after ``timeout``
+    seconds), else in this process. ``limit``: a :class:`Watchdog` kills any child whose
+    resident set passes that many bytes (the reason says so). ``skip(task)``, asked just before a
+    task runs, passes over it (nothing is yielded). A tqdm bar on stderr shows ``label(task)``.
+    """
+    tasks = list(tasks)
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(tasks), desc=desc, unit="case", file=sys.stderr, leave=False, dynamic_ncols=True,
+                   mininterval=0)
+    except ImportError:
+        bar = None
+    dog = Watchdog(limit) if limit is not None else None
+    try:
+        if dog is not None:
+            dog.__enter__()
+        for task in tasks:
+            if bar is not None:
+                bar.set_postfix_str(label(task))
+            if not skip(task):
+                n_killed = len(dog.killed) if dog is not None else 0
+                try:
+                    res = run_isolated(target, task, timeout=timeout) if isolate else target(task)
+                except Exception as e:
+                    why = _first_line(e)
+                    if dog is not None and len(dog.killed) > n_killed:
+                        why = (f"killed by the watchdog: resident set {dog.killed[-1][1] / 2 ** 20:.0f} MB passed "
+                               f"the limit {limit / 2 ** 20:.0f} MB")
+                    yield task, None, why
+                else:
+                    yield task, res, None
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if dog is not None:
+            dog.__exit__(None, None, None)
+        if bar is not None:
+            bar.close()

@@ -1,16 +1,21 @@
-"""Tables (rich if installed, else plain text), JSON and the IPC-sweep plot."""
+"""Tables (rich if installed, else plain text), JSON and plots of both command-line modes.
+
+:func:`print_table` and :func:`plot_panels` render every table and plot; the per-op tables and
+sweep plot (:func:`print_tables`, :func:`plot_sweep`) and the ``--step`` ones (built in
+:mod:`.steps`) only say what goes in them."""
 from __future__ import annotations
 
 import json
 import math
 import sys
-from typing import Iterable, Mapping, Optional, Union
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from . import ceilings as _ceilings
 from .ceilings import Ceilings
 
-__all__ = ["add_derived", "print_tables", "print_lines", "targets", "write_json", "plot_sweep", "fmt_time",
-           "fmt_bytes"]
+__all__ = ["add_derived", "print_table", "print_tables", "print_lines", "targets", "write_json", "Series", "Panel",
+           "plot_panels", "plot_sweep", "fmt_time", "fmt_bytes"]
 
 PROVIDER_ORDER = ("baseline", "reference", "triton", "native", "compiled")
 MODE_ORDER = ("fwd", "bwd", "full")
@@ -156,11 +161,33 @@ def _ceiling_note(rs: list[dict], ceilings: Optional[Ceilings]) -> str:
     return ""
 
 
+def print_table(title: str, cols: Sequence[str], rows: Sequence[Sequence[str]], *, caption: Sequence[str] = (),
+                left: int = 1, styles: Optional[Sequence[Optional[str]]] = None) -> None:
+    """One table: rich if installed, else aligned plain text. The first ``left`` columns are left-aligned,
+    the rest right-aligned; ``caption`` lines (empty ones dropped) go below; ``styles``: a rich style per row."""
+    caption = [c for c in caption if c]
+    console = _console()
+    if console is not None:
+        from rich.table import Table
+        t = Table(title=title, caption="\n".join(caption) or None, title_justify="left", caption_justify="left")
+        for i, c in enumerate(cols):
+            t.add_column(c, justify="left" if i < left else "right", no_wrap=True)
+        for i, row in enumerate(rows):
+            t.add_row(*row, style=styles[i] if styles else None)
+        console.print(t)
+        return
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    print(f"\n{title}")
+    for row in (cols, ["-" * w for w in widths], *rows):
+        print("  " + "  ".join(x.ljust(w) if i < left else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    for c in caption:
+        print(f"  {c}")
+
+
 def print_tables(results: list[dict], *, default_provider: DefaultProviders, sweep: bool = False,
                  ceilings: Optional[Ceilings] = None) -> None:
     """One table per op (per op and config in a sweep). ``*`` marks the provider ``auto`` picks for
     that op (``default_provider``: op -> provider, or one name for all)."""
-    console = _console()
     ops: dict[str, list[dict]] = {}
     for r in results:
         ops.setdefault(r["op"], []).append(r)
@@ -180,27 +207,8 @@ def print_tables(results: list[dict], *, default_provider: DefaultProviders, swe
         sub = [shapes + (f"; {first['bound']}-bound" if first.get("bound") else ""),
                _compile_note(rs, sweep), _ceiling_note(rs, ceilings)] + notes
         left = cols.index("median")
-        if console is not None:
-            from rich.table import Table
-            t = Table(title=title, caption="\n".join(s for s in sub if s), title_justify="left",
-                      caption_justify="left")
-            for c in cols:
-                t.add_column(c, justify="left" if c in ("mode", "provider", "IPC") else "right", no_wrap=True)
-            for row in rows:
-                t.add_row(*row, style="dim" if row[left] in ("skipped", "error") else None)
-            console.print(t)
-        else:
-            widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-            print(f"\n{title}")
-            print("  " + "  ".join(c.ljust(w) if i < left else c.rjust(w)
-                                   for i, (c, w) in enumerate(zip(cols, widths))))
-            print("  " + "  ".join("-" * w for w in widths))
-            for row in rows:
-                print("  " + "  ".join(x.ljust(w) if i < left else x.rjust(w)
-                                       for i, (x, w) in enumerate(zip(row, widths))))
-            for s in sub:
-                if s:
-                    print(f"  {s}")
+        print_table(title, cols, rows, caption=sub, left=left,
+                    styles=["dim" if row[left] in ("skipped", "error") else None for row in rows])
 
 
 # ----------------------------------------------------------------------------- docs/benchmarks.md targets
@@ -271,22 +279,10 @@ def targets(results: list[dict], *, device: str, config: str, default_provider: 
 
 
 def print_targets(rows: list[tuple[str, str, str]]) -> None:
-    if not rows:
-        return
-    console = _console()
-    if console is not None:
-        from rich.table import Table
-        t = Table(title="docs/benchmarks.md targets, as measured by this run", title_justify="left")
-        for c in ("target", "measured", "verdict"):
-            t.add_column(c, no_wrap=True)
-        for a, b, c in rows:
-            t.add_row(a, b, c, style="green" if c == "MET" else "red")
-        console.print(t)
-    else:
-        print("\ndocs/benchmarks.md targets, as measured by this run")
-        w = max(len(a) for a, _, _ in rows)
-        for a, b, c in rows:
-            print(f"  {a.ljust(w)}  {c:8s}  {b}")
+    if rows:
+        print_table("docs/benchmarks.md targets, as measured by this run", ("target", "verdict", "measured"),
+                    [(a, c, b) for a, b, c in rows], left=3,
+                    styles=["green" if c == "MET" else "red" for _, _, c in rows])
 
 
 # ----------------------------------------------------------------------------- JSON and plot
@@ -297,55 +293,93 @@ def write_json(path: str, meta: dict, results: list[dict]) -> None:
         json.dump({"meta": meta, "results": results}, fh, indent=1, default=str)
 
 
-def plot_sweep(path: str, results: list[dict], *, title: str) -> None:
-    """Time and workspace against IPC, one row per op, one line per provider (and mode)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker  # noqa: F401
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or pip install 'edfkern[bench]')") \
-            from None
-    ops = list(dict.fromkeys(r["op"] for r in results))
-    fig, axes = plt.subplots(len(ops), 2, figsize=(11, 3.2 * len(ops) + 0.6), squeeze=False)
-    colors = {"baseline": "tab:red", "reference": "tab:blue", "triton": "tab:green", "native": "tab:purple",
-              "compiled": "tab:orange"}
-    styles = {"fwd": ":", "bwd": "--", "full": "-"}
-    for row, op in zip(axes, ops):
-        rs = [r for r in results if r["op"] == op and r["status"] == "ok"]
-        series: dict[tuple[str, str], list[dict]] = {}
-        for r in rs:
-            series.setdefault((r["provider"], r["mode"]), []).append(r)
-        modes = {m for _, m in series}
-        for (prov, mode), pts in sorted(series.items(), key=lambda kv: (_porder(kv[0][0]), kv[0][1])):
-            pts.sort(key=lambda r: r["ipc"])
-            x = [r["ipc"] for r in pts]
-            label = prov if len(modes) == 1 else f"{prov} {mode}"
-            kw = dict(color=colors.get(prov), linestyle=styles.get(mode, "-"), marker="o", label=label)
-            row[0].plot(x, [r["median"] * 1e3 for r in pts], **kw)
-            row[0].fill_between(x, [r["q20"] * 1e3 for r in pts], [r["q80"] * 1e3 for r in pts],
-                                color=colors.get(prov), alpha=0.15, linewidth=0)
-            ws = [(r.get("memory") or {}).get("workspace") for r in pts]
-            if any(w is not None for w in ws):
-                row[1].plot(x, [(w or 0) / 2 ** 20 for w in ws], **kw)
-        mode_txt = "/".join(sorted(modes, key=MODE_ORDER.index)) if modes else ""
-        row[0].set_title(f"{op} ({mode_txt}): time per call")
-        row[0].set_ylabel("ms (median, 20-80% band)")
-        row[1].set_title(f"{op} ({mode_txt}): workspace")
-        row[1].set_ylabel("MB above inputs/outputs/grads")
-        ipcs = sorted({r["ipc"] for r in rs})
-        for ax in row:
+@dataclass
+class Series:
+    """One line of a panel; ``band``: (low, high) shaded around it."""
+
+    label: str
+    x: list
+    y: list
+    color: Optional[str] = None
+    style: str = "-"
+    marker: Optional[str] = "o"
+    band: Optional[tuple[list, list]] = None
+
+
+@dataclass
+class Panel:
+    """One plot against a log x axis of integer points (IPC or steps); ``hline``: (y, label) drawn dashed."""
+
+    title: str
+    ylabel: str
+    xlabel: str
+    series: list[Series] = field(default_factory=list)
+    ylog: bool = True
+    hline: Optional[tuple[float, str]] = None
+
+
+def plot_panels(path: str, rows: list[list[Panel]], *, title: str) -> None:
+    """Write one figure, a row of panels per entry of ``rows`` (needs matplotlib; ``--plot`` checks it)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    width = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(11, 3.2 * len(rows) + 0.8), squeeze=False)
+    for panels, row in zip(rows, axes):
+        for panel, ax in zip(panels, row):
+            for s in panel.series:
+                ax.plot(s.x, s.y, color=s.color, linestyle=s.style, marker=s.marker, label=s.label)
+                if s.band is not None:
+                    ax.fill_between(s.x, *s.band, color=s.color, alpha=0.15, linewidth=0)
+            if panel.hline is not None:
+                ax.axhline(panel.hline[0], color="gray", linestyle="--", label=panel.hline[1])
+            xs = sorted({x for s in panel.series for x in s.x})
             ax.set_xscale("log")
-            ax.set_xticks(ipcs, [str(i) for i in ipcs])
+            if panel.ylog:
+                ax.set_yscale("log")
+            else:
+                ax.set_ylim(bottom=0)
+            ax.set_xticks(xs, [str(x) for x in xs])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            ax.set_xlabel("images per class (IPC)")
+            ax.set_title(panel.title)
+            ax.set_ylabel(panel.ylabel)
+            ax.set_xlabel(panel.xlabel)
             ax.grid(True, which="major", alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
-        row[0].set_yscale("log")
-        row[1].set_ylim(bottom=0)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_sweep(path: str, results: list[dict], *, title: str) -> None:
+    """Time and workspace against IPC, one row per op, one line per provider (and mode)."""
+    colors = {"baseline": "tab:red", "reference": "tab:blue", "triton": "tab:green", "native": "tab:purple",
+              "compiled": "tab:orange"}
+    styles = {"fwd": ":", "bwd": "--", "full": "-"}
+    rows = []
+    for op in dict.fromkeys(r["op"] for r in results):
+        series: dict[tuple[str, str], list[dict]] = {}
+        for r in results:
+            if r["op"] == op and r["status"] == "ok":
+                series.setdefault((r["provider"], r["mode"]), []).append(r)
+        modes = {m for _, m in series}
+        mode_txt = "/".join(sorted(modes, key=MODE_ORDER.index))
+        time_p = Panel(f"{op} ({mode_txt}): time per call", "ms (median, 20-80% band)", "images per class (IPC)")
+        ws_p = Panel(f"{op} ({mode_txt}): workspace", "MB above inputs/outputs/grads", "images per class (IPC)",
+                     ylog=False)
+        for (prov, mode), pts in sorted(series.items(), key=lambda kv: (_porder(kv[0][0]), kv[0][1])):
+            pts.sort(key=lambda r: r["ipc"])
+            x = [r["ipc"] for r in pts]
+            kw = dict(label=prov if len(modes) == 1 else f"{prov} {mode}", color=colors.get(prov),
+                      style=styles.get(mode, "-"))
+            time_p.series.append(Series(x=x, y=[r["median"] * 1e3 for r in pts],
+                                        band=([r["q20"] * 1e3 for r in pts], [r["q80"] * 1e3 for r in pts]), **kw))
+            ws = [(r.get("memory") or {}).get("workspace") for r in pts]
+            if any(w is not None for w in ws):
+                ws_p.series.append(Series(x=x, y=[(w or 0) / 2 ** 20 for w in ws], **kw))
+        rows.append([time_p, ws_p])
+    plot_panels(path, rows, title=title)

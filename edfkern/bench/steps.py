@@ -1,4 +1,4 @@
-"""``python -m edfkern.bench --step dm-iid|mtt-edf``: whole distillation iterations, loops vs edfkern.
+"""The whole distillation iterations ``python -m edfkern.bench --step dm-iid|mtt-edf`` profiles, loops vs edfkern.
 
 The per-op tables of ``python -m edfkern.bench`` say how much faster each op is. This mode answers
 the user's question one level up: how much faster, and how much leaner, is a *whole* distillation
@@ -54,19 +54,11 @@ a watchdog kills any child whose resident set passes the limit, and ``--timeout`
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime as _dt
-import json
-import os
-import platform
-import signal
 import statistics
-import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,17 +66,18 @@ from torch import Tensor
 
 import edfkern
 from edfkern import baselines
-
 from edfkern.cam import CAMExtractor
 from edfkern.optim import DAESGD
 from edfkern.trajectory import last_call_profile
 
-from . import args as args_
 from . import memory
+from .configs import CONFIGS
+from .report import Panel, Series, fmt_bytes, fmt_time
 from .step_models import FlatStudent, conv_costs, flat_params, seeded_convnet
 
 __all__ = ["STEPS", "VERSIONS", "STEP_VERSIONS", "SWEEP_KEYS", "StepParams", "DMIIDStep", "MTTEDFStep", "make_step",
-           "estimate_peak_bytes", "estimate_seconds", "input_bytes", "run_step_task", "build_parser", "main"]
+           "estimate_peak_bytes", "estimate_seconds", "input_bytes", "run_step_task", "Point", "sweep_points",
+           "describe", "summarise", "largest_fit", "table", "panels"]
 
 STEPS = ("dm-iid", "mtt-edf")
 VERSIONS = ("loop", "edfkern", "constant")
@@ -96,35 +89,41 @@ AXIS_LABEL = {"ipc": "IPC", "syn_steps": "syn_steps"}
 DEFAULT_SWEEP = (10, 50, 100)
 CATEGORIES = ("network", "CAM", "losses", "update")
 MB = 2 ** 20
+_CIFAR10 = CONFIGS["cifar10-ipc1000"]
 
 
 @dataclass(frozen=True)
 class StepParams:
-    """The shapes and hyper-parameters of one step (defaults: the cifar10 config, the demos' values)."""
+    """The shapes and hyper-parameters of one step (defaults: the cifar10 config's, and the demos' values)."""
 
-    K: int = 10
-    channels: int = 3
-    size: int = 32
+    # images: the config's classes and image size; the ConvNet's width and depth
+    K: int = _CIFAR10.K
+    channels: int = _CIFAR10.image[0]
+    size: int = _CIFAR10.image[1]
     width: int = 128
     depth: int = 3
-    # DM + IID
-    real_per_class: int = 256
+    # DM + IID: real images per class, the CC and CM weights, the image lr; the edfkern version embeds the
+    # synthetic set in one batched forward (INTEGRATION.md, "IID on DM") unless dm_batched_forward is off
+    real_per_class: int = _CIFAR10.real_per_class
     w_cc: float = 0.001
     w_cm: float = 0.01
     lr_img_dm: float = 1.0
-    dm_batched_forward: bool = True  # edfkern version: one forward over all N images (INTEGRATION.md, "IID on DM")
-    # MTT + EDF
+    dm_batched_forward: bool = True
+    # MTT: the student's unrolled steps, CPD's drop ratio, synthetic images per step, EDF's CAM refresh
+    # interval, the image lr, the student's initial (learnable) lr and that lr's own lr
     syn_steps: int = 10
+    drop_ratio: float = _CIFAR10.drop_ratio
     batch_syn: int = 10
     interval: int = 50
     lr_img_mtt: float = 1000.0
     lr_teacher: float = 0.01
     lr_lr: float = 1e-5
-    drop_ratio: float = 0.375
-    beta: float = 1.0
+    # EDF: DAE's beta and threshold; the CAM ConvNet's width, Smooth Grad-CAM++'s samples and noise std,
+    # CAMExtractor's batch_size
+    beta: float = _CIFAR10.beta
     threshold: Optional[float] = None
     cam_width: int = 32
-    cam_samples: int = 4
+    cam_samples: int = _CIFAR10.cam_samples
     cam_std: float = 0.3
     cam_batch: int = 1024
 
@@ -519,136 +518,7 @@ def run_step_task(task: dict) -> dict[str, Any]:
     raise ValueError(f"task mode must be 'memory' or 'time', got {task['mode']!r}")
 
 
-# ----------------------------------------------------------------------------- watchdog
-
-
-def _descendants(root: int) -> list[int]:
-    """Pids of every live descendant of ``root`` (read from /proc; empty where /proc is missing)."""
-    parent: dict[int, int] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                stat = fh.read()
-            parent[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    out, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == pid]
-        out.extend(kids)
-        frontier.extend(kids)
-    return out
-
-
-def _rss_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-class Watchdog:
-    """Kills (SIGKILL) any descendant process of this one whose resident set passes ``limit`` bytes.
-
-    Only processes this process started (directly or through the multiprocessing forkserver) are
-    looked at. ``killed`` lists ``(pid, rss)`` of what it killed.
-    """
-
-    def __init__(self, limit: int, period: float = 0.25) -> None:
-        self.limit, self.period = limit, period
-        self.killed: list[tuple[int, int]] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = os.getpid()
-        while not self._stop.wait(self.period):
-            for pid in _descendants(me):
-                rss = _rss_of(pid)
-                if rss > self.limit:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        self.killed.append((pid, rss))
-                    except OSError:
-                        pass
-
-    def __enter__(self) -> "Watchdog":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = StepParams()
-    p = args_.Parser(prog="python -m edfkern.bench --step", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--step", required=True, help=f"the iteration to profile: {', '.join(STEPS)}")
-    p.add_argument("--sweep", default="ipc=" + ",".join(map(str, DEFAULT_SWEEP)), metavar="KEY=V1,V2,...",
-                   help="the points to run: ipc=... (images per class) or, for mtt-edf, syn_steps=... (the "
-                        "unrolled student's steps, at --ipc) (default %(default)s; e.g. ipc=10,50,100,500,1000 or "
-                        "syn_steps=10,20,40,80)")
-    p.add_argument("--ipc", type=args_.int_in(1), help=f"images per class of a syn_steps sweep (default "
-                                                       f"{DEFAULT_SWEEP[0]})")
-    p.add_argument("--budget-mb", type=args_.positive_float(unit="MB"), default=6144.0,
-                   help="memory budget: points whose estimated peak passes it are skipped, a child passing it "
-                        "(plus the runtime's own resident set) is killed, and the table names the largest point "
-                        "within it (default 6144)")
-    p.add_argument("--repeat", type=args_.int_in(1), default=3,
-                   help="timed iterations per point, after the warm-up and the memory-measured one (default 3); "
-                        "the median is reported")
-    p.add_argument("--timeout", type=args_.positive_float(args_.TIMEOUT_MAX_S, "seconds"), default=600.0,
-                   help="seconds per child before it is killed; a point whose estimated time passes it is skipped "
-                        "(600)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=args_.threads, help="torch.set_num_threads in each child (at most 4x the "
-                                                        "logical CPUs)")
-    p.add_argument("--json", metavar="PATH", help="write every result and the run's metadata as JSON")
-    p.add_argument("--plot", metavar="PATH.png", help="time and peak memory against the sweep's axis (needs "
-                                                      "matplotlib)")
-    p.add_argument("--seed", type=args_.SEED, default=0, help="0 .. 2**32-1 (default 0)")
-    p.add_argument("--versions", help="comma-separated subset of the step's versions (default all: dm-iid "
-                                      "loop,edfkern; mtt-edf loop,edfkern,constant)")
-    g = p.add_argument_group("shapes and hyper-parameters")
-    g.add_argument("--width", type=args_.int_in(1), default=d.width, help="ConvNet width (default %(default)s)")
-    g.add_argument("--real-per-class", type=args_.int_in(1), default=d.real_per_class,
-                   help="DM real batch per class (%(default)s)")
-    g.add_argument("--dm-forward", choices=("batched", "per-class"), default="batched",
-                   help="DM edfkern version: embed the synthetic set in one forward (INTEGRATION.md) or class by "
-                        "class as the loop does (default %(default)s)")
-    g.add_argument("--syn-steps", type=args_.int_in(1), help=f"MTT unrolled student steps ({d.syn_steps})")
-    g.add_argument("--batch-syn", type=args_.int_in(1), default=d.batch_syn,
-                   help="MTT synthetic images per student step (%(default)s)")
-    g.add_argument("--interval", type=args_.int_in(1), default=d.interval,
-                   help="EDF CAM refresh interval (%(default)s)")
-    g.add_argument("--cam-width", type=args_.int_in(1), default=d.cam_width,
-                   help="width of the CAM ConvNet (%(default)s)")
-    g.add_argument("--cam-batch", type=args_.int_in(1), default=d.cam_batch,
-                   help="CAMExtractor batch_size: rows per noisy pass (%(default)s)")
-    return p
-
-
-def _params(args) -> StepParams:
-    return replace(StepParams(), width=args.width, real_per_class=args.real_per_class,
-                   syn_steps=args.syn_steps or StepParams().syn_steps, batch_syn=args.batch_syn,
-                   interval=args.interval, cam_width=args.cam_width, cam_batch=args.cam_batch,
-                   dm_batched_forward=args.dm_forward == "batched")
+# ----------------------------------------------------------------------------- the sweep's points
 
 
 @dataclass(frozen=True)
@@ -660,32 +530,14 @@ class Point:
     params: StepParams
 
 
-def sweep_points(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, list[Point]]:
-    """``--sweep`` (with ``--ipc`` / ``--syn-steps``) -> (axis, points); a conflict is a one-line exit 2."""
-    axis, values = args_.sweep(parser, args.sweep, SWEEP_KEYS)
-    p = _params(args)
+def sweep_points(axis: str, values: list[int], p: StepParams, ipc: int) -> list[Point]:
+    """The points of ``--sweep axis=values``: IPC values, or ``syn_steps`` values at ``ipc``."""
     if axis == "ipc":
-        if args.ipc is not None:
-            args_.fail(parser, "--ipc", "sets the IPC of a syn_steps sweep; with --sweep ipc=... leave it out")
-        return axis, [Point(v, v, p) for v in values]
-    if args.step != "mtt-edf":
-        args_.fail(parser, "--sweep", f"syn_steps applies to --step mtt-edf only (got --step {args.step})")
-    if args.syn_steps is not None:
-        args_.fail(parser, "--syn-steps", "--sweep syn_steps=... sets the steps; leave --syn-steps out")
-    ipc = args.ipc or DEFAULT_SWEEP[0]
-    return axis, [Point(v, ipc, replace(p, syn_steps=v)) for v in values]
+        return [Point(v, v, p) for v in values]
+    return [Point(v, ipc, replace(p, syn_steps=v)) for v in values]
 
 
-def _mb(b: Optional[float]) -> str:
-    if b is None:
-        return "-"
-    return f"{b / MB:.0f} MB" if b < 10 * 1024 * MB else f"{b / MB / 1024:.1f} GB"
-
-
-def _ms(s: Optional[float]) -> str:
-    if s is None:
-        return "-"
-    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+# ----------------------------------------------------------------------------- results, table and plot
 
 
 def describe(step: str, p: StepParams) -> str:
@@ -739,7 +591,7 @@ def largest_fit(rows: list[dict], budget: float, axis: str = "ipc") -> tuple[Opt
         return None, "no measured point"
     fits = [i for i, b in ok if b <= budget]
     if not fits:
-        return None, f"even {lab} {ok[0][0]} needs {_mb(ok[0][1])}"
+        return None, f"even {lab} {ok[0][0]} needs {fmt_bytes(ok[0][1])}"
     best = max(fits)
     if len(ok) >= 2:
         (i0, b0), (i1, b1) = ok[-2], ok[-1]
@@ -754,12 +606,12 @@ def largest_fit(rows: list[dict], budget: float, axis: str = "ipc") -> tuple[Opt
     return best, f"measured: {lab} {best}"
 
 
-def print_report(step: str, results: list[dict], budget: float, versions: list[str], axis: str = "ipc") -> list[str]:
-    """The table (rich if installed), the budget lines and (constant) the reverse sweep's breakdown; returns the
-    lines printed below the table."""
+def table(step: str, results: list[dict], budget: float, versions: list[str], axis: str = "ipc"
+          ) -> tuple[str, list[str], list[list[str]], list[str], list[str]]:
+    """(title, columns, rows, caption, notes) of the step's table (printed by :func:`edfkern.bench.report.print_table`);
+    the notes are the budget lines, the constant version's breakdown and every skip or error."""
     lab = AXIS_LABEL[axis]
-    cols = [lab, "version", "time / iter", "peak memory", "est. peak", "network", "CAM", "losses", "update",
-            "speedup", "memory ratio"]
+    cols = [lab, "version", "time / iter", "peak memory", "est. peak", *CATEGORIES, "speedup", "memory ratio"]
     rows = []
     by = {(r[axis], r["version"]): r for r in results}
     for x in sorted({r[axis] for r in results}):
@@ -769,19 +621,17 @@ def print_report(step: str, results: list[dict], budget: float, versions: list[s
             if r is None:
                 continue
             if r["status"] != "ok":
-                rows.append([str(x), v, r["status"], "-", _mb(r.get("estimate_bytes"))] + ["-"] * 6)
+                rows.append([str(x), v, r["status"], "-", fmt_bytes(r.get("estimate_bytes"))] + ["-"] * 6)
                 continue
-            sh = r["share"]
             sp = mr = "-"
             if v != "loop" and lo is not None and lo["status"] == "ok":
                 sp = f"{lo['time_s'] / r['time_s']:.2f}x"
                 mr = f"{lo['peak_bytes'] / max(r['peak_bytes'], 1):.2f}x"
-            rows.append([str(x), v, _ms(r["time_s"]), _mb(r["peak_bytes"]), _mb(r.get("estimate_bytes")),
-                         *(f"{100 * sh[c]:.0f}%" for c in CATEGORIES), sp, mr])
+            rows.append([str(x), v, fmt_time(r["time_s"]), fmt_bytes(r["peak_bytes"]), fmt_bytes(r.get("estimate_bytes")),
+                         *(f"{100 * r['share'][c]:.0f}%" for c in CATEGORIES), sp, mr])
     notes = []
     for v in versions:
-        mine = [r for r in results if r["version"] == v]
-        best, why = largest_fit(mine, budget, axis)
+        best, why = largest_fit([r for r in results if r["version"] == v], budget, axis)
         notes.append(f"largest {lab} within --budget-mb {budget / MB:g} ({v}): " + (str(best) if best else "none")
                      + f" ({why})")
     for r in results:
@@ -791,33 +641,12 @@ def print_report(step: str, results: list[dict], budget: float, versions: list[s
         if r["status"] != "ok":
             notes.append(f"{lab} {r[axis]} {r['version']}: {r['status']}: {r.get('reason', '')}")
     title = f"{step}: one whole distillation iteration, {' vs '.join(versions)}"
-    caption = ("time / iter = median of --repeat iterations after warm-up"
+    caption = ["time / iter = median of --repeat iterations after warm-up"
                + (" + CAM refresh / interval" if step == "mtt-edf" else "")
                + "; peak memory = peak above the process before the step's tensors existed "
                  "(VmHWM of a fresh child on CPU, max_memory_allocated on CUDA); network / CAM / losses / update = "
-                 "share of the iteration; speedup and memory ratio = loop / this version")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        Console = None
-    if Console is not None:
-        t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
-        for c in cols:
-            t.add_column(c, justify="left" if c in (lab, "version") else "right", no_wrap=True)
-        for row in rows:
-            t.add_row(*row, style="dim" if row[2] in ("skipped", "error") else None)
-        Console(file=sys.stdout, width=160, soft_wrap=False).print(t)
-    else:
-        widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
-        print(f"\n{title}")
-        print("  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-        for row in rows:
-            print("  " + "  ".join(x.rjust(w) for x, w in zip(row, widths)))
-        print("  " + caption)
-    for n in notes:
-        print(n)
-    return notes
+                 "share of the iteration; speedup and memory ratio = loop / this version"]
+    return title, cols, rows, caption, notes
 
 
 def constant_breakdown(r: dict) -> str:
@@ -834,202 +663,22 @@ def constant_breakdown(r: dict) -> str:
 COLORS = {"loop": "tab:red", "edfkern": "tab:purple", "constant": "tab:green"}
 
 
-def plot(path: str, step: str, results: list[dict], budget: float, title: str, axis: str = "ipc") -> None:
-    """One PNG: time per iteration and peak memory against the sweep's axis, one line per version."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4))
-    xs = sorted({r[axis] for r in results})
+def panels(step: str, results: list[dict], budget: float, axis: str = "ipc") -> list[Panel]:
+    """The plot's row (:func:`edfkern.bench.report.plot_panels`): time per iteration and peak memory against
+    the sweep's axis, one line per version, the estimates dotted and the budget dashed."""
+    xlabel = "images per class (IPC)" if axis == "ipc" else "unrolled student steps (syn_steps)"
+    time_p = Panel("time per iteration" + (" (+ CAM refresh / interval)" if step == "mtt-edf" else ""),
+                   "seconds (median)", xlabel)
+    mem_p = Panel("peak memory", "MB above the process before the step", xlabel, hline=(budget / MB, "--budget-mb"))
     for v in VERSIONS:
         pts = sorted((r for r in results if r["version"] == v and r["status"] == "ok"), key=lambda r: r[axis])
         if not pts:
             continue
         x = [r[axis] for r in pts]
-        a0.plot(x, [r["time_s"] for r in pts], marker="o", color=COLORS[v], label=v)
-        a1.plot(x, [r["peak_bytes"] / MB for r in pts], marker="o", color=COLORS[v], label=v)
-        est = [(r[axis], r["estimate_bytes"] / MB) for r in results if r["version"] == v and r.get("estimate_bytes")]
+        time_p.series.append(Series(v, x, [r["time_s"] for r in pts], color=COLORS[v]))
+        mem_p.series.append(Series(v, x, [r["peak_bytes"] / MB for r in pts], color=COLORS[v]))
+        est = sorted((r[axis], r["estimate_bytes"] / MB) for r in results if r["version"] == v and r.get("estimate_bytes"))
         if est:
-            est.sort()
-            a1.plot([e[0] for e in est], [e[1] for e in est], linestyle=":", color=COLORS[v],
-                    label=f"{v} (estimate from shapes)")
-    a1.axhline(budget / MB, color="gray", linestyle="--", label="--budget-mb")
-    a0.set_title("time per iteration" + (" (+ CAM refresh / interval)" if step == "mtt-edf" else ""))
-    a0.set_ylabel("seconds (median)")
-    a1.set_title("peak memory")
-    a1.set_ylabel("MB above the process before the step")
-    for ax in (a0, a1):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(xs, [str(i) for i in xs])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("images per class (IPC)" if axis == "ipc" else "unrolled student steps (syn_steps)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.step not in STEPS:
-        args_.fail(parser, "--step", f"unknown step {args.step!r}; expected one of {', '.join(STEPS)}")
-    device = args_.device(parser, args.device)
-    axis, points = sweep_points(parser, args)
-    label = AXIS_LABEL[axis]
-    p = _params(args)
-    versions = (args_.names(parser, "--versions", args.versions, STEP_VERSIONS[args.step])
-                if args.versions is not None else list(STEP_VERSIONS[args.step]))
-    budget = args.budget_mb * MB
-    ipc0 = min(pt.ipc for pt in points)
-    need = input_bytes(args.step, ipc0, p)
-    if need > budget:
-        args_.fail(parser, "--budget-mb", f"{args.budget_mb:g} MB is less than the inputs alone at IPC {ipc0} "
-                   f"({need / MB:.0f} MB: synthetic images, their gradient and momentum buffer, "
-                   + ("the real batch)" if args.step == "dm-iid" else "the expert's start and target params)"))
-    if args.json is not None:
-        args_.output_path(parser, "--json", args.json)
-    if args.plot is not None:
-        args_.plot_path(parser, args.plot, other=args.json)
-    t_start = time.perf_counter()
-
-    from .ceilings import measure_ceilings
-    ceil = measure_ceilings(device, quick=True)
-    conv_rate = 0.4 * ceil.matmul_flops  # convolutions reach about this fraction of the matmul rate (CPU, measured)
-    avail = memory.available_bytes()
-    print(f"step {args.step} on {device}; torch {torch.__version__}, edfkern {edfkern.__version__}, "
-          f"torch threads {args.threads or torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} CPUs" + (" (shared machine: expect noisy times)"
-                                      if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1) else ""))
-    print(describe(args.step, p) + (f"; swept: syn_steps {[pt.x for pt in points]} at IPC {points[0].ipc}"
-                                    if axis == "syn_steps" else ""))
-    print(f"budget {args.budget_mb:g} MB; available memory {_mb(avail)}; fp32 matmul {ceil.matmul_flops / 1e9:.1f} "
-          f"GFLOP/s (time estimates use 40% of it)")
-
-    # kill limit: the budget plus what a fresh child with torch loaded already holds
-    limit = budget + (memory.rss_bytes() or 512 * MB) + 256 * MB
-    if avail is not None:
-        limit = min(limit, int(0.9 * avail))
-    results = {(pt.x, v): dict(step=args.step, version=v, axis=axis, x=pt.x, ipc=pt.ipc, N=p.K * pt.ipc,
-                               syn_steps=pt.params.syn_steps)
-               for pt in points for v in versions}
-    tasks = []
-    common = dict(step=args.step, device=device, seed=args.seed, threads=args.threads)
-    for pt in points:
-        ipc, pp = pt.ipc, pt.params
-        fit = []
-        for v in versions:
-            r = results[(pt.x, v)]
-            est = estimate_peak_bytes(args.step, v, ipc, pp)
-            secs = estimate_seconds(args.step, v, ipc, pp, 1, 1, conv_rate)
-            r.update(estimate_bytes=est, estimate_s=secs)
-            why = None
-            if est > budget:
-                why = f"estimated peak {_mb(est)} > --budget-mb {args.budget_mb:g}"
-            elif avail is not None and est > 0.8 * avail:
-                why = f"estimated peak {_mb(est)} > 80% of the available memory ({_mb(avail)})"
-            elif secs > args.timeout:
-                why = f"estimated time of the memory run {secs:.0f} s > --timeout {args.timeout:g}"
-            if why:
-                print(f"skip {args.step} {label} {pt.x} {v}: {why}")
-                r.update(status="skipped", reason=why)
-                continue
-            fit.append(v)
-            tasks.append(dict(common, mode="memory", version=v, ipc=ipc, x=pt.x, params=asdict(pp), estimate_s=secs))
-        if not fit:
-            continue
-        # the lockstep run holds every version's inputs at once, and one version's activations at a time
-        est = (max(estimate_peak_bytes(args.step, v, ipc, pp) for v in fit)
-               + (len(fit) - 1) * input_bytes(args.step, ipc, pp))
-        secs = sum(estimate_seconds(args.step, v, ipc, pp, 1 + args.repeat, 0, conv_rate) for v in fit) \
-            + (estimate_seconds(args.step, "edfkern", ipc, pp, 0, 1, conv_rate) if args.step == "mtt-edf" else 0)
-        why = None
-        if est > budget:
-            why = f"estimated peak of the lockstep run {_mb(est)} > --budget-mb {args.budget_mb:g}"
-        elif secs > args.timeout:
-            why = f"estimated time of the lockstep run {secs:.0f} s > --timeout {args.timeout:g}"
-        if why:
-            print(f"skip timing {args.step} {label} {pt.x}: {why}")
-            for v in fit:
-                results[(pt.x, v)].update(status="skipped", reason=why)
-            continue
-        tasks.append(dict(common, mode="time", versions=fit, ipc=ipc, x=pt.x, params=asdict(pp), repeat=args.repeat,
-                          estimate_s=secs))
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=len(tasks), desc=f"edfkern.bench --step {args.step}", unit="child", file=sys.stderr,
-                   leave=False, dynamic_ncols=True, mininterval=0)
-    except ImportError:
-        bar = None
-    with Watchdog(limit) as dog:
-        for task in tasks:
-            what = task.get("version") or "+".join(task["versions"])
-            if bar is not None:
-                bar.set_postfix_str(f"{label} {task['x']} {task['mode']} {what} (est. {task['estimate_s']:.0f} s)")
-            mine = [task["version"]] if task["mode"] == "memory" else task["versions"]
-            if any(results[(task["x"], v)].get("status") == "error" for v in mine):
-                if bar is not None:
-                    bar.update(1)
-                continue
-            n_killed = len(dog.killed)
-            try:
-                out = memory.run_isolated(run_step_task, task, timeout=args.timeout)
-                if task["mode"] == "memory":
-                    results[(task["x"], task["version"])].update(out)
-                else:
-                    for v, o in out.items():
-                        results[(task["x"], v)].update(o, status="ok", repeat=task["repeat"])
-            except Exception as e:
-                reason = f"{task['mode']} run: " + (str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
-                if len(dog.killed) > n_killed:
-                    reason = (f"{task['mode']} run killed by the watchdog: resident set {_mb(dog.killed[-1][1])} "
-                              f"passed the limit {_mb(limit)}")
-                for v in mine:
-                    results[(task["x"], v)].update(status="error", reason=reason)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    results = list(results.values())
-    for r in results:
-        r.setdefault("status", "error")
-        r.setdefault("reason", "not run")
-        if r["status"] == "ok":
-            summarise(r, p)
-    results.sort(key=lambda r: (r["x"], VERSIONS.index(r["version"])))
-    notes = print_report(args.step, results, budget, versions, axis=axis)
-    wall = time.perf_counter() - t_start
-    print(f"wall time {wall:.1f} s; load average at end {os.getloadavg()[0]:.2f}")
-    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
-    failed_write = False
-    if args.plot:
-        try:
-            plot(args.plot, args.step, results, budget, axis=axis,
-                 title=f"edfkern.bench --step {args.step}: {' vs '.join(versions)}, {device} ({dev_name})"
-                       + (f", IPC {points[0].ipc}" if axis == "syn_steps" else ""))
-            print(f"plot written to {args.plot}")
-        except OSError as e:  # checked writable before the run; the disk can still fill up since
-            print(f"{parser.prog}: error: --plot {args.plot!r} not written: {e}", file=sys.stderr)
-            failed_write = True
-    if args.json:
-        meta = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    command=" ".join(["python -m edfkern.bench", *(argv if argv is not None else sys.argv[1:])]),
-                    step=args.step, device=device, device_name=dev_name, torch=torch.__version__,
-                    edfkern=edfkern.__version__, python=platform.python_version(), params=asdict(p),
-                    description=describe(args.step, p), sweep_axis=axis, sweep=[pt.x for pt in points],
-                    sweep_ipc=sorted({pt.ipc for pt in points}), budget_mb=args.budget_mb,
-                    kill_limit_bytes=limit, available_bytes=avail, matmul_flops=ceil.matmul_flops,
-                    notes=notes, wall_s=wall, threads=args.threads or torch.get_num_threads(),
-                    loadavg_end=os.getloadavg()[0])
-        try:
-            with open(args.json, "w") as fh:
-                json.dump({"meta": meta, "results": results}, fh, indent=1, default=str)
-            print(f"JSON written to {args.json}")
-        except OSError as e:
-            print(f"{parser.prog}: error: --json {args.json!r} not written: {e}", file=sys.stderr)
-            failed_write = True
-    return 0 if not failed_write and not any(r["status"] == "error" for r in results) else 1
+            mem_p.series.append(Series(f"{v} (estimate from shapes)", [e[0] for e in est], [e[1] for e in est],
+                                       color=COLORS[v], style=":", marker=None))
+    return [time_p, mem_p]

@@ -5,9 +5,8 @@ or a tiny ``@triton.jit`` helper inlined into the kernels of the op families.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -56,12 +55,7 @@ def acc_tl(dtype: torch.dtype):
 
 
 def dot_precision() -> str:
-    """IEEE fp32 products unless the caller opted into TF32 (``edfkern.config.allow_tf32``).
-
-    Inside ``capture_launches(precision=...)`` the given ``input_precision`` instead (how the
-    sm_90 compile check records the tf32 and tf32x3 variants of the tl.dot kernels)."""
-    if _CAPTURE_PRECISION is not None:
-        return _CAPTURE_PRECISION
+    """IEEE fp32 products unless the caller opted into TF32 (``edfkern.config.allow_tf32``)."""
     return "tf32" if config.allow_tf32 else "ieee"
 
 
@@ -126,65 +120,9 @@ def cast_to(x, DT: tl.constexpr):
     return y
 
 
-# ----------------------------------------------------------------------------- launch capture
-#
-# ``edfkern.gpucheck compile-sm90`` needs the exact specialisations the launchers choose
-# (argument types, constexprs, num_warps, num_stages) at real sizes, without running them.
-# Every launcher launches through :func:`launch`: inside ``capture_launches()`` a launch is
-# recorded and *not* executed; outside it the kernel launches as usual. (No ``torch.library``
-# wrapper is needed: the launchers only ever run inside the opaque ``edfkern::`` custom ops,
-# docs/design.md, "Registration: one layer".)
-
-#: Launches recorded by the innermost ``capture_launches`` (None: not capturing).
-_CAPTURE: Optional[list] = None
-#: Multiprocessor count the launch heuristics assume while capturing (None: the local device's).
-_CAPTURE_SMS: Optional[int] = None
-#: tl.dot input precision the launchers pass while capturing (None: ``dot_precision``'s rule).
-_CAPTURE_PRECISION: Optional[str] = None
-
-
-class _CapturedLaunch:
-    """``kernel[grid](*args, **kwargs)`` that records ``(kernel, grid, args, kwargs)`` instead of launching."""
-
-    def __init__(self, kernel, log: list):
-        self.kernel, self.log = kernel, log
-
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            self.log.append((self.kernel, tuple(grid), args, dict(kwargs)))
-        return record
-
-
-def launch(kernel):
-    """``kernel`` itself (``kernel[grid](...)`` launches it); inside :func:`capture_launches`, a recorder instead."""
-    if _CAPTURE is not None:
-        return _CapturedLaunch(kernel, _CAPTURE)
-    return kernel
-
-
-@contextlib.contextmanager
-def capture_launches(sm_count: Optional[int] = None, precision: Optional[str] = None) -> Iterator[list]:
-    """Record every Triton launch of the launchers instead of running it (results are garbage).
-
-    Yields the list of ``(kernel, grid, args, kwargs)``. ``sm_count`` makes the launch
-    heuristics size grids for a device with that many multiprocessors (e.g. 132, an H200)
-    instead of the local one; ``precision`` (``"tf32"``, ``"tf32x3"``, ...) replaces the tl.dot
-    input precision. Works with meta tensors, so real sizes cost no memory.
-    """
-    global _CAPTURE, _CAPTURE_SMS, _CAPTURE_PRECISION
-    saved = (_CAPTURE, _CAPTURE_SMS, _CAPTURE_PRECISION)
-    _CAPTURE, _CAPTURE_SMS, _CAPTURE_PRECISION = [], sm_count, precision
-    try:
-        yield _CAPTURE
-    finally:
-        _CAPTURE, _CAPTURE_SMS, _CAPTURE_PRECISION = saved
-
-
 def device_sm_count() -> Optional[int]:
-    """Multiprocessors of the device the launch heuristics size grids for: the capture's
-    assumption, else the current CUDA device's; None under the interpreter or without CUDA."""
-    if _CAPTURE_SMS is not None:
-        return _CAPTURE_SMS
+    """Multiprocessors of the device the launch heuristics size grids for: the current CUDA
+    device's; None under the interpreter or without CUDA."""
     if interpreting() or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count

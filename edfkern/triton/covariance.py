@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_tl, acc_torch, cast_to, device_sm_count, dot_precision, launch, next_pow2
+from ._utils import acc_tl, acc_torch, cast_to, device_sm_count, dot_precision, next_pow2
 from .features import _split, seg_mean
 
 
@@ -192,7 +192,7 @@ def cov_forward(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Ten
     split = _fwd_split(n * L, K, tiles * tiles, bt)
     sigma = torch.empty((split, K, C, C), dtype=acc, device=x.device)
     precision = dot_precision()
-    launch(_cov_fwd_kernel)[(K, tiles * tiles, split)](
+    _cov_fwd_kernel[(K, tiles * tiles, split)](
         x, perm if perm is not None else offsets, offsets, mean, sigma, C, L, K, split,
         HAS_PERM=perm is not None, USE_DOT=not fp64, PRECISION=precision,
         BM=bm, BN=bm, BT=bt, ACC=acc_tl(x.dtype), num_warps=_num_warps(fp64),
@@ -211,7 +211,7 @@ def cov_backward(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tenso
     bk = bm
     tiles = triton.cdiv(C, bm)
     split = _split(n * L // bt if n * L >= bt else 1, K, tiles)
-    launch(_cov_bwd_kernel)[(K, tiles, split)](
+    _cov_bwd_kernel[(K, tiles, split)](
         x, perm if perm is not None else offsets, offsets, mean.contiguous(), M.contiguous(), out, C, L, split,
         HAS_PERM=perm is not None, USE_DOT=not fp64, PRECISION=dot_precision(),
         BM=bm, BK=bk, BT=bt, ACC=acc_tl(mean.dtype), num_warps=_num_warps(fp64), num_stages=_BWD_STAGES)

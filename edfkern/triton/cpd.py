@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_tl, acc_torch, cast_to, launch
+from ._utils import acc_tl, acc_torch, cast_to
 
 DIGIT_BITS = 8
 NBINS = 1 << DIGIT_BITS
@@ -306,17 +306,17 @@ def _select(a: Tensor, b: Tensor, c: Tensor, P: int, k: int, from_l: bool, has_s
         for j in range(npass):
             shift = keybits - DIGIT_BITS * (j + 1)
             hist = ws[j * NBINS:(j + 1) * NBINS]
-            launch(_cpd_hist_kernel)[(nblocks,)](a, b, state, hist, P, FROM_L=from_l, KEYBITS=keybits,
-                                                      SHIFT=shift, DB=DIGIT_BITS, BLOCK=BLOCK, ACC=ACC, num_warps=8)
-            launch(_cpd_select_kernel)[(1,)](hist, state, SHIFT=shift, DB=DIGIT_BITS, num_warps=4)
+            _cpd_hist_kernel[(nblocks,)](a, b, state, hist, P, FROM_L=from_l, KEYBITS=keybits,
+                                         SHIFT=shift, DB=DIGIT_BITS, BLOCK=BLOCK, ACC=ACC, num_warps=8)
+            _cpd_select_kernel[(1,)](hist, state, SHIFT=shift, DB=DIGIT_BITS, num_warps=4)
     cnt = torch.empty(nblocks, dtype=torch.int64, device=dev)
     part = torch.empty((nblocks, 4) if has_sums else (1,), dtype=acc, device=dev)
     sum_l, sum_d, thr = (torch.empty((), dtype=acc, device=dev) for _ in range(3))
     tie = torch.empty((), dtype=torch.int64, device=dev)
     flags = dict(FROM_L=from_l, HAS_SUMS=has_sums, ALL_KEPT=all_kept, KEYBITS=keybits, BLOCK=BLOCK, ACC=ACC)
-    launch(_cpd_partials_kernel)[(nblocks,)](a, b, c, state, cnt, part, P, num_warps=8, **flags)
-    launch(_cpd_finalize_kernel)[(1,)](a, b, c, state, cnt, part, sum_l, sum_d, thr, tie, P, nblocks,
-                                            FBLOCK=FBLOCK, num_warps=8, **flags)
+    _cpd_partials_kernel[(nblocks,)](a, b, c, state, cnt, part, P, num_warps=8, **flags)
+    _cpd_finalize_kernel[(1,)](a, b, c, state, cnt, part, sum_l, sum_d, thr, tie, P, nblocks,
+                               FBLOCK=FBLOCK, num_warps=8, **flags)
     return state, tie, sum_l, sum_d, thr
 
 
@@ -333,7 +333,7 @@ def cpd_backward(grad_out: Tensor, student: Tensor, target: Tensor, start: Tenso
     out = torch.empty_like(student)
     if P == 0:
         return out
-    launch(_cpd_backward_kernel)[(triton.cdiv(P, BLOCK),)](
+    _cpd_backward_kernel[(triton.cdiv(P, BLOCK),)](
         grad_out, student, target, thr, tie, sum_d, out, P, BLOCK=BLOCK, ACC=acc_tl(student.dtype), num_warps=8)
     return out
 
@@ -345,6 +345,6 @@ def cpd_keep_mask(l: Tensor, k: int) -> Tensor:
     out = torch.empty(P, dtype=torch.uint8, device=l.device)  # every element written by _cpd_mask_kernel
     keybits = _keybits(l.dtype)
     state, tie, *_ = _select(l, l, l, P, k, True, False, keybits, acc_torch(l.dtype))
-    launch(_cpd_mask_kernel)[(triton.cdiv(P, BLOCK),)](l, state, tie, out, P, KEYBITS=keybits, BLOCK=BLOCK,
-                                                            num_warps=8)
+    _cpd_mask_kernel[(triton.cdiv(P, BLOCK),)](l, state, tie, out, P, KEYBITS=keybits, BLOCK=BLOCK,
+                                               num_warps=8)
     return out.view(torch.bool)

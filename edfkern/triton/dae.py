@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_tl, acc_torch, as_acc, bilinear, calculate_settings, cast_to, launch, next_pow2
+from ._utils import acc_tl, acc_torch, as_acc, bilinear, calculate_settings, cast_to, next_pow2
 
 MODE_MASK, MODE_SCALE, MODE_SGD = 0, 1, 2
 
@@ -185,7 +185,7 @@ def _stats(cam: Tensor, H: int, W: int, threshold: Optional[float], acc: torch.d
     n, h, w = cam.shape
     ws = torch.empty(2 * n if threshold is None else n + 1, dtype=acc, device=cam.device)
     flat, tau = ws[:n], ws[n:]
-    launch(_dae_stats_kernel)[(n,)](
+    _dae_stats_kernel[(n,)](
         cam, tau, flat, h, w, H, W,
         FIXED_THR=threshold is not None, IDENTITY=(h, w) == (H, W),
         BLOCK_A=min(64, next_pow2(h)), BLOCK_B=min(64, next_pow2(w)), BLOCK_O=min(128, next_pow2(max(H, W))),
@@ -206,7 +206,7 @@ def _apply(mode: int, cam: Tensor, H: int, W: int, C: int, beta: float, threshol
     tau, flat = _stats(cam, H, W, threshold, acc)
     block, warps = calculate_settings(H * W, max_block=1024, lo=16)
     grid = (triton.cdiv(H * W, block), n)
-    launch(_dae_apply_kernel)[grid](
+    _dae_apply_kernel[grid](
         cam, tau, flat, out, grad, param, buf if buf is not None else param,
         C, h, w, H, W,
         float(beta), float(threshold) if threshold is not None else 0.0,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_tl, acc_torch, as_acc, cast_to, launch, next_pow2
+from ._utils import acc_tl, acc_torch, as_acc, cast_to, next_pow2
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def seg_mean(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> Tensor:
     if K == 0 or D == 0:
         return mean
     block = _block(D)
-    launch(_seg_mean_kernel)[(K, triton.cdiv(D, block))](
+    _seg_mean_kernel[(K, triton.cdiv(D, block))](
         x, perm if perm is not None else offsets, offsets, mean, D,
         HAS_PERM=perm is not None, BLOCK=block, ACC=acc_tl(x.dtype), num_warps=4)
     return mean
@@ -151,7 +151,7 @@ def cc_forward(x: Tensor, perm: Optional[Tensor], offsets: Tensor) -> tuple[Tens
     block = _block(D)
     tiles = triton.cdiv(D, block)
     part = torch.empty((K, tiles), dtype=acc, device=x.device)
-    launch(_cc_fwd_kernel)[(K, tiles)](
+    _cc_fwd_kernel[(K, tiles)](
         x, perm if perm is not None else offsets, offsets, mean, part, D,
         HAS_PERM=perm is not None, BLOCK=block, ACC=acc_tl(x.dtype), num_warps=4)
     return part.sum(), mean
@@ -167,7 +167,7 @@ def cc_backward(grad_out: Tensor, x: Tensor, perm: Optional[Tensor], offsets: Te
     block = _block(D)
     tiles = triton.cdiv(D, block)
     split = _split(n, K, tiles)
-    launch(_cc_bwd_kernel)[(K, tiles, split)](
+    _cc_bwd_kernel[(K, tiles, split)](
         grad_out, x, perm if perm is not None else offsets, offsets, mean.contiguous(), out, D, float(coef),
         HAS_PERM=perm is not None, SPLIT=split, BLOCK=block, ACC=acc_tl(mean.dtype), num_warps=4)
     return out

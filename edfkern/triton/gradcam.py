@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import acc_tl, acc_torch, bilinear, launch, next_pow2
+from ._utils import acc_tl, acc_torch, bilinear, next_pow2
 
 METHODS = {"gradcam": 0, "gradcam++": 1, "smoothgradcam++": 2}
 
@@ -126,7 +126,7 @@ def grad_cam(A: Tensor, G: Tensor, A_clean: Optional[Tensor], method: str, norma
     if block_hw > 16384:
         raise RuntimeError(f"edfkern.triton.grad_cam: maps of {hw} > 16384 positions exceed the fused-size limit")
     block_c = max(1, min(next_pow2(C), 2048 // block_hw))  # keep ~2K elements per array
-    launch(_grad_cam_kernel)[(N,)](
+    _grad_cam_kernel[(N,)](
         A, G, A_clean if smooth else A, low, out,
         S, N, C, hw, h, w, H, W,
         METHOD=METHODS[method], NORMALIZE=bool(normalize), UPSAMPLE=upsample,

@@ -3,9 +3,9 @@
 Every launcher of :mod:`edfkern.triton` is called at the shapes of every named config of
 :mod:`edfkern.bench.configs` (the real sizes, on ``meta`` tensors, so nothing is allocated
 and nothing runs), in float32, float16, bfloat16 and float64, with int groups (no ``perm``)
-and label groups (a ``perm``). :func:`edfkern.triton._utils.capture_launches` records each
-launch instead of running it, with the grid heuristics sized for an H100/H200 (132
-multiprocessors), so the tile and split choices are those a real run would make.
+and label groups (a ``perm``). :func:`capture_launches` patches the launcher modules from
+outside so that each launch is recorded instead of run, with the grid heuristics sized for an
+H100/H200 (132 multiprocessors), so the tile and split choices are those a real run would make.
 
 Each launch becomes a :class:`Spec`: the kernel, its Triton signature (argument types with
 the 16-byte divisibility Triton would specialise on), its constexprs, ``num_warps`` and
@@ -13,13 +13,15 @@ the 16-byte divisibility Triton would specialise on), its constexprs, ``num_warp
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import inspect
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ..bench.configs import CONFIGS, Config
+from edfkern.bench.configs import CONFIGS, Config
 
 #: Multiprocessors of an H100 SXM / H200 (the grid heuristics' assumption while capturing).
 H200_SMS = 132
@@ -54,9 +56,6 @@ class Spec:
         return {"module": self.module, "kernel": self.kernel, "signature": [list(s) for s in self.signature],
                 "constexprs": [[k, v] for k, v in self.constexprs], "divisible": list(self.divisible),
                 "num_warps": self.num_warps, "num_stages": self.num_stages}
-
-    def with_constexpr(self, name: str, value: Any) -> "Spec":
-        return dataclasses.replace(self, constexprs=tuple((k, value if k == name else v) for k, v in self.constexprs))
 
 
 def _constexpr_value(v: Any) -> Any:
@@ -111,6 +110,54 @@ def spec_of(kernel, args: tuple, kwargs: dict) -> Spec:
                 int(options.get("num_warps", 4)), int(options.get("num_stages", DEFAULT_NUM_STAGES)))
 
 
+# ----------------------------------------------------------------------------- recording launches
+
+#: The launcher modules: each launches its own module-level ``@triton.jit`` kernels as ``kernel[grid](...)``.
+LAUNCHER_MODULES = ("edfkern.triton.covariance", "edfkern.triton.cpd", "edfkern.triton.dae",
+                    "edfkern.triton.features", "edfkern.triton.gradcam")
+
+
+class _Recorder:
+    """Stands in for one kernel: ``recorder[grid](*args, **kwargs)`` logs ``(kernel, grid, args, kwargs)``."""
+
+    def __init__(self, kernel, log: list) -> None:
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.log.append((self.kernel, tuple(grid), args, dict(kwargs)))
+        return record
+
+
+@contextlib.contextmanager
+def capture_launches(sm_count: Optional[int] = None, precision: Optional[str] = None) -> Iterator[list]:
+    """Record every Triton launch of the launchers instead of running it (their results are garbage).
+
+    Yields the list of ``(kernel, grid, args, kwargs)``. Inside the block every module of
+    :data:`LAUNCHER_MODULES` has its kernels replaced by recorders, its ``device_sm_count``
+    answering ``sm_count`` (when given: grids sized for a device with that many multiprocessors)
+    and its ``dot_precision`` answering ``precision`` (when given: the tl.dot input precision,
+    e.g. ``"tf32"``); the originals are put back on exit. Works with meta tensors, so real sizes
+    cost no memory.
+    """
+    from triton.runtime.jit import JITFunction
+
+    log: list = []
+    with contextlib.ExitStack() as undo:
+        for name in LAUNCHER_MODULES:
+            mod = importlib.import_module(name)
+            patches = {k: _Recorder(v, log) for k, v in vars(mod).items()
+                       if isinstance(v, JITFunction) and v.fn.__module__ == name}
+            if sm_count is not None and hasattr(mod, "device_sm_count"):
+                patches["device_sm_count"] = lambda: sm_count
+            if precision is not None and hasattr(mod, "dot_precision"):
+                patches["dot_precision"] = lambda: precision
+            for attr, new in patches.items():
+                undo.callback(setattr, mod, attr, getattr(mod, attr))
+                setattr(mod, attr, new)
+        yield log
+
+
 # ----------------------------------------------------------------------------- scenarios
 
 def _csr(n: int, K: int, labels: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -129,7 +176,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def scenarios(cfg: Config, dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], Any]]]:
     """(label, thunk) for every launcher call a run at ``cfg`` in ``dtype`` makes."""
-    from .. import triton as T
+    import edfkern.triton as T
 
     C3, H, W = cfg.image
     Cc, h, w = cfg.cam
@@ -194,8 +241,6 @@ def capture(configs: Optional[list[str]] = None, dtypes=DTYPES, sm_count: int = 
 
     ``precision`` runs the launchers with that tl.dot input precision; ``only`` keeps the
     scenarios whose label starts with one of these prefixes (e.g. ``("cov_",)``)."""
-    from ..triton._utils import capture_launches
-
     found: dict[Spec, list[str]] = {}
     for name in configs or list(CONFIGS):
         cfg = CONFIGS[name]

@@ -9,7 +9,7 @@ estimates for an H200 with 16 cores and add up to :data:`TOTAL_BUDGET_S` < 540 s
     build      100   native extension for this device's arch only (TORCH_CUDA_ARCH_LIST from
                      the device capability, MAX_JOBS = cores)
     tests      110   the GPU-relevant test files on CUDA tensors, triton and native (-x off)
-    memcheck    45   compute-sanitizer --tool memcheck over edfkern.gpucheck.driver
+    memcheck    45   compute-sanitizer --tool memcheck over tools.gpucheck.driver
     racecheck   45   compute-sanitizer --tool racecheck over the same driver
     bench      140   python -m edfkern.bench at imagenette-ipc50, cifar100-ipc50,
                      cifar10-ipc1000, in1k-ipc50, every provider the bench lists (35 s each)
@@ -17,7 +17,7 @@ estimates for an H200 with 16 cores and add up to :data:`TOTAL_BUDGET_S` < 540 s
 
 Everything goes under ``--out`` (``$OUT`` on the lent machine): ``validate.json`` (every
 step's status, times and parsed results), ``validate.log`` (all output) and one
-``bench-<config>.json`` per config (the format ``auto-table`` reads).
+``bench-<config>.json`` per config (the timings ``AUTO_CUDA`` is filled from, docs/gpu.md).
 
 ``--dry-run`` (CPU, CI): the same steps; each CUDA step prints one line
 "skipped: no CUDA", the rest run at tiny sizes.
@@ -29,11 +29,14 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+from . import REPO
 
 BENCH_CONFIGS = ("imagenette-ipc50", "cifar100-ipc50", "cifar10-ipc1000", "in1k-ipc50")
 #: Test files that exercise the kernels on the selected device (the rest test pure-Python parts).
@@ -78,9 +81,10 @@ class Ctx:
         """Run ``cmd``, stream its output into the log, kill it at ``timeout``; (rc, output)."""
         self.log(f"$ {' '.join(shlex.quote(c) for c in cmd)}")
         full = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        try:
+        full["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full.get("PYTHONPATH")) if p)
+        try:  # in the repository: tools.gpucheck and tests/ are found there
             p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full,
-                                 start_new_session=True)
+                                 start_new_session=True, cwd=REPO)
         except OSError as e:
             self.log(f"cannot start: {e}")
             return 127, str(e)
@@ -237,7 +241,7 @@ def _pytest_summary(out: str) -> str:
 
 
 def step_tests(ctx: Ctx, budget: float) -> dict:
-    files = [f for f in TEST_FILES if os.path.exists(f)]
+    files = [f for f in TEST_FILES if (REPO / f).exists()]
     env = {"TORCH_EXTENSIONS_DIR": ctx.ext_dir}
     base = [_py(), "-m", "pytest", *files, "-q", "-rfE", "-p", "no:cacheprovider", "-k", TEST_SELECT]
     if not _cuda():
@@ -259,7 +263,7 @@ def step_tests(ctx: Ctx, budget: float) -> dict:
 
 
 def _sanitize(ctx: Ctx, budget: float, tool: str) -> dict:
-    drv = [_py(), "-m", "edfkern.gpucheck.driver", "--backend", "native"]
+    drv = [_py(), "-m", "tools.gpucheck.driver", "--backend", "native"]
     if not _cuda():
         ctx.log(f"  {SKIP_NO_CUDA}")
         return {"ok": True, "skipped": SKIP_NO_CUDA}
@@ -285,7 +289,7 @@ def step_racecheck(ctx: Ctx, budget: float) -> dict:
 def bench_providers(device: str) -> tuple[list[str], list[str]]:
     """(providers to pass, notes): every provider the bench lists (``compiled`` included), and why
     any of them cannot run here."""
-    from ..bench.cases import providers
+    from edfkern.bench.cases import providers
 
     avail = providers(device)
     names = [p for p, why in avail.items() if why is None]
@@ -365,7 +369,7 @@ def per_class_cam_loop(model, layer, images, labels, num_samples: int = 4, std: 
     (:func:`edfkern.baselines.grad_cam`)."""
     import torch
 
-    from .. import baselines
+    from edfkern import baselines
 
     store: dict = {}
 
@@ -404,7 +408,8 @@ def per_class_cam_loop(model, layer, images, labels, num_samples: int = 4, std: 
 def step_cam(ctx: Ctx, budget: float) -> dict:
     import torch
 
-    from ..cam import CAMExtractor
+    from edfkern.bench.ceilings import call_times
+    from edfkern.cam import CAMExtractor
 
     cuda = _cuda()
     dev = "cuda" if cuda else "cpu"
@@ -414,20 +419,8 @@ def step_cam(ctx: Ctx, budget: float) -> dict:
     images = torch.randn(N, 3, px, px, device=dev)
     labels = torch.arange(N, device=dev) % K
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     def timed(fn, reps):
-        fn()
-        sync()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t)
-        return sorted(ts)[len(ts) // 2]
+        return statistics.median(call_times(fn, dev, reps))
 
     reps = 3 if cuda else 1
     ext = CAMExtractor(model, model.layer4, method="smoothgradcam++", num_samples=4)
@@ -452,8 +445,9 @@ STEP_FUNCS: dict[str, Callable[[Ctx, float], dict]] = {
 def validate(out: str, dry_run: bool = False, only: Optional[list[str]] = None) -> int:
     """Run the steps; returns 0 if every step that ran is ok, else 1."""
     if not dry_run and not _cuda():
-        print("edfkern.gpucheck: no CUDA device; use --dry-run on CPU", file=sys.stderr)
+        print("tools.gpucheck: no CUDA device; use --dry-run on CPU", file=sys.stderr)
         return 2
+    out = os.path.abspath(out)  # the steps' subprocesses run in the repository
     os.makedirs(out, exist_ok=True)
     t_all = time.perf_counter()
     with open(os.path.join(out, "validate.log"), "w") as fh:
@@ -462,7 +456,7 @@ def validate(out: str, dry_run: bool = False, only: Optional[list[str]] = None) 
         ctx.ext_dir = os.environ.get("TORCH_EXTENSIONS_DIR") or "/tmp/edfkern-gpucheck-ext"
         if dry_run:  # the CPU smoke run never builds the native extension (CI tests that elsewhere)
             os.environ["EDFKERN_NO_NATIVE"] = "1"
-        ctx.log(f"edfkern.gpucheck validate{' --dry-run' if dry_run else ''}: {len(STEPS)} steps, "
+        ctx.log(f"tools.gpucheck validate{' --dry-run' if dry_run else ''}: {len(STEPS)} steps, "
                 f"budget {TOTAL_BUDGET_S} s")
         for name, budget, what in STEPS:
             if only and name not in only:

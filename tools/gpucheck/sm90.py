@@ -1,6 +1,6 @@
 """Compile every GPU kernel for sm_90 (H100/H200) on a machine without a GPU, and check its resources.
 
-Triton: every specialisation :mod:`edfkern.gpucheck.capture` records is compiled with
+Triton: every specialisation :mod:`tools.gpucheck.capture` records is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` (PTX for sm_90a, then a
 cubin through Triton's bundled ptxas). CUDA: every ``csrc/cuda/*.cu`` is compiled with
 ``nvcc -gencode arch=compute_90,code=sm_90`` and read back with ``cuobjdump
@@ -209,7 +209,7 @@ def check_triton(configs: Optional[list[str]] = None, jobs: int = 0, variants: b
             problems.append(f"spills {res['spill_stores']} B stores / {res['spill_loads']} B loads")
         if (res.get("shared") or 0) > SMEM_LIMIT and not _allowed(fn, ALLOW_SMEM):
             problems.append(f"shared {res['shared']} B > {SMEM_LIMIT}")
-        enforced = variant in ("default", "tf32")  # tf32x3 is not reachable today: reported only
+        enforced = variant in ("default", "tf32")  # no launcher selects tf32x3: reported only
         rows.append({"kernel": spec.name, "variant": variant, "spec": spec.describe(), "spec_json": spec.to_json(),
                      "used_by": used_by[:4], "n_used_by": len(used_by), **res,
                      "problems": problems, "fails": bool(problems) and enforced})
@@ -302,7 +302,7 @@ def check_cuda(jobs: int = 0, log=print) -> dict:
     """Compile every csrc/cuda/*.cu for sm_90 and judge each kernel's resources."""
     import glob
 
-    from .. import build
+    from edfkern import build
 
     t0 = time.perf_counter()
     root = build.csrc_dir()

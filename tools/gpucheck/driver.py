@@ -1,6 +1,6 @@
 """Call every kernel of one backend once at small, odd shapes (the compute-sanitizer workload).
 
-``python -m edfkern.gpucheck.driver --backend native --device cuda`` runs each public op (and
+``python -m tools.gpucheck.driver --backend native --device cuda`` runs each public op (and
 so each native CUDA kernel: DAE tau/mask/apply/sgd, Grad-CAM weights/map, the CPD radix
 passes and backward, covariance gram/backward, seg_mean, CC) in float32, float16, bfloat16
 and float64, with int and label groups, forward and backward, and compares each result with
@@ -130,7 +130,7 @@ def run(backend: str, device: str, dtypes=DTYPES, log=print) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edfkern.gpucheck.driver", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.gpucheck.driver", description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="native")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default="float32,float16,bfloat16,float64")

@@ -1,12 +1,12 @@
-"""``python -m edfkern.gpucheck``: GPU validation without a GPU at hand, and with one.
+"""``python -m tools.gpucheck``: GPU validation without a GPU at hand, and with one.
 
-    python -m edfkern.gpucheck [validate] [--dry-run] [--out DIR] [--steps a,b]
+    python -m tools.gpucheck [validate] [--dry-run] [--out DIR] [--steps a,b]
         the prepared GPU run (benchmarks/gpu/validate.sh calls this); --dry-run on CPU
-    python -m edfkern.gpucheck compile-sm90 [--json PATH] [--configs a,b] [--jobs N]
+    python -m tools.gpucheck compile-sm90 [--json PATH] [--configs a,b] [--jobs N]
         compile every Triton specialisation and CUDA kernel for sm_90, report registers,
         spills and shared memory; exit 1 on a compile error, a spill or too much shared memory
-    python -m edfkern.gpucheck auto-table BENCH_JSON [BENCH_JSON ...]
-        print the AUTO_CUDA table (faster of triton and native per kernel) from bench JSON
+
+Run from the repository root (the tools are not part of the installed package).
 """
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import subprocess
 import sys
 from typing import Optional
 
+from . import REPO
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edfkern.gpucheck", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.gpucheck", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd")
     v = sub.add_parser("validate", help="the prepared GPU run (default command)")
@@ -32,8 +34,6 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--triton-only", action="store_true")
     c.add_argument("--cuda-only", action="store_true")
     c.add_argument("--no-variants", action="store_true", help="skip the tf32 / tf32x3 tl.dot variants")
-    a = sub.add_parser("auto-table", help="AUTO_CUDA table from bench JSON")
-    a.add_argument("bench_json", nargs="+")
     return p
 
 
@@ -45,15 +45,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cmd == "compile-sm90":
         if os.environ.get("TRITON_INTERPRET") == "1":  # kernels must be compiled-mode JITFunctions
             env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            return subprocess.call([sys.executable, "-m", "edfkern.gpucheck", *argv], env=env)
+            return subprocess.call([sys.executable, "-m", "tools.gpucheck", *argv], env=env, cwd=REPO)
         from .sm90 import compile_sm90
 
         return compile_sm90(args.json, args.configs.split(",") if args.configs else None, args.jobs,
                             args.triton_only, args.cuda_only, not args.no_variants)
-    if args.cmd == "auto-table":
-        from .auto_table import main as at
-
-        return at(args.bench_json)
     from .validate import validate
 
     return validate(args.out, args.dry_run, args.steps.split(",") if args.steps else None)
