@@ -63,6 +63,7 @@ from torch import Tensor
 import edfkern
 from edfkern import baselines
 from edfkern._dispatch import auto_backend
+from edfkern.reference import OP_KERNELS
 
 from . import compiled as _compiled
 from .configs import Config, get_config
@@ -128,19 +129,6 @@ class Case:
 # ----------------------------------------------------------------------------- providers
 
 
-#: bench op -> the kernel name its public op asks :func:`edfkern._dispatch.kernel` for (its main kernel)
-KERNEL_OF: dict[str, str] = {
-    "dae_": "dae_",
-    "dae_sgd_step_": "dae_sgd_step_",
-    "grad_cam": "grad_cam",
-    "cpd_trajectory_loss": "cpd_forward",
-    "local_covariance": "cov_forward",
-    "covariance_matching_loss": "cov_forward",
-    "class_centralization_loss": "cc_forward",
-    "mean_matching_loss": "seg_mean",
-}
-
-
 def providers(device: str, *, probe_compiled: bool = True) -> dict[str, Optional[str]]:
     """``baseline``, every backend in :func:`edfkern.backends` and ``compiled``, mapped to ``None``
     (can run on ``device``) or the reason it cannot. ``probe_compiled=False`` skips the
@@ -202,6 +190,9 @@ _OPS: dict[str, tuple[tuple[str, ...], Callable[[Config], bool], str]] = {
     "mean_matching_loss": (MODES, lambda c: c.local is not None, "config has no DM features"),
 }
 OPS = tuple(_OPS)
+
+#: bench op -> the kernel its public op asks :func:`edfkern._dispatch.kernel` for first (its forward kernel)
+KERNEL_OF: dict[str, str] = {op: OP_KERNELS[op][0] for op in OPS}
 
 
 def op_modes(op: str) -> tuple[str, ...]:
