@@ -147,7 +147,7 @@ def _num_warps(fp64: bool) -> int:
 #: C/BK = 2 times at C=128, so pipelining has nothing to overlap, and with num_stages=3 the staged
 #: tiles pushed _cov_bwd_kernel to the 255-register cap with ~1.2 KB of spill traffic a thread on
 #: sm_90 (fp32/fp16/bf16, BM=BK=64, BT=32); with 1 stage it uses 96 registers and no spill.
-#: Checked by ``python -m edfkern.gpucheck compile-sm90``.
+#: Checked by ``python -m tools.gpucheck compile-sm90``.
 _BWD_STAGES = 1
 
 

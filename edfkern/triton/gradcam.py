@@ -133,7 +133,7 @@ def grad_cam(A: Tensor, G: Tensor, A_clean: Optional[Tensor], method: str, norma
         SAME_SIZE=size is not None and not upsample,
         BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_OUT=min(1024, next_pow2(H * W)), ACC=acc_tl(A.dtype),
         # smoothgradcam++ holds the two moment tiles besides A and G: at 4 warps its fp32 upsampling
-        # path spilled 16 B per thread on sm_90 (python -m edfkern.gpucheck compile-sm90); 8 warps do not
+        # path spilled 16 B per thread on sm_90 (python -m tools.gpucheck compile-sm90); 8 warps do not
         num_warps=8 if smooth else 4,
     )
     return out
