@@ -83,6 +83,20 @@ def rand(*shape, dtype=torch.float32, device="cpu", gen=None, low=None) -> torch
     return x.to(dtype=dtype, device=device)
 
 
+def rank_rows(seed: int, rank: int, world: int):
+    """Global float64 rows every rank of a distributed test rebuilds from ``seed``: rank r holds 3 + r of
+    them, labels 0..2 on every rank. ``(x (n, 2, 3) around 2, r (n, 2, 3) around -1, labels (n,), this
+    rank's slice of the n rows)``."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [3 + i for i in range(world)]
+    n = sum(sizes)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 2, 3, generator=g, dtype=torch.float64) + 2
+    r = torch.randn(n, 2, 3, generator=g, dtype=torch.float64) - 1
+    o = sum(sizes[:rank])
+    return x, r, y, slice(o, o + sizes[rank])
+
+
 def noncontig(x: torch.Tensor) -> torch.Tensor:
     """The same values in a non-contiguous layout: every other column of a wider buffer."""
     big = torch.full(x.shape[:-1] + (2 * x.shape[-1],), float("nan"), dtype=x.dtype, device=x.device)
