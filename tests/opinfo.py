@@ -16,7 +16,8 @@ field                     what                                                  
 ``scalars``               scalar and size arguments: the error type, or ``None``: accepted ``test_adversarial.py``
 ``tiny``                  N=1, C=1, h=w=1, P=1 shapes: ``(id, run(dtype) -> outputs)``     ``test_adversarial.py``
 ``special``               where NaN / inf go, and the parameters of the special tests     ``test_special_values.py``
-``contract``              shapes and configurations of its kernels' contract tests         ``test_kernel_contract.py``
+``kernel_calls``          calls of its contract kernels: ``(label, kernel, args)``         ``test_kernel_contract.py``
+``contract``              shapes and configurations of its kernels' own contract tests     ``test_kernel_contract.py``
 ========================  ==============================================================  =============================
 
 Case builders are functions, called when a test collects or runs them, so every run gets fresh
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 import edfkern
+import edfkern.reference as R
 from edfkern import baselines as B
 from edfkern.optim import DAESGD
 from tests._utils import rand
@@ -48,6 +50,9 @@ Case = tuple[str, Thunk]  # (label, a call that must raise, or, for scalars, be 
 AliasCase = tuple[str, Callable[[], tuple[Thunk, tuple, tuple[str, ...]]]]
 ScalarCase = tuple[str, Thunk, Optional[type]]  # (label, call, expected exception type or None = accepted)
 TinyCase = tuple[str, Callable[[torch.dtype], list]]  # (id, run(dtype) -> outputs to compare)
+# (label, contract kernel, CPU arguments): every output must match edfkern.reference's by the tolerance rule
+# (floating) or exactly (integer, bool)
+KernelCall = tuple[str, str, tuple]
 
 
 def _none(*_args) -> list:
@@ -75,6 +80,7 @@ class OpInfo:
     scalars: Callable[[], list[ScalarCase]] = _none
     tiny: Callable[[], list[TinyCase]] = _none
     special: dict[str, Any] = field(default_factory=dict)
+    kernel_calls: Callable[[torch.dtype], list[KernelCall]] = _none
     contract: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -287,6 +293,8 @@ def _dae_mask_tiny_run(cam, g, thr, dtype, H, W):
     return [edfkern.dae_mask(cam, beta=1.0, size=(H, W), threshold=thr)]
 
 
+# The DAE kernels have no kernel_calls: a pixel within rounding of the threshold may flip between
+# backends, so their contract tests (test_dae_mask_and_scale, test_dae_sgd_step) leave those pixels out.
 DAE_MASK = OpInfo(
     name="dae_mask", family="dae", registered=("dae_mask",), kernels=("dae_mask",), baseline=B.create_soft_mask,
     sample=_dae_mask_sample, opcheck=_dae_mask_opcheck, bad=_dae_mask_bad, bad_native=_dae_mask_bad_native,
@@ -616,10 +624,16 @@ def _grad_cam_tiny() -> list[TinyCase]:
     return out
 
 
+def _grad_cam_kernel_calls(dtype) -> list[KernelCall]:
+    A, G = srand(2, 5, 3, 4, seed=1, dtype=dtype).abs(), srand(2, 5, 3, 4, seed=2, dtype=dtype)
+    return [("gradcam", "grad_cam", (A, G, None, "gradcam", True, None)),
+            ("gradcam-size", "grad_cam", (A, G, None, "gradcam", False, [7, 5]))]
+
+
 GRAD_CAM = OpInfo(
     name="grad_cam", family="gradcam", registered=("grad_cam",), kernels=("grad_cam",), baseline=B.grad_cam,
     sample=_grad_cam_sample, opcheck=_grad_cam_opcheck, bad=_grad_cam_bad, bad_native=_grad_cam_bad_native,
-    scalars=_grad_cam_scalars, tiny=_grad_cam_tiny,
+    scalars=_grad_cam_scalars, tiny=_grad_cam_tiny, kernel_calls=_grad_cam_kernel_calls,
     special={
         "cases": [  # (method, normalize, size, where, kind)
             ("gradcam", True, None, "A", "nan"), ("gradcam", True, None, "G", "negnan"),
@@ -726,10 +740,19 @@ def _cpd_tiny() -> list[TinyCase]:
     return [(f"cpd_trajectory_loss-P{p}", lambda dtype, p=p: tiny(dtype, p)) for p in CPD_TINY_P]
 
 
+def _cpd_kernel_calls(dtype) -> list[KernelCall]:
+    s, t, s0 = (srand(37, seed=i, dtype=dtype) for i in range(3))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    _, sd, thr, tie = R.cpd_forward(s, t, s0, 9)
+    return [("forward", "cpd_forward", (s, t, s0, 9)),
+            ("backward", "cpd_backward", (torch.tensor(0.5, dtype=acc), s, t, s0, thr, tie, sd))]
+
+
 CPD_TRAJECTORY_LOSS = OpInfo(
     name="cpd_trajectory_loss", family="cpd", registered=("cpd_trajectory_loss", "cpd_trajectory_loss_backward"),
     kernels=("cpd_forward", "cpd_backward"), baseline=B.cpd_trajectory_loss, sample=_cpd_sample,
     opcheck=_cpd_opcheck, bad=_cpd_bad, bad_native=_cpd_bad_native, scalars=_cpd_scalars, tiny=_cpd_tiny,
+    kernel_calls=_cpd_kernel_calls,
     special={
         "cases": [  # (where the special values go, kind, P, drop_ratio)
             ("student", "negnan", 50, 0.5), ("student", "nan", 7, 0.9), ("student", "inf", 40, 0.25),
@@ -782,6 +805,7 @@ CPD_KEEP_MASK = OpInfo(
     name="cpd_keep_mask", family="cpd", registered=("cpd_keep_mask",), kernels=("cpd_keep_mask",),
     baseline=B.cpd_keep_mask, sample=_keep_mask_sample, opcheck=_keep_mask_opcheck, bad=_keep_mask_bad,
     bad_native=_keep_mask_bad_native, scalars=_keep_mask_scalars, tiny=_keep_mask_tiny,
+    kernel_calls=lambda dtype: [("k=11", "cpd_keep_mask", (srand(29, seed=4, dtype=dtype).round(), 11))],
     special={"ratios": [0.1, 0.5, 0.8, 0.95], "P": (23, 64, 101, 7)},
     contract={"P": [1, 5, 2049, 4099], "modes": ["random", "ties"], "ratios": (0.0, 0.3, 0.5, 0.99)},
 )
@@ -883,10 +907,24 @@ def _cov_tiny_run(x, k):
     return [cov, *torch.autograd.grad(cov.sum() + (cov ** 2).sum(), x)]
 
 
+def _kernel_groups() -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, offsets) of 9 shuffled rows in 3 groups, one of them empty."""
+    return csr(torch.tensor([2, 0, 0, 2, 3, 0, 2, 3, 0]), 4)
+
+
+def _cov_kernel_calls(dtype) -> list[KernelCall]:
+    x = srand(9, 5, 3, seed=1, dtype=dtype) + 0.5
+    perm, offsets = _kernel_groups()
+    mean = R.cov_forward(x, perm, offsets)[1]
+    return [("forward", "cov_forward", (x, perm, offsets)),
+            ("backward", "cov_backward", (x, perm, offsets, mean, srand(4, 5, 5, seed=2, dtype=mean.dtype)))]
+
+
 LOCAL_COVARIANCE = OpInfo(
     name="local_covariance", family="covariance", registered=("local_covariance", "covariance_backward"),
     kernels=("cov_forward", "cov_backward"), baseline=B.local_covariance, sample=_cov_sample, opcheck=_cov_opcheck,
     bad=_cov_bad, bad_native=_cov_bad_native, labels=_cov_labels, tiny=_iid_tiny("local_covariance", _cov_tiny_run),
+    kernel_calls=_cov_kernel_calls,
     contract={
         "cases": [  # n, C, L, K, groups
             (12, 5, 3, 3, "equal"),
@@ -1017,12 +1055,20 @@ def _cc_tiny_run(x, k):
     return _loss_and_grad(edfkern.class_centralization_loss(x.reshape(x.shape[0], -1), groups=k), x)
 
 
+def _cc_kernel_calls(dtype) -> list[KernelCall]:
+    x = srand(9, 7, seed=1, dtype=dtype) + 1.0
+    perm, offsets = _kernel_groups()
+    mean = R.cc_forward(x, perm, offsets)[1]
+    return [("forward", "cc_forward", (x, perm, offsets)),
+            ("backward", "cc_backward", (torch.tensor(0.3, dtype=mean.dtype), x, perm, offsets, mean, 0.1))]
+
+
 CLASS_CENTRALIZATION_LOSS = OpInfo(
     name="class_centralization_loss", family="features",
     registered=("class_centralization_loss", "class_centralization_backward"), kernels=("cc_forward", "cc_backward"),
     baseline=B.class_centralization_loss, sample=_cc_sample, opcheck=_cc_opcheck, bad=_cc_bad,
     bad_native=_cc_bad_native, labels=_cc_labels, scalars=_cc_scalars,
-    tiny=_iid_tiny("class_centralization_loss", _cc_tiny_run),
+    tiny=_iid_tiny("class_centralization_loss", _cc_tiny_run), kernel_calls=_cc_kernel_calls,
     contract={"cases": [(12, 37, 3, "equal"), (13, 70, 5, "labels"), (6, 1, 3, "labels"),
                         (13, 300, 3, "labels"), (27, 13, 5, "labels")]},  # n, D, K, groups; D=300: > one tile
 )
@@ -1084,6 +1130,7 @@ MEAN_MATCHING_LOSS = OpInfo(
     name="mean_matching_loss", family="features", registered=("mean_matching_loss", "mean_matching_backward"),
     kernels=("seg_mean",), baseline=B.mean_matching_loss, sample=_mm_sample, opcheck=_mm_opcheck, bad=_mm_bad,
     bad_native=_mm_bad_native, labels=_mm_labels, tiny=_iid_tiny("mean_matching_loss", _mm_tiny_run),
+    kernel_calls=lambda dtype: [("seg_mean", "seg_mean", (srand(9, 7, seed=1, dtype=dtype), *_kernel_groups()))],
 )
 
 # ============================================================================ trajectory matching

@@ -30,7 +30,7 @@ import edfkern  # noqa: E402
 import edfkern.reference as R  # noqa: E402
 from edfkern.reference._common import upsample  # noqa: E402
 from tests._utils import DTYPES, assert_close, assert_fp_rule  # noqa: E402
-from tests.opinfo import OP, csr  # noqa: E402
+from tests.opinfo import OP, OPS, csr  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = ("native", "triton")
@@ -100,6 +100,29 @@ def vs_reference(got, fn: str, *args, name: str = "", index=None, floor_ulps=Non
         return
     oracle = pick(getattr(R, fn)(*map(_promote, args)))
     assert_fp_rule(got, oracle, [plain, *also], name, floor_ulps=floor_ulps)
+
+
+# ----------------------------------------------------------------------------- every op's kernel calls
+
+KERNEL_CALLS = [(op.name, label, kernel) for op in OPS for label, kernel, _ in op.kernel_calls(torch.float32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op,label,kernel", KERNEL_CALLS, ids=[f"{k}-{lab}" for _, lab, k in KERNEL_CALLS])
+def test_kernel_calls_of_the_op_table(K, dtype, op, label, kernel):
+    """Each call of ``kernel_calls`` in tests/opinfo.py: floating outputs by the tolerance rule against the
+    reference kernel, integer and boolean outputs identical."""
+    args = next(a for lab, k, a in OP[op].kernel_calls(dtype) if (lab, k) == (label, kernel))
+    args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+    got, exp = getattr(K, kernel)(*args), getattr(R, kernel)(*args)
+    outs = list(zip(got, exp)) if isinstance(got, tuple) else [(got, exp)]
+    assert len(outs) == (len(exp) if isinstance(exp, tuple) else 1), f"{kernel}: {len(outs)} outputs"
+    for i, (g, e) in enumerate(outs):
+        name = f"{kernel} output {i}"
+        if g.is_floating_point():
+            vs_reference(g, kernel, *args, name=name, index=i if isinstance(got, tuple) else None)
+        else:
+            assert g.dtype == e.dtype and torch.equal(g, e), f"{name}: {g} != {e}"
 
 
 # ----------------------------------------------------------------------------- DAE
