@@ -4,21 +4,20 @@ Each public op of edfkern has one :class:`OpInfo` entry in :data:`OPS`: its regi
 ``torch.ops.edfkern`` op(s), the contract kernels of ``edfkern.reference.__all__`` it runs, its loop
 oracle in ``edfkern.baselines``, and its cases:
 
-========================  ==============================================================  =============================
-field                     what                                                            read by
-========================  ==============================================================  =============================
-``sample``                one call, forward and backward, at a tiny size                  ``test_dispatch.py``
-``opcheck``               arguments of the registered op(s) for ``torch.library.opcheck``  ``test_registration.py``
-``bad``                   bad calls of the registered op(s), ``o`` = ``torch.ops.edfkern`` ``test_adversarial.py``
-``bad_native``            bad calls of its kernels in ``edfkern._C``, called directly      ``test_adversarial.py``
-``aliasing``              in-place calls whose outputs share memory                       ``test_adversarial.py``
-``labels``                stray labels / huge ``num_groups`` that must not allocate K     ``test_adversarial.py``
-``scalars``               scalar and size arguments: the error type, or ``None``: accepted ``test_adversarial.py``
-``tiny``                  N=1, C=1, h=w=1, P=1 shapes: ``(id, run(dtype) -> outputs)``     ``test_adversarial.py``
-``special``               where NaN / inf go, and the parameters of the special tests     ``test_special_values.py``
-``kernel_calls``          calls of its contract kernels: ``(label, kernel, args)``         ``test_kernel_contract.py``
-``contract``              shapes and configurations of its kernels' own contract tests     ``test_kernel_contract.py``
-========================  ==============================================================  =============================
+- ``sample``: one call, forward and backward, at a tiny size (``test_dispatch.py``: it reaches
+  exactly the entry's ``kernels``, on the selected backend);
+- ``opcheck``: arguments of the registered op(s) for ``torch.library.opcheck`` (``test_registration.py``);
+- ``bad``: bad calls of the registered op(s), given ``o = torch.ops.edfkern``; ``bad_native``: bad
+  calls of its kernels in ``edfkern._C``, called directly; each must raise edfkern's ``ValueError`` or
+  ``TypeError``, never crash (``test_adversarial.py``, in a subprocess);
+- ``aliasing``: in-place calls whose outputs share memory, with the argument names the ``ValueError``
+  must mention; ``labels``: stray labels and huge ``num_groups`` that must be refused before anything of
+  size K is allocated; ``scalars``: scalar and size arguments with the exception type (or ``None``:
+  accepted); ``tiny``: N=1, C=1, h=w=1, P=1 shapes, native against reference (``test_adversarial.py``);
+- ``special``: where NaN / inf go and the parameters of the special-value tests (``test_special_values.py``);
+- ``kernel_calls``: calls of its contract kernels, judged by the tolerance rule against
+  ``edfkern.reference``; ``contract``: shapes and configurations of its kernels' own contract tests
+  (``test_kernel_contract.py``).
 
 Case builders are functions, called when a test collects or runs them, so every run gets fresh
 tensors; random data come from seeded generators (:func:`srand`). The tests that read the table hold
@@ -70,7 +69,7 @@ class OpInfo:
     family: str  # its own tests: tests/test_<family>.py
     registered: tuple[str, ...] = ()
     kernels: tuple[str, ...] = ()
-    baseline: Optional[Callable] = None
+    baseline: Optional[Callable] = None  # the loop formulation in edfkern.baselines: test_special_values' oracle
     sample: Optional[Callable[[torch.Generator], None]] = None
     opcheck: Callable[[str, torch.Generator], dict[str, tuple]] = _no_opcheck
     bad: Callable[[Any], list[Case]] = _none
@@ -82,10 +81,6 @@ class OpInfo:
     special: dict[str, Any] = field(default_factory=dict)
     kernel_calls: Callable[[torch.dtype], list[KernelCall]] = _none
     contract: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def public(self) -> Callable:
-        return getattr(edfkern, self.name)
 
 
 # ============================================================================ data helpers
@@ -401,9 +396,10 @@ def _dae_sgd_sample(g: torch.Generator) -> None:
 
 def _dae_sgd_opcheck(device, gen):
     r = lambda *s: rand(*s, gen=gen).to(device)  # noqa: E731
+    param, grad, buf = r(3, 2, 7, 9), r(3, 2, 7, 9), r(3, 2, 7, 9)
+    cam = torch.rand(3, 4, 4, generator=gen).to(device)
     return {"dae_sgd_step_": (torch.ops.edfkern.dae_sgd_step_.default,
-                              (r(3, 2, 7, 9), r(3, 2, 7, 9), r(3, 2, 7, 9), torch.rand(3, 4, 4, generator=gen).to(device),
-                               10.0, 1.0, None, 0.5, 0.0, 0.0, False, False, False))}
+                              (param, grad, buf, cam, 10.0, 1.0, None, 0.5, 0.0, 0.0, False, False, False))}
 
 
 def _dae_sgd_bad(o) -> list[Case]:

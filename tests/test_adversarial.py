@@ -9,8 +9,9 @@
 * scalars: every scalar and size argument gets edfkern's ``TypeError``/``ValueError``;
 * tiny shapes: every native op at N=1, C=1, h=w=1, P=1 agrees with the reference.
 
-The cases come from the op table, ``tests/opinfo.py``. ``python -m tests.test_adversarial --sweep`` runs the whole battery (each case in a forked child,
-so a crash is counted, not fatal) and prints how many inputs misbehaved, per class.
+The cases come from the op table, ``tests/opinfo.py``. ``python -m tests.test_adversarial --sweep``
+runs the whole battery (each case in a forked child, so a crash is counted, not fatal) and prints how
+many inputs misbehaved, per class.
 """
 from __future__ import annotations
 

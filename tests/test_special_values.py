@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import edfkern
-from edfkern import baselines as B
 from tests._utils import DTYPES, assert_same_special, rand
 from tests.opinfo import INF, NAN, NEG_NAN, OP, SPECIALS, flat_rule_mask, nan_payloads, sprinkle
 
@@ -42,7 +41,7 @@ def test_nan_inf_like_loop_cpd(backend, device, dtype, case):
         v = {"student": s, "target": t, "start": s0}[where]
         v.copy_(sprinkle(v, SPECIALS[kind], gen, 0.2))
     sb = s.clone().requires_grad_(True)
-    loop = B.cpd_trajectory_loss(sb, t, s0, drop_ratio=ratio)
+    loop = OP["cpd_trajectory_loss"].baseline(sb, t, s0, drop_ratio=ratio)
     loop.backward()
     sa = s.to(device).requires_grad_(True)
     loss = edfkern.cpd_trajectory_loss(sa, t.to(device), s0.to(device), drop_ratio=ratio)
@@ -67,7 +66,7 @@ def test_nan_inf_like_loop_cpd_keep_mask(backend, device, dtype, ratio):
         l[pos[n_nan:n_nan + n_inf]] = INF
         l[pos[n_nan + n_inf:n_nan + 2 * n_inf]] = -INF
         l[pos[-1]] = -0.0
-        expected = B.cpd_keep_mask(l, ratio)
+        expected = OP["cpd_keep_mask"].baseline(l, ratio)
         got = edfkern.cpd_keep_mask(l.to(device), ratio).cpu()
         assert torch.equal(got, expected), f"trial {trial}: {(got != expected).nonzero().flatten().tolist()}"
 
@@ -76,7 +75,7 @@ def test_nan_inf_like_loop_cpd_kth_is_nan(backend, device):
     """The k-th smallest value is a NaN (the reference raised IndexError): thr is NaN, the loss is NaN."""
     for dtype in DTYPES:
         l = torch.tensor([NEG_NAN, 1.0, NAN, 2.0, NAN], dtype=dtype, device=device)
-        assert torch.equal(edfkern.cpd_keep_mask(l, 0.7).cpu(), B.cpd_keep_mask(l.cpu(), 0.7))
+        assert torch.equal(edfkern.cpd_keep_mask(l, 0.7).cpu(), OP["cpd_keep_mask"].baseline(l.cpu(), 0.7))
         s = l.clone().requires_grad_(True)
         loss = edfkern.cpd_trajectory_loss(s, torch.zeros_like(l), torch.ones_like(l), drop_ratio=0.7)
         assert loss.isnan()
@@ -101,7 +100,7 @@ def test_nan_inf_like_loop_grad_cam(backend, device, dtype, case, hw):
         G = sprinkle(G, SPECIALS[kind], gen, 0.01)
     clean = A[0].clone() if method == "smoothgradcam++" else None
     sz = (h, w) if size == "same" else size
-    loop = B.grad_cam(A, G, method=method, size=sz, normalize=normalize, clean_activations=clean)
+    loop = OP["grad_cam"].baseline(A, G, method=method, size=sz, normalize=normalize, clean_activations=clean)
     got = edfkern.grad_cam(A.to(device), G.to(device), method=method, size=sz, normalize=normalize,
                            clean_activations=None if clean is None else clean.to(device))
     assert_same_special(got, loop, fp32_loop(dtype), "cam")
@@ -123,7 +122,7 @@ def test_nan_inf_like_loop_dae_mask(backend, device, dtype, threshold, kind):
     for h, w, H, W in DAE_SHAPES:
         cam = torch.rand(3, h, w, dtype=torch.float64, generator=gen).to(dtype)
         cam[:2] = sprinkle(cam[:2], SPECIALS[kind], gen, 0.2)  # image 2 stays finite
-        loop = B.create_soft_mask(cam, (H, W), 1.0, threshold).to(dtype)
+        loop = OP["dae_mask"].baseline(cam, (H, W), 1.0, threshold).to(dtype)
         got = edfkern.dae_mask(cam.to(device), beta=1.0, threshold=threshold, size=(H, W))
         assert_same_special(got, loop, fp32_loop(dtype), f"mask {(h, w, H, W)}")
 
@@ -144,12 +143,12 @@ def test_nan_inf_like_loop_dae_inplace(backend, device, dtype, where, kind):
             v = {"grad": g, "param": p, "buf": buf}[where]
             v.copy_(sprinkle(v, SPECIALS[kind], gen, 0.1))
         for threshold in (None, 0.4):
-            loop_g = B.dae_(g.clone(), cam, beta=1.0, threshold=threshold)
+            loop_g = OP["dae_"].baseline(g.clone(), cam, beta=1.0, threshold=threshold)
             got_g = edfkern.dae_(g.clone().to(device), cam.to(device), beta=1.0, threshold=threshold)
             assert_same_special(got_g, loop_g, fp32_loop(dtype), "dae_ grad")
             opts = dict(lr=0.1, beta=1.0, threshold=threshold, momentum=0.9, weight_decay=0.01)
             p_l, b_l = p.clone(), buf.clone()
-            B.dae_sgd_step_(p_l, g, b_l, cam, **opts)
+            OP["dae_sgd_step_"].baseline(p_l, g, b_l, cam, **opts)
             p_a, b_a = p.to(device), buf.to(device)
             edfkern.dae_sgd_step_(p_a, g.to(device), b_a, cam.to(device), **opts)
             assert_same_special(p_a, p_l, fp32_loop(dtype), "param")
@@ -180,7 +179,7 @@ def test_flat_cam_rule(backend, device, dtype, hw):
                     assert torch.equal(got, expected.to(dtype)), (
                         f"size {(H, W)} c={c} thr={thr}: {got.flatten().unique().tolist()} vs {expected.flatten()[0]}")
                     # the loop computes in float32 whatever the CAM dtype; it follows the same rule there
-                    loop = B.create_soft_mask(cam[i:i + 1], (H, W), 1.5, thr)
+                    loop = OP["dae_mask"].baseline(cam[i:i + 1], (H, W), 1.5, thr)
                     assert torch.equal(loop, flat_rule_mask(cam[i, 0, 0], torch.float32, H, W, 1.5, thr))
             # the in-place ops use the same mask: grad * (c + beta) exactly, per image
             g = rand(2, 3, H, W, dtype=dtype, gen=torch.Generator().manual_seed(H * W))
@@ -207,7 +206,7 @@ def test_flat_cam_rule_backends_agree(device, dtype):
             for name, x, y in zip(("mask", "dae_"), results[be], results[first]):
                 assert torch.equal(x, y), f"{be} vs {first}: {name} differs on flat CAMs {(h, w, H, W)}"
         if dtype != torch.float64:  # the loop masks in float32
-            loop = B.create_soft_mask(cam, (H, W), 1.0).to(dtype)
+            loop = OP["dae_mask"].baseline(cam, (H, W), 1.0).to(dtype)
             assert torch.equal(results[first][0], loop)
 
 
@@ -219,7 +218,7 @@ def test_threshold_flips_between_backends_bounded(backend, device):
     cam = torch.rand(4, 14, 14, dtype=torch.float64, generator=gen).float()
     size = (224, 224)
     got = edfkern.dae_mask(cam.to(device), beta=1.0, size=size).cpu()
-    others = [("loop", B.create_soft_mask(cam, size, 1.0))]
+    others = [("loop", OP["dae_mask"].baseline(cam, size, 1.0))]
     if backend != "reference":  # the reference against itself could not fail
         with edfkern.use_backend("reference"):
             others.append(("reference", edfkern.dae_mask(cam.to(device), beta=1.0, size=size).cpu()))
