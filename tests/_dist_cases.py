@@ -19,15 +19,14 @@ import zlib
 import torch
 import torch.distributed as dist
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repo root
 
 import edfkern  # noqa: E402
 import edfkern.baselines as B  # noqa: E402
 import edfkern.distributed as ED  # noqa: E402
 from edfkern.distributed import _comm  # noqa: E402
 from edfkern.distributed.cpd import payload_bytes  # noqa: E402
-from _utils import assert_close, assert_within_torch_error  # noqa: E402
+from tests._utils import assert_close, assert_within_torch_error, rank_rows  # noqa: E402
 
 RANK = WORLD = 0
 PG = None
@@ -551,15 +550,8 @@ def public_keyword_is_the_distributed_op():
 
 
 def _edge_data(seed: int):
-    """Global float64 rows every rank rebuilds: rank r holds 3 + r rows, labels 0..2 on every rank."""
-    g = torch.Generator().manual_seed(seed)
-    sizes = [3 + r for r in range(WORLD)]
-    n = sum(sizes)
-    y = torch.arange(n) % 3
-    x = torch.randn(n, 2, 3, generator=g, dtype=torch.float64) + 2
-    r = torch.randn(n, 2, 3, generator=g, dtype=torch.float64) - 1
-    o = sum(sizes[:RANK])
-    return x, r, y, slice(o, o + sizes[RANK])
+    """This rank's view of the global rows of ``seed`` (:func:`tests._utils.rank_rows`)."""
+    return rank_rows(seed, RANK, WORLD)
 
 
 def _good(op: str, seed: int) -> None:

@@ -32,3 +32,43 @@ def staged_convnet(num_classes: int, widths: tuple[int, int, int] = (6, 8, 8), *
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
     return model.double()
+
+
+# The source of a model module the Comp-DD CLI tests write to a file and load by ``--model module:build``:
+# ``build(width=3, bias=0.0)`` (two conv stages, float64: thresholded maps cannot flip with the batch
+# composition), ``build10`` (10 classes) and ``other_weights`` (another fc bias). With
+# EDGES_FAIL_AFTER_FORWARDS=n the forward number n + 1 raises (a preempted run).
+MODEL_MODULE = '''
+import os
+import torch
+from torch import nn
+
+def build(width=3, bias=0.0):
+    torch.manual_seed(0)
+    stage = lambda i, o, s: nn.Sequential(nn.Conv2d(i, o, 3, stride=s, padding=1), nn.ReLU())
+    m = nn.Sequential()
+    m.add_module("layer1", stage(3, 6, 1))
+    m.add_module("layer2", stage(6, 8, 2))
+    m.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    m.add_module("flatten", nn.Flatten())
+    m.add_module("fc", nn.Linear(8, width))
+    with torch.no_grad():
+        m.fc.bias.add_(bias)
+    m = m.double()
+    fail = int(os.environ.get("EDGES_FAIL_AFTER_FORWARDS", "0"))
+    if fail:  # a preempted run: the forward number `fail` + 1 raises
+        calls = [0]
+
+        def hook(mod, inp):
+            calls[0] += 1
+            if calls[0] > fail:
+                raise RuntimeError("simulated preemption")
+        m.register_forward_pre_hook(hook)
+    return m
+
+def build10():
+    return build(10)
+
+def other_weights():
+    return build(bias=1.0)
+'''

@@ -24,6 +24,9 @@ STORE_TOL = {
     torch.bfloat16: (8e-3, 1e-5),
 }
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# loose tolerances for the finite entries next to special values (rtol, atol)
+FINITE_TOL = {torch.float64: (1e-9, 1e-12), torch.float32: (1e-4, 1e-6), torch.float16: (2e-2, 1e-3),
+              torch.bfloat16: (5e-2, 1e-2)}
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, name: str = "") -> None:
@@ -38,6 +41,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
             f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (rtol={rtol}, atol={atol}); first at {idx}: "
             f"got {a[idx].item()!r}, expected {e[idx].item()!r}; max abs err {(a - e).abs().max().item():.3e}"
         )
+
+
+def assert_same_special(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "",
+                        tol: Optional[tuple[float, float]] = None) -> None:
+    """NaN exactly where expected is NaN (NaN == NaN), the same infinities with the same signs, and the
+    finite entries within ``tol`` (rtol, atol), by default ``FINITE_TOL[dtype]``."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    an, en = a.isnan(), e.isnan()
+    assert torch.equal(an, en), (f"{name}: NaN at {an.nonzero()[:5].tolist()} (got) vs "
+                                 f"{en.nonzero()[:5].tolist()} (loop); got {a.flatten()[:8].tolist()}, "
+                                 f"loop {e.flatten()[:8].tolist()}")
+    ai, ei = a.isinf(), e.isinf()
+    assert torch.equal(ai, ei), f"{name}: inf at {ai.nonzero()[:5].tolist()} vs loop {ei.nonzero()[:5].tolist()}"
+    assert torch.equal(a[ai], e[ei]), f"{name}: infinities of different sign"
+    f = ~(an | ai)
+    rtol, atol = FINITE_TOL[dtype] if tol is None else tol
+    bad = ~((a[f] - e[f]).abs() <= atol + rtol * e[f].abs())
+    assert not bad.any(), f"{name}: {int(bad.sum())} finite entries differ, max err {(a[f] - e[f]).abs().max():.3e}"
 
 
 def assert_rel_norm(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "") -> None:
@@ -59,6 +81,20 @@ def rand(*shape, dtype=torch.float32, device="cpu", gen=None, low=None) -> torch
     if low is not None:
         x = x.abs() + low
     return x.to(dtype=dtype, device=device)
+
+
+def rank_rows(seed: int, rank: int, world: int):
+    """Global float64 rows every rank of a distributed test rebuilds from ``seed``: rank r holds 3 + r of
+    them, labels 0..2 on every rank. ``(x (n, 2, 3) around 2, r (n, 2, 3) around -1, labels (n,), this
+    rank's slice of the n rows)``."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [3 + i for i in range(world)]
+    n = sum(sizes)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 2, 3, generator=g, dtype=torch.float64) + 2
+    r = torch.randn(n, 2, 3, generator=g, dtype=torch.float64) - 1
+    o = sum(sizes[:rank])
+    return x, r, y, slice(o, o + sizes[rank])
 
 
 def noncontig(x: torch.Tensor) -> torch.Tensor:

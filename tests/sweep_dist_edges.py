@@ -29,8 +29,10 @@ import tempfile
 import time
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as a script: the repo root, for tests.*
+
+from tests._dist_launch import free_port  # noqa: E402
 
 # ----------------------------------------------------------------------------- probes (run inside a rank)
 
@@ -39,17 +41,9 @@ PG = None
 
 
 def _data(seed: int = 0):
-    """Global float64 data every rank can rebuild: rank r holds 3 + r rows, labels cover 0..2."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    sizes = [3 + r for r in range(WORLD)]
-    n = sum(sizes)
-    y = torch.arange(n) % 3
-    x = torch.randn(n, 2, 3, generator=g, dtype=torch.float64) + 2
-    r = torch.randn(n, 2, 3, generator=g, dtype=torch.float64) - 1
-    o = sum(sizes[:RANK])
-    sl = slice(o, o + sizes[RANK])
-    return x, r, y, sl
+    """This rank's view of the global rows of ``seed`` (:func:`tests._utils.rank_rows`)."""
+    from tests._utils import rank_rows
+    return rank_rows(seed, RANK, WORLD)
 
 
 def good(op: str, seed: int = 0):
@@ -280,16 +274,9 @@ def rank_main(rank: int, world: int, out: str, probe: str) -> int:
 
 # ----------------------------------------------------------------------------- driver
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_probe(world: int, probe: str, steps, timeout_s: float = 6.0) -> tuple[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, EDFKERN_NO_NATIVE="1",
-               EDFKERN_DIST_TIMEOUT=str(timeout_s), MASTER_PORT=str(_free_port()))
+               EDFKERN_DIST_TIMEOUT=str(timeout_s), MASTER_PORT=str(free_port()))
     with tempfile.TemporaryDirectory() as out:
         procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), str(world), out, probe], env=env,
                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -353,7 +340,7 @@ def _timeout_probes() -> dict[str, tuple[str, str]]:
     for v in ("abc", "-5", "0", "nan", "inf", "", "1e400", "30"):
         env = dict(os.environ, PYTHONPATH=ROOT, EDFKERN_NO_NATIVE="1", EDFKERN_DIST_TIMEOUT=v)
         try:
-            p = subprocess.run([sys.executable, "-c", code % _free_port()], env=env, capture_output=True, text=True,
+            p = subprocess.run([sys.executable, "-c", code % free_port()], env=env, capture_output=True, text=True,
                                timeout=40)
             txt = p.stdout + p.stderr
             line = next((ln for ln in txt.splitlines() if ln.startswith("RESULT")), "")

@@ -6,50 +6,41 @@ values beyond a loose tolerance) and, for flat CAMs, how many masks are not bit-
 """
 from __future__ import annotations
 
+import collections
 import os
 import sys
+from typing import Callable
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import collections  # noqa: E402
 
 import torch  # noqa: E402
 
 import edfkern  # noqa: E402
 from edfkern import baselines as B  # noqa: E402
+from tests._utils import DTYPES, assert_same_special, rand  # noqa: E402
+from tests.opinfo import INF, SPECIALS, flat_rule_mask, sprinkle  # noqa: E402
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-INF, NAN = float("inf"), float("nan")
-NEG_NAN = -float("nan")  # sign bit set, like x86's default NaN from 0*inf
+SOME_KINDS = {k: SPECIALS[k] for k in ("negnan", "inf", "mix")}
 
 
-def same(a: torch.Tensor, e: torch.Tensor, rtol: float = 2e-2, atol: float = 1e-3) -> bool:
-    """NaN where e is NaN, the same infinities, finite values close; shapes equal."""
-    if a.shape != e.shape:
+def same(a: torch.Tensor, e: torch.Tensor) -> bool:
+    """NaN where e is NaN, the same infinities, finite values within 2e-2 relative (1e-3 absolute); shapes equal."""
+    try:
+        assert_same_special(a, e, torch.float32, tol=(2e-2, 1e-3))
+    except AssertionError:
         return False
-    a, e = a.detach().double().cpu(), e.detach().double().cpu()
-    if not torch.equal(a.isnan(), e.isnan()):
-        return False
-    ia, ie = a.isinf(), e.isinf()
-    if not torch.equal(ia, ie) or not torch.equal(a[ia], e[ie]):
-        return False
-    f = ~(a.isnan() | ia)
-    return bool(((a[f] - e[f]).abs() <= atol + rtol * e[f].abs()).all())
+    return True
 
 
-def sprinkle(x: torch.Tensor, kinds, gen: torch.Generator, frac: float = 0.2) -> torch.Tensor:
-    x = x.clone()
-    flat = x.view(-1)
-    n = max(1, int(frac * flat.numel()))
-    idx = torch.randperm(flat.numel(), generator=gen)[:n]
-    vals = torch.tensor(kinds, dtype=torch.float64)[torch.randint(len(kinds), (n,), generator=gen)]
-    flat[idx] = vals.to(x.dtype)
-    return x
-
-
-KINDS = {"nan": [NAN], "negnan": [NEG_NAN], "inf": [INF], "-inf": [-INF], "mix": [NAN, NEG_NAN, INF, -INF]}
-SOME_KINDS = {k: KINDS[k] for k in ("negnan", "inf", "mix")}
+def count(counts, key: tuple[str, str], agrees: Callable[[], bool]) -> None:
+    """One input of class ``key``: counted as disagreeing when ``agrees()`` is false or raises."""
+    counts[key][1] += 1
+    try:
+        ok = agrees()
+    except Exception:
+        ok = False
+    counts[key][0] += not ok
 
 
 def sweep_cpd(backends, counts):
@@ -57,76 +48,59 @@ def sweep_cpd(backends, counts):
     for dt in DTYPES:
         for P in (5, 300):
             for ratio in (0.25, 0.9):
-                for kind, vals in KINDS.items():
+                for kind, vals in SPECIALS.items():
                     for where in ("student", "target", "start", "all", "s=t=inf"):
-                        s, t, s0 = (torch.randn(P, dtype=torch.float64, generator=gen).to(dt) for _ in range(3))
+                        s, t, s0 = (rand(P, dtype=dt, gen=gen) for _ in range(3))
                         if where == "s=t=inf":
                             m = torch.rand(P, generator=gen) < 0.3
                             s[m] = INF
                             t[m] = INF
                         else:
                             if where in ("student", "all"):
-                                s = sprinkle(s, vals, gen)
+                                s = sprinkle(s, vals, gen, 0.2)
                             if where in ("target", "all"):
-                                t = sprinkle(t, vals, gen)
+                                t = sprinkle(t, vals, gen, 0.2)
                             if where in ("start", "all"):
-                                s0 = sprinkle(s0, vals, gen)
+                                s0 = sprinkle(s0, vals, gen, 0.2)
                         sb = s.clone().requires_grad_(True)
                         eb = B.cpd_trajectory_loss(sb, t, s0, drop_ratio=ratio)
                         eb.backward()
                         l_ref = ((s.double() - t.double()) ** 2).to(dt)
                         keep_e = B.cpd_keep_mask(l_ref, ratio)
+
+                        def loss_and_grad():
+                            sa = s.clone().requires_grad_(True)
+                            la = edfkern.cpd_trajectory_loss(sa, t, s0, drop_ratio=ratio)
+                            la.backward()
+                            return same(la, eb) and same(sa.grad, sb.grad)
                         for be in backends:
                             with edfkern.use_backend(be):
-                                key = ("cpd loss+grad", be)
-                                counts[key][1] += 1
-                                try:
-                                    sa = s.clone().requires_grad_(True)
-                                    la = edfkern.cpd_trajectory_loss(sa, t, s0, drop_ratio=ratio)
-                                    la.backward()
-                                    ok = same(la, eb) and same(sa.grad, sb.grad)
-                                except Exception:
-                                    ok = False
-                                counts[key][0] += not ok
-                                key = ("cpd keep_mask", be)
-                                counts[key][1] += 1
-                                try:
-                                    ok = torch.equal(edfkern.cpd_keep_mask(l_ref, ratio), keep_e)
-                                except Exception:
-                                    ok = False
-                                counts[key][0] += not ok
+                                count(counts, ("cpd loss+grad", be), loss_and_grad)
+                                count(counts, ("cpd keep_mask", be),
+                                      lambda: torch.equal(edfkern.cpd_keep_mask(l_ref, ratio), keep_e))
 
 
 def sweep_gradcam(backends, counts):
     gen = torch.Generator().manual_seed(1)
     for dt in DTYPES:
-        for method in ("gradcam", "gradcam++", "smoothgradcam++"):  # noqa: E501
+        for method in ("gradcam", "gradcam++", "smoothgradcam++"):
             for normalize in (True, False):
                 for size in (None, "same", (9, 11)):
                     for kind, vals in SOME_KINDS.items():
                         for where in ("A", "G"):
                             N, C, h, w, S = 3, 4, 5, 6, 2
                             shp = (S, N, C, h, w) if method == "smoothgradcam++" else (N, C, h, w)
-                            A = torch.randn(shp, dtype=torch.float64, generator=gen).abs().to(dt)
-                            G = torch.randn(shp, dtype=torch.float64, generator=gen).to(dt)
-                            if where in ("A", "both"):
+                            A, G = rand(*shp, dtype=dt, gen=gen).abs(), rand(*shp, dtype=dt, gen=gen)
+                            if where == "A":
                                 A = sprinkle(A, vals, gen, 0.02)
-                            if where in ("G", "both"):
+                            else:
                                 G = sprinkle(G, vals, gen, 0.02)
-                            Ac = A[0].clone() if method == "smoothgradcam++" else None
-                            sz = (h, w) if size == "same" else size
-                            e = B.grad_cam(A, G, method=method, size=sz, normalize=normalize, clean_activations=Ac)
+                            kw = dict(method=method, size=(h, w) if size == "same" else size, normalize=normalize,
+                                      clean_activations=A[0].clone() if method == "smoothgradcam++" else None)
+                            e = B.grad_cam(A, G, **kw)
                             for be in backends:
                                 with edfkern.use_backend(be):
-                                    key = ("grad_cam", be)
-                                    counts[key][1] += 1
-                                    try:
-                                        a = edfkern.grad_cam(A, G, method=method, size=sz, normalize=normalize,
-                                                             clean_activations=Ac)
-                                        ok = same(a, e)
-                                    except Exception:
-                                        ok = False
-                                    counts[key][0] += not ok
+                                    count(counts, ("grad_cam", be), lambda: same(edfkern.grad_cam(A, G, **kw), e))
 
 
 def sweep_dae(backends, counts):
@@ -137,81 +111,46 @@ def sweep_dae(backends, counts):
                 for kind, vals in SOME_KINDS.items():
                     for where in ("cam", "grad", "param", "buf"):
                         N, C = 3, 2
-                        cam = torch.rand(N, h, w, dtype=torch.float64, generator=gen).to(dt)
-                        g = torch.randn(N, C, H, W, dtype=torch.float64, generator=gen).to(dt)
-                        p = torch.randn(N, C, H, W, dtype=torch.float64, generator=gen).to(dt)
-                        buf = torch.randn(N, C, H, W, dtype=torch.float64, generator=gen).to(dt)
-                        if where == "cam":
-                            cam = sprinkle(cam, vals, gen, 0.15)
-                        elif where == "grad":
-                            g = sprinkle(g, vals, gen, 0.1)
-                        elif where == "param":
-                            p = sprinkle(p, vals, gen, 0.1)
-                        else:
-                            buf = sprinkle(buf, vals, gen, 0.1)
+                        t = {"cam": torch.rand(N, h, w, dtype=torch.float64, generator=gen).to(dt)}
+                        t.update((k, rand(N, C, H, W, dtype=dt, gen=gen)) for k in ("grad", "param", "buf"))
+                        t[where] = sprinkle(t[where], vals, gen, 0.15 if where == "cam" else 0.1)
+                        cam, g, p, buf = t["cam"], t["grad"], t["param"], t["buf"]
+                        sgd = dict(lr=0.1, beta=1.0, threshold=thr, momentum=0.9, weight_decay=0.01)
                         m_e = B.create_soft_mask(cam, (H, W), 1.0, thr).to(dt)
                         g_e = B.dae_(g.clone(), cam, beta=1.0, threshold=thr)
                         p_e, b_e = p.clone(), buf.clone()
-                        B.dae_sgd_step_(p_e, g, b_e, cam, lr=0.1, beta=1.0, threshold=thr, momentum=0.9,
-                                        weight_decay=0.01)
+                        B.dae_sgd_step_(p_e, g, b_e, cam, **sgd)
+
+                        def step():
+                            pa, ba = p.clone(), buf.clone()
+                            edfkern.dae_sgd_step_(pa, g, ba, cam, **sgd)
+                            return same(pa, p_e) and same(ba, b_e)
                         for be in backends:
                             with edfkern.use_backend(be):
-                                for name, fn, exp in (
-                                    ("dae_mask", lambda: edfkern.dae_mask(cam, beta=1.0, threshold=thr, size=(H, W)),
-                                     m_e),
-                                    ("dae_", lambda: edfkern.dae_(g.clone(), cam, beta=1.0, threshold=thr), g_e),
-                                ):
-                                    if name == "dae_mask" and where != "cam":
-                                        continue
-                                    key = (name, be)
-                                    counts[key][1] += 1
-                                    try:
-                                        ok = same(fn(), exp)
-                                    except Exception:
-                                        ok = False
-                                    counts[key][0] += not ok
-                                key = ("dae_sgd_step_", be)
-                                counts[key][1] += 1
-                                try:
-                                    pa, ba = p.clone(), buf.clone()
-                                    edfkern.dae_sgd_step_(pa, g, ba, cam, lr=0.1, beta=1.0, threshold=thr, momentum=0.9,
-                                                          weight_decay=0.01)
-                                    ok = same(pa, p_e) and same(ba, b_e)
-                                except Exception:
-                                    ok = False
-                                counts[key][0] += not ok
-
-
-def flat_rule_mask(c: float, dt: torch.dtype, H: int, W: int, beta: float, thr) -> torch.Tensor:
-    """The flat-CAM rule: U(cam) == c exactly, tau == c (mean) -> mask c + beta everywhere (in acc, then dt)."""
-    acc = torch.float64 if dt == torch.float64 else torch.float32
-    cv = torch.tensor(c, dtype=torch.float64).to(dt).to(acc)
-    t = cv if thr is None else torch.tensor(thr, dtype=torch.float64).to(acc)
-    val = cv + torch.tensor(beta, dtype=torch.float64).to(acc) if cv >= t else torch.ones((), dtype=acc)
-    return val.expand(1, 1, H, W).to(dt)
+                                if where == "cam":
+                                    count(counts, ("dae_mask", be), lambda: same(
+                                        edfkern.dae_mask(cam, beta=1.0, threshold=thr, size=(H, W)), m_e))
+                                count(counts, ("dae_", be),
+                                      lambda: same(edfkern.dae_(g.clone(), cam, beta=1.0, threshold=thr), g_e))
+                                count(counts, ("dae_sgd_step_", be), step)
 
 
 def sweep_flat(backends, counts):
     for dt in DTYPES:
+        acc = torch.float64 if dt == torch.float64 else torch.float32
         for (h, w) in ((1, 1), (1, 7), (5, 1), (4, 6), (7, 7)):
             for (H, W) in ((h, w), (32, 32), (13, 9), (3, 2)):
                 for c in (0.0, -1.5, 0.1, 0.7):
                     for thr in (None, "c"):
                         cam = torch.full((1, h, w), c, dtype=dt)
                         t = None if thr is None else float(cam[0, 0, 0])
-                        exp = flat_rule_mask(c, dt, H, W, 1.0, t)
-                        key = ("flat baseline", "loop")
-                        counts[key][1] += 1
-                        counts[key][0] += not torch.equal(B.create_soft_mask(cam, (H, W), 1.0, t).to(dt), exp)
+                        exp = flat_rule_mask(cam[0, 0, 0], acc, H, W, 1.0, t).to(dt)
+                        count(counts, ("flat baseline", "loop"),
+                              lambda: torch.equal(B.create_soft_mask(cam, (H, W), 1.0, t).to(dt), exp))
                         for be in backends:
                             with edfkern.use_backend(be):
-                                key = ("flat dae_mask", be)
-                                counts[key][1] += 1
-                                try:
-                                    ok = torch.equal(edfkern.dae_mask(cam, beta=1.0, threshold=t, size=(H, W)), exp)
-                                except Exception:
-                                    ok = False
-                                counts[key][0] += not ok
+                                count(counts, ("flat dae_mask", be), lambda: torch.equal(
+                                    edfkern.dae_mask(cam, beta=1.0, threshold=t, size=(H, W)), exp))
 
 
 def main() -> None:

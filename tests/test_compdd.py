@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 import edfkern.compdd as compdd
 from edfkern.cam import CAMExtractor
-from tests._models import staged_convnet
+from tests._models import MODEL_MODULE, staged_convnet
 from edfkern.compdd._cli import TensorImages, main
 
 PUBLISHED = {  # the lists as the paper's table gives them, typed in again independently
@@ -424,22 +424,6 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the CLI
-
-MODEL_MODULE = '''
-import torch
-from torch import nn
-
-def build():
-    torch.manual_seed(0)
-    stage = lambda i, o, s: nn.Sequential(nn.Conv2d(i, o, 3, stride=s, padding=1), nn.ReLU())
-    m = nn.Sequential()
-    m.add_module("layer1", stage(3, 6, 1))
-    m.add_module("layer2", stage(6, 8, 2))
-    m.add_module("pool", nn.AdaptiveAvgPool2d(1))
-    m.add_module("flatten", nn.Flatten())
-    m.add_module("fc", nn.Linear(8, 3))
-    return m.double()  # float64: thresholded maps cannot flip with the batch composition
-'''
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import datetime
 import json
 import multiprocessing as mp
 import os
-import socket
 import traceback
 
 import pytest
@@ -19,20 +18,15 @@ import torch
 import edfkern.compdd as compdd
 import edfkern.distributed
 from edfkern.compdd._cli import TensorImages
+from tests._dist_launch import free_port
+from tests._models import MODEL_MODULE
+from tests.test_compdd import make_data, small_model  # the single-process tests' model and data
 
 WORLD = 2
 LAYERS = ["layer1", "layer2", "layer3"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _setup(n: int = 7):
-    from test_compdd import make_data, small_model  # same model and data as the single-process tests
-
     ds = make_data(n=n)
     ds.images[3] = float("nan")  # on rank 1: the other rank learns of it through the final gather
     return small_model(), ds
@@ -59,13 +53,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     edfkern.distributed.exit_process(0)  # os._exit after shutdown: torch's gloo finalization may abort
 
 
-def test_two_ranks_equal_one_process(tmp_path):
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))  # the spawned ranks import test_compdd
+def _run_ranks(target, out_dir) -> list:
+    """Spawn ``target(rank, port, out_dir)`` on WORLD ranks and wait for them, at most 240 s each (then the
+    ranks are killed and the test fails, with what the ranks wrote to ``rank*.err``); the processes."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, str(out_dir))) for r in range(WORLD)]
     for p in procs:
         p.start()
     try:
@@ -76,8 +69,14 @@ def test_two_ranks_equal_one_process(tmp_path):
         for p in hung:
             p.kill()
             p.join(5)
-    errors = {f.name: f.read_text() for f in tmp_path.glob("rank*.err")}
+    errors = {f.name: f.read_text() for f in out_dir.glob("rank*.err")}
     assert not hung, f"ranks did not finish within the bound; errors: {errors}"
+    return procs
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    procs = _run_ranks(_worker, tmp_path)
+    errors = {f.name: f.read_text() for f in tmp_path.glob("rank*.err")}
     assert not errors and all(p.exitcode == 0 for p in procs), errors
 
     model, ds = _setup()
@@ -122,27 +121,12 @@ def test_one_rank_refusing_stops_every_rank_before_scoring(tmp_path, monkeypatch
     """Issue 20, class 2 under torchrun: rank 1 cannot write its checkpoint (the path is a folder). It used
     to score and fail at its first save while rank 0 waited for the whole collective timeout in the final
     all-reduce; now both raise ``ValueError`` before the first image, rank 0 naming rank 1."""
-    import sys
     import time
 
-    sys.path.insert(0, os.path.dirname(__file__))
     monkeypatch.setenv("EDFKERN_DIST_TIMEOUT", "90")  # read by the spawned ranks at import
     os.makedirs(tmp_path / f"ck.rank1-of-{WORLD}.pt")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_refusing_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
     t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=240)
-    finally:
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-            p.join(5)
-    assert not hung, "ranks did not finish"
+    _run_ranks(_refusing_worker, tmp_path)
     outcome = [(tmp_path / f"rank{r}.outcome").read_text() for r in range(WORLD)]
     assert outcome[1].startswith("ValueError: checkpoint") and "is a folder" in outcome[1], outcome
     assert outcome[0] == "ValueError: compdd setup: rank(s) [1] refused the run (their error is on their stderr)", \
@@ -156,8 +140,6 @@ def test_cli_under_torchrun(tmp_path):
     import subprocess
     import sys
 
-    from test_compdd import MODEL_MODULE
-
     (tmp_path / "compdd_test_models.py").write_text(MODEL_MODULE)
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(9, 3, 8, 8, generator=g), torch.tensor([0, 1, 2] * 3)
@@ -168,7 +150,7 @@ def test_cli_under_torchrun(tmp_path):
     args = ["score", "--data", str(tmp_path / "data.pt"), "--model", "compdd_test_models:build",
             "--layers", "layer1,layer2", "--batch-size", "2", "--no-progress"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "edfkern.compdd", *args,
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "edfkern.compdd", *args,
            "--out", str(tmp_path / "dist")]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -11,6 +11,7 @@ import torch
 
 import edfkern
 from edfkern import _dispatch
+from tests.opinfo import OPS
 
 
 def test_backends_report_every_backend_with_a_reason():
@@ -105,34 +106,15 @@ def test_auto_on_cpu_prefers_native_then_reference():
     assert fn.__wrapped__ is _backend_fn(expected, "cov_forward")
 
 
-def _every_public_op() -> None:
-    """Each public op once, forward and backward, at tiny sizes: together they need all 12 kernels."""
-    g = torch.Generator().manual_seed(0)
-    cam = torch.rand(2, 3, 3, generator=g)
-    grad, param, buf = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(3))
-    edfkern.dae_mask(cam, beta=1.0, size=(5, 4))
-    edfkern.dae_(grad, cam, beta=1.0)
-    edfkern.dae_sgd_step_(param, grad, buf, cam, lr=0.1, beta=1.0)
-    edfkern.grad_cam(torch.rand(2, 3, 3, 3, generator=g), torch.randn(2, 3, 3, 3, generator=g), size=(6, 6))
-    s = torch.randn(30, generator=g, requires_grad=True)
-    t, s0 = torch.randn(30, generator=g), torch.randn(30, generator=g)
-    edfkern.cpd_trajectory_loss(s, t, s0, drop_ratio=0.3).backward()
-    edfkern.cpd_keep_mask(torch.rand(30, generator=g), 0.3)
-    x = torch.randn(6, 3, 4, generator=g, requires_grad=True)
-    edfkern.local_covariance(x, groups=2).sum().backward()
-    f = torch.randn(6, 5, generator=g, requires_grad=True)
-    edfkern.class_centralization_loss(f, groups=2).backward()
-    edfkern.mean_matching_loss(f, torch.randn(4, 5, generator=g), syn_groups=2, real_groups=2).backward()
-
-
 def _cpu_backends() -> list[str]:
     return [n for n, i in edfkern.backends().items() if i["available"] and "cpu" in i["devices"]]
 
 
 @pytest.mark.parametrize("selection", ["auto", "reference", "native", "triton"])
 def test_public_ops_run_the_selected_backends_kernels(monkeypatch, selection):
-    """Spy on every kernel of every CPU backend: the public ops call exactly the selected backend's kernels
-    (auto on CPU: native when it is built, else reference), and every contract kernel is reached."""
+    """Spy on every kernel of every CPU backend: each public op's table sample (tests/opinfo.py), forward and
+    backward, calls exactly the selected backend's kernels (auto on CPU: native when it is built, else
+    reference), and exactly the kernels its table entry lists; together they reach every contract kernel."""
     import edfkern.reference as R
 
     avail = _cpu_backends()
@@ -148,8 +130,15 @@ def test_public_ops_run_the_selected_backends_kernels(monkeypatch, selection):
                 return _raw(*args)
             monkeypatch.setattr(mod, op, spy)
     monkeypatch.setattr(_dispatch, "_WRAPPED", {})  # forget the kernels looked up before the spies
+    g = torch.Generator().manual_seed(0)
     with edfkern.use_backend(selection):
-        _every_public_op()
+        for op in OPS:
+            if op.sample is None:
+                continue
+            before = len(calls[expected])
+            op.sample(g)
+            assert set(calls[expected][before:]) == set(op.kernels), (
+                f"{op.name} called {sorted(set(calls[expected][before:]))}, its table entry lists {op.kernels}")
     assert set(calls[expected]) == set(R.__all__), f"{expected} kernels never called: " \
         f"{sorted(set(R.__all__) - set(calls[expected]))}"
     others = {b: c for b, c in calls.items() if b != expected and c}

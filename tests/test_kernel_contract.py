@@ -30,6 +30,7 @@ import edfkern  # noqa: E402
 import edfkern.reference as R  # noqa: E402
 from edfkern.reference._common import upsample  # noqa: E402
 from tests._utils import DTYPES, assert_close, assert_fp_rule  # noqa: E402
+from tests.opinfo import OP, OPS, csr  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = ("native", "triton")
@@ -75,10 +76,8 @@ def groups(kind: str, n: int, k: int, seed: int) -> tuple[int, torch.Tensor | No
     labels = torch.randint(0, k, (n,), generator=_gen(seed))
     labels[labels == 1] = 0
     labels[0], labels[-1] = k - 1, 0  # never already sorted
-    counts = torch.bincount(labels, minlength=k)
-    offsets = torch.zeros(k + 1, dtype=torch.int64)
-    offsets[1:] = counts.cumsum(0)
-    return n, torch.sort(labels, stable=True).indices.to(DEVICE), offsets.to(DEVICE)
+    perm, offsets = csr(labels, k)
+    return n, perm.to(DEVICE), offsets.to(DEVICE)
 
 
 def _promote(v):
@@ -103,6 +102,29 @@ def vs_reference(got, fn: str, *args, name: str = "", index=None, floor_ulps=Non
     assert_fp_rule(got, oracle, [plain, *also], name, floor_ulps=floor_ulps)
 
 
+# ----------------------------------------------------------------------------- every op's kernel calls
+
+KERNEL_CALLS = [(op.name, label, kernel) for op in OPS for label, kernel, _ in op.kernel_calls(torch.float32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op,label,kernel", KERNEL_CALLS, ids=[f"{k}-{lab}" for _, lab, k in KERNEL_CALLS])
+def test_kernel_calls_of_the_op_table(K, dtype, op, label, kernel):
+    """Each call of ``kernel_calls`` in tests/opinfo.py: floating outputs by the tolerance rule against the
+    reference kernel, integer and boolean outputs identical."""
+    args = next(a for lab, k, a in OP[op].kernel_calls(dtype) if (lab, k) == (label, kernel))
+    args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+    got, exp = getattr(K, kernel)(*args), getattr(R, kernel)(*args)
+    outs = list(zip(got, exp)) if isinstance(got, tuple) else [(got, exp)]
+    assert len(outs) == (len(exp) if isinstance(exp, tuple) else 1), f"{kernel}: {len(outs)} outputs"
+    for i, (g, e) in enumerate(outs):
+        name = f"{kernel} output {i}"
+        if g.is_floating_point():
+            vs_reference(g, kernel, *args, name=name, index=i if isinstance(got, tuple) else None)
+        else:
+            assert g.dtype == e.dtype and torch.equal(g, e), f"{name}: {g} != {e}"
+
+
 # ----------------------------------------------------------------------------- DAE
 
 
@@ -115,13 +137,9 @@ def near_threshold(cam: torch.Tensor, threshold, H: int, W: int) -> torch.Tensor
     return (u - tau).abs() <= tol * (1 + tau.abs())
 
 
-DAE_SHAPES = [(3, 2, 4, 4, 33, 17), (2, 3, 5, 3, 5, 3), (1, 1, 3, 7, 16, 16), (2, 4, 1, 1, 7, 9),
-              (2, 3, 4, 4, 40, 37), (1, 7, 7, 7, 7, 7)]  # N, C, h, w, H, W; (40, 37) > one 1024-pixel block
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", DAE_SHAPES, ids=str)
-@pytest.mark.parametrize("threshold", [None, 0.4], ids=str)
+@pytest.mark.parametrize("shape", OP["dae_mask"].contract["shapes"], ids=str)
+@pytest.mark.parametrize("threshold", OP["dae_mask"].contract["thresholds"], ids=str)
 def test_dae_mask_and_scale(K, dtype, shape, threshold):
     n, c, h, w, H, W = shape
     cam = rand(n, h, w, dtype=dtype, seed=sum(shape))
@@ -164,18 +182,8 @@ def test_dae_mixed_dtypes(K):
     assert_fp_rule(g1[far], g3[far], g2[far], "dae_ fp16 grad / fp64 cam")
 
 
-SGD_CONFIGS = [  # momentum, dampening, weight_decay, nesterov, maximize, first_step
-    (0.5, 0.0, 0.0, False, False, False),
-    (0.5, 0.0, 0.0, False, False, True),
-    (0.9, 0.1, 0.01, False, True, False),
-    (0.9, 0.0, 0.05, True, False, False),
-    (0.0, 0.0, 0.1, False, False, False),
-    (0.9, 0.3, 0.0, False, False, True),  # torch applies no dampening on the first step
-]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=str)
+@pytest.mark.parametrize("cfg", OP["dae_sgd_step_"].contract["configs"], ids=str)
 @pytest.mark.parametrize("identity", [False, True], ids=["upsampled", "identity"])
 def test_dae_sgd_step(K, dtype, cfg, identity):
     momentum, dampening, wd, nesterov, maximize, first = cfg
@@ -219,9 +227,9 @@ def test_dae_sgd_step(K, dtype, cfg, identity):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "smoothgradcam++"])
-@pytest.mark.parametrize("size", [None, (9, 13)], ids=str)
-@pytest.mark.parametrize("hw", [(5, 3), (4, 4)], ids=str)  # 4x4: the native CPU kernel's vector path
+@pytest.mark.parametrize("method", OP["grad_cam"].contract["methods"])
+@pytest.mark.parametrize("size", OP["grad_cam"].contract["sizes"], ids=str)
+@pytest.mark.parametrize("hw", OP["grad_cam"].contract["hw"], ids=str)
 def test_grad_cam(K, dtype, method, size, hw, request):
     if K.__name__ == "edfkern.triton" and method == "gradcam++" and (dtype, hw) in (
             (torch.bfloat16, (5, 3)), (torch.float16, (4, 4))):
@@ -275,13 +283,13 @@ def stable_sort_keep(l: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("p", [1, 7, 2053, 6001])
-@pytest.mark.parametrize("mode", ["random", "ties"])
+@pytest.mark.parametrize("p", OP["cpd_trajectory_loss"].contract["P"])
+@pytest.mark.parametrize("mode", OP["cpd_trajectory_loss"].contract["modes"])
 def test_cpd_forward_backward(K, dtype, p, mode):
     student, target, start = cpd_inputs(p, mode, dtype, seed=p)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     l = (student.to(acc) - target.to(acc)) ** 2
-    for ratio in (0.0, 0.25, 0.5, 0.9):
+    for ratio in OP["cpd_trajectory_loss"].contract["ratios"]:
         k = int(ratio * p)
         sl, sd, thr, tie = K.cpd_forward(student, target, start, k)
         rsl, rsd, rthr, rtie = R.cpd_forward(student, target, start, k)
@@ -300,8 +308,8 @@ def test_cpd_forward_backward(K, dtype, p, mode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("p", [1, 5, 2049, 4099])
-@pytest.mark.parametrize("mode", ["random", "ties"])
+@pytest.mark.parametrize("p", OP["cpd_keep_mask"].contract["P"])
+@pytest.mark.parametrize("mode", OP["cpd_keep_mask"].contract["modes"])
 def test_cpd_keep_mask(K, dtype, p, mode):
     if mode == "random":
         l = randn(p, dtype=dtype, seed=p)  # negative values too: other DD methods pass any losses
@@ -309,7 +317,7 @@ def test_cpd_keep_mask(K, dtype, p, mode):
         l = torch.randint(-2, 3, (p,), generator=_gen(p)).to(dtype).to(DEVICE)
         l[l == 0] = -0.0 if p % 2 else 0.0
         l[::3] = 0.0  # -0.0 and +0.0 tie
-    for ratio in (0.0, 0.3, 0.5, 0.99):
+    for ratio in OP["cpd_keep_mask"].contract["ratios"]:
         k = int(ratio * p)
         got = K.cpd_keep_mask(l, k)
         assert got.dtype == torch.bool and got.shape == l.shape
@@ -321,18 +329,8 @@ def test_cpd_keep_mask(K, dtype, p, mode):
 # ----------------------------------------------------------------------------- covariance and flat features
 
 
-COV_CASES = [  # n, C, L, K, groups
-    (12, 5, 3, 3, "equal"),
-    (11, 20, 16, 4, "labels"),
-    (7, 33, 1, 3, "labels"),
-    (20, 5, 16, 2, "equal"),  # few classes, many columns: Triton's split-K path
-    (11, 70, 5, 3, "labels"),  # C=70 > one 64-channel tile: 2x2 tiles
-    (21, 1, 1, 5, "labels"),
-]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", COV_CASES, ids=str)
+@pytest.mark.parametrize("case", OP["local_covariance"].contract["cases"], ids=str)
 def test_covariance(K, dtype, case):
     n, c, L, k, kind = case
     n, perm, offsets = groups(kind, n, k, seed=n)
@@ -360,8 +358,7 @@ def test_covariance_many_blocks(K):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [(200, 37, 32, 3, "labels"), (130, 128, 16, 2, "equal"), (40, 13, 16, 2, "labels"),
-                                  (9, 5, 48, 3, "labels")], ids=str)
+@pytest.mark.parametrize("case", OP["local_covariance"].contract["l16_cases"], ids=str)
 def test_covariance_l_multiple_of_16(K, dtype, case):
     """L a multiple of 16: the native CPU kernel's vector path on AVX-512 builds (other L and fp64
     take the BLAS path). Channel counts that are not multiples of its 4x6 / 8-row tiles, a perm, many
@@ -399,8 +396,7 @@ def test_covariance_allow_tf32_flag_reaches_triton():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [(12, 37, 3, "equal"), (13, 70, 5, "labels"), (6, 1, 3, "labels"),
-                                  (13, 300, 3, "labels"), (27, 13, 5, "labels")], ids=str)  # D=300: > one tile
+@pytest.mark.parametrize("case", OP["class_centralization_loss"].contract["cases"], ids=str)
 def test_flat_features(K, dtype, case):
     n, d, k, kind = case
     n, perm, offsets = groups(kind, n, k, seed=d)

@@ -6,51 +6,14 @@ import torch
 from torch.library import opcheck
 
 import edfkern
-import edfkern.ops.covariance  # noqa: F401
 from tests._utils import assert_close, rand
-
-ops = torch.ops.edfkern
-
-
-def _groups(n, k, device):
-    offsets = torch.arange(k + 1, device=device) * (n // k)
-    return None, offsets
+from tests.opinfo import OPS
 
 
-def _perm_groups(labels):
-    from edfkern._checks import resolve_groups
-
-    g = resolve_groups(labels, labels.numel(), labels.device)
-    return g.perm, g.offsets
-
-
-def opcheck_cases(device):
+def opcheck_cases(device) -> dict[str, tuple]:
+    """``{case: (registered op overload, args)}`` from every op's ``opcheck`` entry, one generator for all."""
     gen = torch.Generator().manual_seed(0)
-    r = lambda *s, dt=torch.float32: rand(*s, dtype=dt, gen=gen).to(device)  # noqa: E731
-    perm, offsets = _perm_groups(torch.tensor([1, 0, 2, 1, 0, 2], device=device))
-    cases = {
-        "dae_mask": (ops.dae_mask.default, (torch.rand(3, 4, 4, generator=gen).to(device), 1.0, None, 7, 9)),
-        "dae_": (ops.dae_.default, (r(3, 2, 7, 9), torch.rand(3, 4, 4, generator=gen).to(device), 1.0, 0.3)),
-        "dae_sgd_step_": (ops.dae_sgd_step_.default,
-                          (r(3, 2, 7, 9), r(3, 2, 7, 9), r(3, 2, 7, 9), torch.rand(3, 4, 4, generator=gen).to(device),
-                           10.0, 1.0, None, 0.5, 0.0, 0.0, False, False, False)),
-        "grad_cam": (ops.grad_cam.default, (r(3, 5, 4, 4), r(3, 5, 4, 4), None, "gradcam++", True, [8, 8])),
-        "grad_cam_smooth": (ops.grad_cam.default, (r(2, 3, 5, 4, 4), r(2, 3, 5, 4, 4), r(3, 5, 4, 4),
-                                                   "smoothgradcam++", True, None)),
-        "cpd_keep_mask": (ops.cpd_keep_mask.default, (r(50).abs(), 0.3)),
-        "local_covariance": (ops.local_covariance.default, (r(6, 4, 3, dt=torch.float64).requires_grad_(), perm, offsets)),
-        "covariance_matching_loss": (ops.covariance_matching_loss.default,
-                                     (r(6, 4, 3, dt=torch.float64).requires_grad_(), None, _groups(6, 3, device)[1],
-                                      r(6, 4, 3, dt=torch.float64), perm, offsets, 0.01)),
-        "class_centralization_loss": (ops.class_centralization_loss.default,
-                                      (r(6, 5, dt=torch.float64).requires_grad_(), perm, offsets, 0.05)),
-        "mean_matching_loss": (ops.mean_matching_loss.default,
-                               (r(6, 5, dt=torch.float64).requires_grad_(), perm, offsets, r(9, 5, dt=torch.float64),
-                                None, _groups(9, 3, device)[1], 1.0)),
-    }
-    s, t, s0 = (r(40, dt=torch.float64) for _ in range(3))
-    cases["cpd_trajectory_loss"] = (ops.cpd_trajectory_loss.default, (s.requires_grad_(), t, s0, 0.25))
-    return cases
+    return {name: case for op in OPS for name, case in op.opcheck(device, gen).items()}
 
 
 CASE_NAMES = list(opcheck_cases("cpu").keys())
@@ -64,11 +27,20 @@ def test_opcheck(backend, device, name):
 
 
 def test_every_public_op_is_registered():
-    names = {"dae_mask", "dae_", "dae_sgd_step_", "grad_cam", "cpd_trajectory_loss", "cpd_trajectory_loss_backward",
-             "cpd_keep_mask", "local_covariance", "covariance_backward", "covariance_matching_loss",
-             "class_centralization_loss", "class_centralization_backward", "mean_matching_loss"}
-    for n in names:
+    """The op table (tests/opinfo.py) is complete and true: an entry per public op, every ``edfkern::`` op
+    registered and listed under one entry, and every contract kernel listed under an entry."""
+    import edfkern.reference as R
+
+    public_ops = {n for n in edfkern.__all__ if n not in ("set_backend", "use_backend", "backends",
+                                                             "current_backend", "config")}
+    assert {op.name for op in OPS} == public_ops
+    listed = [n for op in OPS for n in op.registered]
+    assert len(listed) == len(set(listed)), "a registered op listed under two entries"
+    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("edfkern::")}
+    assert set(listed) == registered
+    for n in listed:
         assert hasattr(torch.ops.edfkern, n), n
+    assert {k for op in OPS for k in op.kernels} == set(R.__all__)
 
 
 # ----------------------------------------------------------------------------- torch.compile
