@@ -17,8 +17,8 @@ import edfkern
 from edfkern import baselines
 from edfkern.trajectory import TrajectoryReplayError, last_call_profile, soft_cross_entropy
 
-from _trajectory_cases import (DIST_CASES, assert_same_grads, dsa_like, grads, make_case, peak_rss_growth, rel)
-from _utils import assert_fp_rule
+from tests._trajectory_cases import (DIST_CASES, assert_same_grads, dsa_like, grads, make_case, peak_rss_growth, rel)
+from tests._utils import assert_fp_rule
 
 GRID = list(itertools.product((1, 2, 7, 20), (4, 10), (False, True), (False, True), (0.0, 0.375), (None, 3)))
 
@@ -263,7 +263,7 @@ def test_peak_memory_grows_by_at_most_a_quarter_of_the_loops():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_process_group_gives_the_one_process_gradient(world):
-    from _dist_launch import run_world
+    from tests._dist_launch import run_world
 
     res = run_world(world, deadline_s=300.0, collective_timeout_s=90.0, script="_trajectory_cases.py")
     assert set(res) == set(DIST_CASES) | {"rng_disagreement", "train_batchnorm"}
