@@ -546,13 +546,15 @@ def check_pair_tensors(syn: Tensor, real: Tensor, feature: str) -> None:
     check_same_device(syn=syn, real=real)
 
 
-def matching_groups(syn: Tensor, real: Tensor, syn_groups: GroupsArg, real_groups: GroupsArg,
-                    num_groups: Optional[int], weight: object) -> tuple[float, Groups, Groups]:
-    """The two-sided losses' Python-level arguments: ``weight`` as a float, both sides' groups with one K."""
+def matching_args(as_rows_of, syn: object, real: object, syn_groups: GroupsArg, real_groups: GroupsArg,
+                  num_groups: Optional[int], weight: object) -> tuple[Tensor, Tensor, float, Groups, Groups]:
+    """The two-sided losses' Python-level arguments: both sides in their row layout (``as_rows_of``:
+    :func:`as_ncl` or :func:`as_rows`), ``weight`` as a float, both sides' groups with one K."""
+    syn, real = as_rows_of("syn", syn), as_rows_of("real", real)
     weight = check_number("weight", weight)
     gs, gr = resolve_group_pair(syn_groups, real_groups, syn.shape[0], real.shape[0], syn.device, num_groups,
                                 real_device=real.device)
-    return weight, gs, gr
+    return syn, real, weight, gs, gr
 
 
 def check_sgd_args(lr: float, momentum: float, dampening: float, weight_decay: float,

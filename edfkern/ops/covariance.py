@@ -69,8 +69,7 @@ def covariance_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsA
     if is_active(process_group):
         return _multi_rank.covariance_matching_loss(syn, real, syn_groups=syn_groups, real_groups=real_groups,
                                                     num_groups=num_groups, weight=weight, process_group=process_group)
-    syn, real = C.as_ncl("syn", syn), C.as_ncl("real", real)
-    weight, gs, gr = C.matching_groups(syn, real, syn_groups, real_groups, num_groups, weight)
+    syn, real, weight, gs, gr = C.matching_args(C.as_ncl, syn, real, syn_groups, real_groups, num_groups, weight)
     return _covariance_matching_loss_op(syn, gs.perm, gs.offsets, real, gr.perm, gr.offsets, weight)[0]
 
 

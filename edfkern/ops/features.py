@@ -70,9 +70,8 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, re
     if is_active(process_group):
         return _multi_rank.mean_matching_loss(syn, real, syn_groups=syn_groups, real_groups=real_groups,
                                               num_groups=num_groups, weight=weight, process_group=process_group)
-    s, r = C.as_rows("syn", syn), C.as_rows("real", real)
-    weight, gs, gr = C.matching_groups(s, r, syn_groups, real_groups, num_groups, weight)
-    return _mean_matching_loss_op(s, gs.perm, gs.offsets, r, gr.perm, gr.offsets, weight)[0]
+    syn, real, weight, gs, gr = C.matching_args(C.as_rows, syn, real, syn_groups, real_groups, num_groups, weight)
+    return _mean_matching_loss_op(syn, gs.perm, gs.offsets, real, gr.perm, gr.offsets, weight)[0]
 
 
 # ------------------------------------------------ registered ops (the one checked boundary: see edfkern/ops/__init__.py)
