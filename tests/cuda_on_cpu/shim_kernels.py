@@ -326,9 +326,11 @@ class ShimKernels:
 _LOADED: dict = {}
 
 
-def kernels(variant: Optional[str] = None, orders: Sequence[str] = ORDERS) -> ShimKernels:
-    """The shim kernels of the ``variant`` build (default ``$EDFKERN_CUDA_ON_CPU_VARIANT`` or plain)."""
+def kernels(variant: Optional[str] = None, orders: Optional[Sequence[str]] = None) -> ShimKernels:
+    """The shim kernels of the ``variant`` build (default ``$EDFKERN_CUDA_ON_CPU_VARIANT`` or plain), run
+    in ``orders`` (default ``$EDFKERN_CUDA_ON_CPU_ORDERS``, comma-separated, or ORDERS)."""
     variant = variant or os.environ.get("EDFKERN_CUDA_ON_CPU_VARIANT", "plain")
+    orders = orders or [o for o in os.environ.get("EDFKERN_CUDA_ON_CPU_ORDERS", "").split(",") if o] or ORDERS
     key = (variant, tuple(orders))
     if key not in _LOADED:
         _LOADED[key] = ShimKernels(build(variant), orders)
