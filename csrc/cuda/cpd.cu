@@ -100,7 +100,7 @@ __global__ void count_eq_kernel(Get get, int64_t P, const State* st, long long* 
 // One block of 1024 threads: find the chunk holding the r-th equal entry (r = k - count_less),
 // then the index inside it; writes st->tie.
 template <typename Get>
-__global__ void tie_kernel(Get get, int64_t P, int64_t k, State* st, const long long* counts, int64_t nchunks) {
+__global__ void __launch_bounds__(1024) tie_kernel(Get get, int64_t P, int64_t k, State* st, const long long* counts, int64_t nchunks) {
   using A = decltype(get(0));
   using U = sort_key_t<A>;
   __shared__ long long scan[1024];
