@@ -142,8 +142,24 @@ def _compile(src: Path, name: str, flags: list[str], include: list[Path], key: s
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"compiling {name} for the CPU failed:\n{' '.join(cmd)}\n{res.stderr}")
+    if name in FAMILIES:
+        _gather_shared(tmp)
     os.replace(tmp, obj)
     return obj
+
+
+def _gather_shared(obj: Path) -> None:
+    """Move the __shared__ variables of function templates into the cucpu_shared section.
+
+    The stand-in's ``__shared__`` puts function-local statics there with a section attribute, which
+    GCC ignores inside templates (their statics get a comdat ``.bss.<symbol>`` section each); the
+    runtime fills the section with 0xff before each block, so each such section is renamed. Only
+    statics of edfkern's functions (``_ZZN7edfkern``) exist in the kernels' files as __shared__."""
+    out = subprocess.run(["readelf", "-SW", str(obj)], capture_output=True, text=True, check=True).stdout
+    names = sorted(set(re.findall(r"\s(\.(?:bss|data)\._ZZN7edfkern\S+)", out)))
+    if names:
+        args = [a for n in names for a in ("--rename-section", f"{n}=cucpu_shared")]
+        subprocess.run(["objcopy", *args, str(obj)], check=True, capture_output=True)
 
 
 def build(variant: str = "plain", csrc: Path = CSRC, families=FAMILIES) -> Path:

@@ -23,6 +23,6 @@ def test_contract_under_asan_and_ubsan():
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:exitcode=86:alloc_dealloc_mismatch=0",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda_on_cpu",
-           str(Path(__file__).with_name("test_cuda_on_cpu_contract.py")), "-k", "not l_multiple_of_16 and not many_blocks"]
+           str(Path(__file__).with_name("test_cuda_on_cpu_contract.py")), "-k", "not l_multiple_of_16 and not many_blocks", "-s"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"exit {res.returncode}:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"

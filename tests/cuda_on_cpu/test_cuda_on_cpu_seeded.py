@@ -20,7 +20,7 @@ BUGS = {
     "shuffle tree from 8": ("cuda/common.cuh", "for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(",
                             "for (int o = 8; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(", ""),
     "partial shuffle mask": ("cuda/common.cuh", "__shfl_xor_sync(0xffffffffu, v, o)",
-                             "__shfl_xor_sync(0x0000ffffu, v, o)", "is not in the mask"),
+                             "__shfl_xor_sync(0x0000ffffu, v, o)", "mask"),
     "barrier in divergent code": ("cuda/features.cu", "  s = block_reduce(s, Sum{}, 0.0);",
                                   "  if (threadIdx.x < 512) s = block_reduce(s, Sum{}, 0.0);", "barrier"),
     "wrong index": ("cuda/features.cu", "out[i * D + e] = cast_to<T>(", "out[j * D + e] = cast_to<T>(", ""),

@@ -108,7 +108,6 @@ char* g_stacks = nullptr;
 void (*g_body)(void*) = nullptr;
 void* g_closure = nullptr;
 bool g_failed = false;
-bool g_dirty_stacks = false;  // an abandoned grid left frames (and, under ASan, poisoned redzones) behind
 std::string g_msg;
 cudaError_t g_last = cudaSuccess, g_sticky = cudaSuccess;
 unsigned long long g_launches = 0;
@@ -275,6 +274,9 @@ bool run_block(Order order, std::mt19937_64& rng) {
     t.warp = l / 32;
     t.lane = l % 32;
     t.st = St::Ready;
+#ifdef CUCPU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(stack_of(t), kStack);  // frames of fibers that never returned
+#endif
 #ifdef CUCPU_FAST_SWITCH
     // the frame cucpu_switch pops: control words, six registers, the return address (fiber_entry),
     // and a slot that leaves rsp as a call would (16-byte aligned minus 8)
@@ -447,12 +449,6 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t shmem, void (*body)(void*), v
     for (int i = 0; i < kMaxThreads; ++i) mprotect(g_stacks + i * (kStack + kPage), kPage, PROT_NONE);
     getcontext(&g_template);
   }
-  if (g_dirty_stacks) {
-#ifdef CUCPU_ASAN
-    ASAN_UNPOISON_MEMORY_REGION(g_stacks, kMaxThreads * (kStack + kPage));
-#endif
-    g_dirty_stacks = false;
-  }
   unsigned long long seed;
   const Order order = run_order(seed);
   std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ULL + (++g_launches));
@@ -472,7 +468,6 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t shmem, void (*body)(void*), v
                              static_cast<unsigned>(q / (static_cast<unsigned long long>(grid.x) * grid.y)));
     if (!run_block(order, rng)) {
       g_msg = fmt("kernel launched at %s:%d stopped: ", file, line) + g_msg;
-      g_dirty_stacks = true;
       g_sticky = cudaErrorLaunchFailure;
       return g_last = g_sticky;
     }
