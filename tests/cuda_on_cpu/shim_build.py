@@ -183,7 +183,8 @@ def build(variant: str = "plain", csrc: Path = CSRC, families=FAMILIES) -> Path:
     lib = out_dir / f"libcudaoncpu-{variant}-{_digest(*(o.name for o in objs))}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        link = [cxx(), "-shared", *VARIANTS[variant], "-o", str(tmp), *map(str, objs)]
+        # -Bsymbolic: each library's shim state binds to itself when several are loaded in one process
+        link = [cxx(), "-shared", "-Wl,-Bsymbolic", *VARIANTS[variant], "-o", str(tmp), *map(str, objs)]
         res = subprocess.run(link, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"linking the CPU build failed:\n{' '.join(link)}\n{res.stderr}")
