@@ -41,16 +41,17 @@ struct Src {
 };
 
 template <typename Get>
-__global__ void hist_kernel(Get get, int64_t P, const State* st, int shift, unsigned long long* hist) {
+__global__ void hist_kernel(Get get, int64_t P, const State* st, int shift, int nbits, unsigned long long* hist) {
   using A = decltype(get(0));
   using U = sort_key_t<A>;
   __shared__ unsigned int sh[kBins];
   for (int d = threadIdx.x; d < kBins; d += blockDim.x) sh[d] = 0;
   __syncthreads();
   const U prefix = static_cast<U>(st->prefix), pmask = static_cast<U>(st->pmask);
+  const U digit_mask = (U(1) << nbits) - 1;  // the last digit is narrower than kDigitBits
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < P; i += (int64_t)gridDim.x * blockDim.x) {
     const U key = to_key<A>(get(i));
-    if ((key & pmask) == prefix) atomicAdd(&sh[(key >> shift) & (kBins - 1)], 1u);
+    if ((key & pmask) == prefix) atomicAdd(&sh[(key >> shift) & digit_mask], 1u);
   }
   __syncthreads();
   for (int d = threadIdx.x; d < kBins; d += blockDim.x)
@@ -99,7 +100,7 @@ __global__ void count_eq_kernel(Get get, int64_t P, const State* st, long long* 
 // One block of 1024 threads: find the chunk holding the r-th equal entry (r = k - count_less),
 // then the index inside it; writes st->tie.
 template <typename Get>
-__global__ void tie_kernel(Get get, int64_t P, int64_t k, State* st, const long long* counts, int64_t nchunks) {
+__global__ void __launch_bounds__(1024) tie_kernel(Get get, int64_t P, int64_t k, State* st, const long long* counts, int64_t nchunks) {
   using A = decltype(get(0));
   using U = sort_key_t<A>;
   __shared__ long long scan[1024];
@@ -248,7 +249,7 @@ cudaError_t radix_select(Get get, int64_t P, int64_t k, State* st, unsigned long
   const unsigned int blocks = blocks_for(P, kThreads, 1024);
   for (int hi = kBits; hi > 0; hi -= kDigitBits) {
     const int nbits = hi >= kDigitBits ? kDigitBits : hi, shift = hi - nbits;
-    hist_kernel<<<blocks, kThreads, 0, stream>>>(get, P, st, shift, hist);
+    hist_kernel<<<blocks, kThreads, 0, stream>>>(get, P, st, shift, nbits, hist);
     pick_kernel<<<1, 256, 0, stream>>>(st, hist, shift, nbits);
   }
   const int64_t nchunks = (P + kChunk - 1) / kChunk;

@@ -27,7 +27,7 @@ __global__ void sq_kernel(const T* __restrict__ x, const int64_t* __restrict__ p
 }
 
 template <typename A>
-__global__ void total_kernel(const double* __restrict__ part, int64_t n, A* out) {
+__global__ void __launch_bounds__(1024) total_kernel(const double* __restrict__ part, int64_t n, A* out) {
   double s = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += part[i];
   s = block_reduce(s, Sum{}, 0.0);
