@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include <edfkern/common.h>
@@ -38,6 +39,10 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 cast_to<__nv_bfloat16, double>(double v) {
   return __float2bfloat16_rn(static_cast<float>(v));  // double -> float -> bf16 (as rare as fp64 grads with bf16)
 }
+
+// The largest gridDim.y and gridDim.z CUDA launches: kernels with one block row per class launch
+// their K classes in chunks of at most this many, starting at class k0.
+constexpr int64_t kMaxGridYZ = 65535;
 
 // Call f(T{}) with T the element type of dtype d.
 template <typename F>

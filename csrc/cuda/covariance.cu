@@ -13,14 +13,14 @@ namespace {
 
 constexpr int kTile = 16;
 
-// grid (ceil(C/16), ceil(C/16), K), block (16, 16): sigma[k, a0+ty, b0+tx].
+// grid (ceil(C/16), ceil(C/16), classes from k0), block (16, 16): sigma[k, a0+ty, b0+tx].
 template <typename T, typename A>
 __global__ void gram_kernel(const T* __restrict__ x, const int64_t* __restrict__ perm,
-                            const int64_t* __restrict__ offsets, int64_t C, int64_t L, const A* __restrict__ mean,
-                            A* __restrict__ sigma) {
+                            const int64_t* __restrict__ offsets, int64_t k0, int64_t C, int64_t L,
+                            const A* __restrict__ mean, A* __restrict__ sigma) {
   __shared__ A As[kTile][kTile + 1];
   __shared__ A Bs[kTile][kTile + 1];
-  const int64_t k = blockIdx.z;
+  const int64_t k = k0 + blockIdx.z;
   const int64_t a0 = blockIdx.y * kTile, b0 = blockIdx.x * kTile;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t j0 = offsets[k], n = offsets[k + 1] - j0, R = n * L;
@@ -81,8 +81,11 @@ int cov_forward(const void* x, DType dt, const int64_t* perm, const int64_t* off
     cudaError_t e = launch_seg_mean<T, A>(xp, perm, offsets, K, C * L, static_cast<A*>(mean), stream);
     if (e != cudaSuccess) return e;
     const unsigned int t = static_cast<unsigned int>((C + kTile - 1) / kTile);
-    gram_kernel<T, A><<<dim3(t, t, static_cast<unsigned int>(K)), dim3(kTile, kTile), 0, stream>>>(
-        xp, perm, offsets, C, L, static_cast<const A*>(mean), static_cast<A*>(sigma));
+    for (int64_t k0 = 0; k0 < K; k0 += kMaxGridYZ) {
+      const dim3 grid(t, t, static_cast<unsigned int>(std::min(K - k0, kMaxGridYZ)));
+      gram_kernel<T, A><<<grid, dim3(kTile, kTile), 0, stream>>>(xp, perm, offsets, k0, C, L,
+                                                                 static_cast<const A*>(mean), static_cast<A*>(sigma));
+    }
     return cudaGetLastError();
   });
 }

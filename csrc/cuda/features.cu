@@ -11,9 +11,9 @@ namespace {
 
 template <typename T, typename A>
 __global__ void sq_kernel(const T* __restrict__ x, const int64_t* __restrict__ perm,
-                          const int64_t* __restrict__ offsets, int64_t D, const A* __restrict__ mean,
+                          const int64_t* __restrict__ offsets, int64_t k0, int64_t D, const A* __restrict__ mean,
                           double* __restrict__ part) {
-  const int64_t k = blockIdx.y;
+  const int64_t k = k0 + blockIdx.y;
   const int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (e >= D) return;
   const A m = mean[k * D + e];
@@ -66,9 +66,9 @@ int cc_forward(const void* x, DType dt, const int64_t* perm, const int64_t* offs
     A* mp = static_cast<A*>(mean);
     cudaError_t e = launch_seg_mean<T, A>(xp, perm, offsets, K, D, mp, stream);
     if (e != cudaSuccess) return e;
-    if (K * D > 0) {
-      const dim3 grid(static_cast<unsigned int>((D + 127) / 128), static_cast<unsigned int>(K));
-      sq_kernel<T, A><<<grid, 128, 0, stream>>>(xp, perm, offsets, D, mp, ws);
+    for (int64_t k0 = 0; k0 < K && D > 0; k0 += kMaxGridYZ) {
+      const dim3 grid(static_cast<unsigned int>((D + 127) / 128), static_cast<unsigned int>(std::min(K - k0, kMaxGridYZ)));
+      sq_kernel<T, A><<<grid, 128, 0, stream>>>(xp, perm, offsets, k0, D, mp, ws);
     }
     total_kernel<A><<<1, 1024, 0, stream>>>(ws, K * D, static_cast<A*>(sq));
     return cudaGetLastError();

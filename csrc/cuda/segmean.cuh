@@ -8,11 +8,11 @@
 namespace edfkern {
 namespace cuda {
 
-// grid (ceil(D / blockDim.x), K): thread (k, e) sums column e of class k's rows in ascending order.
+// grid (ceil(D / blockDim.x), classes from k0): thread (k, e) sums column e of class k's rows in ascending order.
 template <typename T, typename A>
 __global__ void seg_mean_kernel(const T* __restrict__ x, const int64_t* __restrict__ perm,
-                                const int64_t* __restrict__ offsets, int64_t D, A* __restrict__ mean) {
-  const int64_t k = blockIdx.y;
+                                const int64_t* __restrict__ offsets, int64_t k0, int64_t D, A* __restrict__ mean) {
+  const int64_t k = k0 + blockIdx.y;
   const int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (e >= D) return;
   const int64_t j0 = offsets[k], j1 = offsets[k + 1];
@@ -29,8 +29,10 @@ template <typename T, typename A>
 cudaError_t launch_seg_mean(const T* x, const int64_t* perm, const int64_t* offsets, int64_t K, int64_t D, A* mean,
                             cudaStream_t stream) {
   if (K == 0 || D == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned int>((D + 127) / 128), static_cast<unsigned int>(K));
-  seg_mean_kernel<T, A><<<grid, 128, 0, stream>>>(x, perm, offsets, D, mean);
+  for (int64_t k0 = 0; k0 < K; k0 += kMaxGridYZ) {
+    const dim3 grid(static_cast<unsigned int>((D + 127) / 128), static_cast<unsigned int>(std::min(K - k0, kMaxGridYZ)));
+    seg_mean_kernel<T, A><<<grid, 128, 0, stream>>>(x, perm, offsets, k0, D, mean);
+  }
   return cudaGetLastError();
 }
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import edfkern.reference as R
-from test_special_values import assert_same_special
-from tests._utils import DTYPES
+from tests._utils import DTYPES, assert_same_special
 
 pytestmark = pytest.mark.cuda_on_cpu
 
