@@ -112,3 +112,29 @@ def test_layers(lower: str, upper: str) -> None:
     bad = sorted(f"{m} -> {n}" for m, deps in graph.items() if m == lower or m.startswith(lower + ".")
                  for n in deps if n == upper or n.startswith(upper + "."))
     assert not bad, f"{lower} must not import {upper}: {bad}"
+
+
+def test_no_source_file_is_ignored_by_git() -> None:
+    """A source file git ignores is missing from every clone (``edfkern/build/__main__.py`` once was,
+    caught by ``build/`` in .gitignore): no ``.py``, C++ or CUDA file of the repository is ignored."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")) and \
+            not os.path.isfile(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout: nothing decides what a clone holds")
+    out = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--", "edfkern", "tests",
+                          "tools", "csrc", "python", "benchmarks", "setup.py"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    ignored = [f for f in out if f.endswith((".py", ".cpp", ".cu", ".cuh", ".h", ".sh")) and "__pycache__" not in f]
+    assert not ignored, f"source files ignored by git (absent from a clone): {ignored}"
+
+
+def test_build_command_runs() -> None:
+    """``python -m edfkern.build`` (the ahead-of-time build) is a runnable module."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "edfkern.build", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "--force" in p.stdout, p.stdout + p.stderr
