@@ -25,7 +25,9 @@ REPO = HERE.parents[1]
 CSRC = REPO / "csrc"
 FAMILIES = ("dae", "gradcam", "cpd", "covariance", "features")
 
-BASE_FLAGS = ["-std=c++17", "-fPIC", "-ffp-contract=off", "-Wall", "-Wno-unused-function"]
+# -fno-gnu-unique: template statics (the __shared__ storage of block_reduce) stay private to each
+# library; as STB_GNU_UNIQUE the dynamic linker would bind them to the first library loaded
+BASE_FLAGS = ["-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-gnu-unique", "-Wall", "-Wno-unused-function"]
 VARIANTS = {
     "plain": ["-O1"],
     "asan": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
