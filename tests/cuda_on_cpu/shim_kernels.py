@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from shim_build import build
+from shim_build import CSRC, build
 
 ORDER_ENV = "EDFKERN_CUDA_ON_CPU_ORDER"
 ORDERS = ("forward", "reverse", "random:20261205")
@@ -328,10 +328,12 @@ _LOADED: dict = {}
 
 def kernels(variant: Optional[str] = None, orders: Optional[Sequence[str]] = None) -> ShimKernels:
     """The shim kernels of the ``variant`` build (default ``$EDFKERN_CUDA_ON_CPU_VARIANT`` or plain), run
-    in ``orders`` (default ``$EDFKERN_CUDA_ON_CPU_ORDERS``, comma-separated, or ORDERS)."""
+    in ``orders`` (default ``$EDFKERN_CUDA_ON_CPU_ORDERS``, comma-separated, or ORDERS), built from
+    ``$EDFKERN_CUDA_ON_CPU_CSRC`` (a copy of csrc with a seeded bug) or the repository's csrc."""
     variant = variant or os.environ.get("EDFKERN_CUDA_ON_CPU_VARIANT", "plain")
     orders = orders or [o for o in os.environ.get("EDFKERN_CUDA_ON_CPU_ORDERS", "").split(",") if o] or ORDERS
-    key = (variant, tuple(orders))
+    csrc = os.environ.get("EDFKERN_CUDA_ON_CPU_CSRC") or CSRC
+    key = (variant, tuple(orders), str(csrc))
     if key not in _LOADED:
-        _LOADED[key] = ShimKernels(build(variant), orders)
+        _LOADED[key] = ShimKernels(build(variant, csrc=csrc), orders)
     return _LOADED[key]

@@ -1,5 +1,6 @@
 """The tier can fail: bugs seeded into a temporary copy of csrc (the flat-features family and the
-block reduction it shares) each make a contract case fail, where the unchanged copy passes."""
+block reduction it shares) each make a contract case fail, where the unchanged copy passes; an
+off-by-one read past a workspace also fails the sanitizer pass, which names it."""
 from __future__ import annotations
 
 import shutil
@@ -10,6 +11,7 @@ import torch
 import test_kernel_contract as contract
 from shim_build import CSRC, build
 from shim_kernels import ShimError, ShimKernels
+from test_cuda_on_cpu_sanitized import CONTRACT, run_under_asan
 
 pytestmark = pytest.mark.cuda_on_cpu
 
@@ -60,3 +62,17 @@ def test_seeded_bug_fails(csrc_copy, tmp_path, bug):
     with pytest.raises((AssertionError, ShimError)) as err:
         _check(_features(mutant))
     assert says in str(err.value), f"{bug}: {err.value}"
+
+
+def test_off_by_one_read_fails_under_asan(csrc_copy, tmp_path):
+    """``total_kernel`` reading ``part[n]``, one double past the workspace: the plain build sees it only
+    as results that change with the run order; the sanitizer pass exits 86 naming the overflow."""
+    mutant = tmp_path / "csrc"
+    shutil.copytree(csrc_copy, mutant)
+    path = mutant / "cuda/features.cu"
+    old = "for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += part[i];"
+    assert old in path.read_text(), "the text to change is no longer in csrc/cuda/features.cu"
+    path.write_text(path.read_text().replace(old, old.replace("i < n", "i <= n"), 1))
+    res = run_under_asan([str(CONTRACT), "-k", "test_flat_features and float64"], csrc=mutant)
+    assert res.returncode == 86, f"exit {res.returncode}, not ASan's 86:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert "heap-buffer-overflow" in res.stderr, res.stderr[-3000:]
