@@ -75,3 +75,18 @@ def test_empty_keep_mask_matches_its_fake():
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = torch.ops.edfkern.cpd_keep_mask(mode.from_tensor(l), 0.5)
     assert out.shape == fake.shape == l.shape and out.stride() == fake.stride() and out.dtype == torch.bool
+
+
+def test_grad_cam_traces_with_dynamic_shapes():
+    """The fake checks the tensors only: under ``dynamic=True`` N, h, w and an output ``size`` taken
+    from an image's shape are SymInts, which must neither be refused nor pinned (one graph for all)."""
+    from torch._dynamo.testing import CompileCounter
+
+    count = CompileCounter()
+    fn = torch.compile(lambda a, g, img: edfkern.grad_cam(a, g, size=img.shape[-2:]), dynamic=True,
+                       fullgraph=True, backend=count)
+    # the first call's sizes all differ, so no two share a symbol (dynamo's duck sizing)
+    for n, h, size in [(2, 3, (8, 10)), (3, 4, (16, 12)), (5, 5, (24, 9))]:
+        a, g = torch.randn(n, 7, h, h + 3), torch.randn(n, 7, h, h + 3)
+        torch.testing.assert_close(fn(a, g, torch.empty(1, *size)), edfkern.grad_cam(a, g, size=size))
+    assert count.frame_count == 1, f"{count.frame_count} graphs for 3 shapes: a size was pinned"

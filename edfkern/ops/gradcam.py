@@ -55,7 +55,8 @@ def grad_cam(activations: Tensor, gradients: Tensor, *, method: str = "gradcam",
 @torch.library.custom_op("edfkern::grad_cam", mutates_args=())
 def _grad_cam_op(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str,
                  normalize: bool, size: Optional[list[int]]) -> Tensor:
-    _check_args(activations, gradients, clean_activations, method, size)
+    _check_tensors(activations, gradients, clean_activations, method)
+    _check_size(activations, size)
     clean = None if clean_activations is None else clean_activations.contiguous()
     return kernel("grad_cam", activations.device)(
         activations.contiguous(), gradients.contiguous(), clean, method, normalize,
@@ -64,7 +65,7 @@ def _grad_cam_op(activations: Tensor, gradients: Tensor, clean_activations: Opti
 
 @_grad_cam_op.register_fake
 def _grad_cam_fake(activations, gradients, clean_activations, method, normalize, size):
-    _check_args(activations, gradients, clean_activations, method, size)
+    _check_tensors(activations, gradients, clean_activations, method)  # N, h, w and size may be SymInts
     n, h, w = activations.shape[-4], activations.shape[-2], activations.shape[-1]
     hh, ww = (h, w) if size is None else size
     return activations.new_empty((n, hh, ww), dtype=C.acc_dtype(activations.dtype))
@@ -83,9 +84,9 @@ def _check_method(method: object) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _check_args(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str,
-                size: Optional[list[int]]) -> None:
-    """The registered op's rules: the tensors' ranks, shapes, dtypes and devices, the method, the output size."""
+def _check_tensors(activations: Tensor, gradients: Tensor, clean_activations: Optional[Tensor], method: str) -> None:
+    """The registered op's rules that hold for symbolic sizes too: the method, the tensors' ranks,
+    shapes, dtypes and devices."""
     _check_method(method)
     C.check_float_tensor("activations", activations)
     C.check_float_tensor("gradients", gradients)
@@ -108,5 +109,9 @@ def _check_args(activations: Tensor, gradients: Tensor, clean_activations: Optio
         raise ValueError(f"clean_activations is only used by method='smoothgradcam++', not {method!r}")
     if activations.shape[-2] == 0 or activations.shape[-1] == 0 or activations.shape[-3] == 0:
         raise ValueError(f"activations must have C, h, w >= 1, got shape {tuple(activations.shape)}")
+
+
+def _check_size(activations: Tensor, size: Optional[list[int]]) -> None:
+    """The output size and the CAMs' element count (the real op only: under tracing they are SymInts)."""
     hw = C.check_size("size", size) if size is not None else tuple(activations.shape[-2:])
     C.check_numel("the CAMs", (activations.shape[-4],) + hw)
