@@ -497,9 +497,9 @@ def _require(op: str, cond: Tensor, msg: str) -> None:
 
 
 def check_csr(op: str, n: int, perm: Optional[Tensor], offsets: Tensor, device: torch.device,
-              side: str = "") -> int:
+              side: str = "", nonempty: bool = False) -> int:
     """``offsets`` (K+1,) int64 from 0, non-decreasing, ending at ``n``; ``perm`` None or an int64
-    permutation of ``range(n)``. Returns K."""
+    permutation of ``range(n)``; with ``nonempty`` (the losses) every group has a row. Returns K."""
     p = f"{side}perm" if side else "perm"
     o = f"{side}offsets" if side else "offsets"
     check_tensor_arg(op, o, offsets, dims=(1,), dtypes=(torch.int64,), device=device)
@@ -514,6 +514,9 @@ def check_csr(op: str, n: int, perm: Optional[Tensor], offsets: Tensor, device: 
     if k > 0:
         ok = ok & (offsets[1:] >= offsets[:-1]).all()
     _require(op, ok, f"{o} must start at 0, never decrease and end at N={n}")
+    if nonempty and k > 0:
+        _require(op, (offsets[1:] > offsets[:-1]).all(),
+                 f"{o} has an empty group; every group of a loss needs at least one row")
     if perm is not None:
         check_tensor_arg(op, p, perm, dims=(1,), dtypes=(torch.int64,), device=device)
         if perm.shape[0] != n:
@@ -527,10 +530,10 @@ def check_csr(op: str, n: int, perm: Optional[Tensor], offsets: Tensor, device: 
 
 
 def check_rows_csr(op: str, name: str, x: object, ndim: int, perm: Optional[Tensor], offsets: Tensor,
-                   side: str = "") -> int:
+                   side: str = "", nonempty: bool = False) -> int:
     """A float ``ndim``-D tensor of N rows and its CSR groups (``side`` prefixes perm/offsets); returns K."""
     check_tensor_arg(op, name, x, dims=(ndim,))
-    return check_csr(op, x.shape[0], perm, offsets, x.device, side=f"{side}_" if side else "")
+    return check_csr(op, x.shape[0], perm, offsets, x.device, side=f"{side}_" if side else "", nonempty=nonempty)
 
 
 def check_shape_arg(op: str, name: str, t: Tensor, shape: Sequence[int]) -> None:

@@ -90,3 +90,21 @@ def test_grad_cam_traces_with_dynamic_shapes():
         a, g = torch.randn(n, 7, h, h + 3), torch.randn(n, 7, h, h + 3)
         torch.testing.assert_close(fn(a, g, torch.empty(1, *size)), edfkern.grad_cam(a, g, size=size))
     assert count.frame_count == 1, f"{count.frame_count} graphs for 3 shapes: a size was pinned"
+
+
+@pytest.mark.parametrize("op, side", [("mean_matching_loss", "syn"), ("mean_matching_loss", "real"),
+                                      ("covariance_matching_loss", "syn"), ("covariance_matching_loss", "real"),
+                                      ("class_centralization_loss", "feat")])
+def test_direct_loss_call_refuses_an_empty_group(op, side):
+    """A loss over an empty group is 0/0: the public functions refuse it, and so does the op itself
+    (it returned a finite, wrong value when called directly)."""
+    x = torch.randn(4, 2, 3) if op == "covariance_matching_loss" else torch.randn(4, 3)
+    full, empty = torch.tensor([0, 2, 4]), torch.tensor([0, 4, 4])
+    fn = getattr(torch.ops.edfkern, op)
+    if op == "class_centralization_loss":
+        call = lambda: fn(x, None, empty, 1.0)
+    else:
+        so, ro = (empty, full) if side == "syn" else (full, empty)
+        call = lambda: fn(x, None, so, x + 1, None, ro, 1.0)
+    with pytest.raises(ValueError, match="every group of a loss needs at least one row"):
+        call()

@@ -128,8 +128,8 @@ def _covariance_matching_loss_op(syn: Tensor, syn_perm: Optional[Tensor], syn_of
     """Returns (loss, sigma_syn, sigma_real, mean_syn, mean_real); only ``loss`` is public."""
     op = "edfkern::covariance_matching_loss"
     C.check_pair_tensors(syn, real, "(C, L)")
-    ks = _check_x_csr(op, syn, syn_perm, syn_offsets, "syn")
-    kr = _check_x_csr(op, real, real_perm, real_offsets, "real")
+    ks = _check_x_csr(op, syn, syn_perm, syn_offsets, "syn", nonempty=True)
+    kr = _check_x_csr(op, real, real_perm, real_offsets, "real", nonempty=True)
     if ks != kr:
         raise ValueError(f"{op}: syn and real must have the same number of groups, got K={ks} and K={kr}")
     fwd = kernel("cov_forward", syn.device)
@@ -176,8 +176,9 @@ _covariance_matching_loss_op.register_autograd(_covariance_matching_loss_autogra
 # ----------------------------------------------------------------------------- argument checks and helpers
 
 
-def _check_x_csr(op: str, x: Tensor, perm: Optional[Tensor], offsets: Tensor, side: str = "") -> int:
-    return C.check_rows_csr(op, side or "x", x, 3, perm, offsets, side)
+def _check_x_csr(op: str, x: Tensor, perm: Optional[Tensor], offsets: Tensor, side: str = "",
+                 nonempty: bool = False) -> int:
+    return C.check_rows_csr(op, side or "x", x, 3, perm, offsets, side, nonempty=nonempty)
 
 
 def _check_cov_backward_args(x: Tensor, perm: Optional[Tensor], offsets: Tensor, mean: Tensor, M: Tensor) -> None:

@@ -81,7 +81,7 @@ def mean_matching_loss(syn: Tensor, real: Tensor, *, syn_groups: C.GroupsArg, re
 def _class_centralization_loss_op(feat: Tensor, perm: Optional[Tensor], offsets: Tensor,
                                   weight: float) -> tuple[Tensor, Tensor]:
     """Returns (loss, mean (K,D)); ``mean`` is kept for backward."""
-    C.check_rows_csr("edfkern::class_centralization_loss", "feat", feat, 2, perm, offsets)
+    C.check_rows_csr("edfkern::class_centralization_loss", "feat", feat, 2, perm, offsets, nonempty=True)
     sq, mean = kernel("cc_forward", feat.device)(feat.contiguous(), perm, offsets)
     return weight * sq, mean
 
@@ -132,8 +132,8 @@ def _mean_matching_loss_op(syn: Tensor, syn_perm: Optional[Tensor], syn_offsets:
     """Returns (loss, mean_syn - mean_real (K,D)); the difference is kept for backward."""
     op = "edfkern::mean_matching_loss"
     C.check_pair_tensors(syn, real, "feature size D")
-    ks = C.check_rows_csr(op, "syn", syn, 2, syn_perm, syn_offsets, "syn")
-    kr = C.check_rows_csr(op, "real", real, 2, real_perm, real_offsets, "real")
+    ks = C.check_rows_csr(op, "syn", syn, 2, syn_perm, syn_offsets, "syn", nonempty=True)
+    kr = C.check_rows_csr(op, "real", real, 2, real_perm, real_offsets, "real", nonempty=True)
     if ks != kr:
         raise ValueError(f"{op}: syn and real must have the same number of groups, got K={ks} and K={kr}")
     mean = kernel("seg_mean", syn.device)
