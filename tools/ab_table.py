@@ -1,10 +1,13 @@
 """The table of tools/ab_bench.sh: per op and mode, each round's median before (A) and after (B), and the
-ratio of the medians over rounds. usage: python tools/ab_table.py OUTDIR [ROUNDS, e.g. 1,2]"""
-import json, glob, statistics, sys
+ratio of the medians over rounds. usage: python tools/ab_table.py OUTDIR [ROUNDS, e.g. 1,2]
+Reads the files as ab_bench.sh names them (A-1.json, B-1.json) or as committed (...-before-round1.json)."""
+import json, glob, re, statistics, sys
 d = sys.argv[1]; rounds = sys.argv[2].split(",") if len(sys.argv) > 2 else None
 rows = {}
 for f in sorted(glob.glob(f"{d}/*.json")):
-    side, r = f.split("/")[-1][:-5].split("-")
+    m = re.search(r"(A|B|before|after)-(?:round)?(\d+)\.json$", f)
+    if not m: continue
+    side, r = {"before": "A", "after": "B"}.get(m[1], m[1]), m[2]
     if rounds and r not in rounds: continue
     for x in json.load(open(f))["results"]:
         if x.get("status") == "ok":

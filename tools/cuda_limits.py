@@ -119,10 +119,12 @@ def registers(nvcc: str) -> dict[str, list[tuple[int, int]]]:
 
 def occupancy(rows: list[tuple[int, int, int]]) -> list[str]:
     """'blocks occupancy limit' per (threads, registers, shared) row, from tools/cuda_occupancy.cpp."""
-    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", str(Path(shutil.which("nvcc") or "/").resolve().parents[1])]
+    nvcc = shutil.which("nvcc")
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", str(Path(nvcc).resolve().parents[1]) if nvcc else None]
     inc = next((Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_occupancy.h").is_file()), None)
     if inc is None:
-        raise SystemExit("cuda_limits: cuda_occupancy.h not found (set CUDA_HOME)")
+        print("cuda_limits: cuda_occupancy.h not found (set CUDA_HOME)", file=sys.stderr)
+        sys.exit(2)
     cxx = os.environ.get("CXX", "g++")
     with tempfile.TemporaryDirectory() as td:
         exe = os.path.join(td, "occ")
