@@ -40,12 +40,17 @@ def test_direct_call_gets_the_public_message(case):
 
 
 def test_dae_mask_traces_with_dynamic_shapes():
-    """The fake checks the CAM only: ``H`` and ``W`` are SymInts under ``dynamic=True``."""
+    """The fake checks the CAM only: ``H`` and ``W`` are SymInts under ``dynamic=True``, neither refused
+    nor pinned (one graph for both shapes)."""
+    from torch._dynamo.testing import CompileCounter
+
+    count = CompileCounter()
+    fn = torch.compile(lambda c: edfkern.dae_mask(c, beta=0.5), dynamic=True, fullgraph=True, backend=count)
     cam = torch.rand(3, 4, 5)
-    fn = torch.compile(lambda c: edfkern.dae_mask(c, beta=0.5), dynamic=True, fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(cam), edfkern.dae_mask(cam, beta=0.5))
     cam2 = torch.rand(2, 6, 3)
     torch.testing.assert_close(fn(cam2), edfkern.dae_mask(cam2, beta=0.5))
+    assert count.frame_count == 1, f"{count.frame_count} graphs for 2 shapes: a size was pinned"
 
 
 def test_fakes_check_meta_inputs():

@@ -84,13 +84,14 @@ def test_cam_is_not_inherited_through_id_reuse(how, momentum):
     holder = [_image(0)]
     opt = DAESGD(holder, **kw)
     opt.set_cam(0, _cam(0))
-    old_id = id(holder[0])
+    old_id, old_ref = id(holder[0]), weakref.ref(holder[0])
     if how == "replace_in_group":
         opt.param_groups[0]["params"].clear()
     else:
         opt.param_groups.clear()
     holder.clear()
     gc.collect()
+    assert old_ref() is None, "the optimizer keeps the replaced parameter alive"
     new = _tensor_with_id(old_id)
     reused = new is not None
     if not reused:  # the allocator kept the address: force the collision instead of skipping

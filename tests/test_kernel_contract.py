@@ -115,8 +115,10 @@ def test_kernel_calls_of_the_op_table(K, dtype, op, label, kernel):
     args = next(a for lab, k, a in OP[op].kernel_calls(dtype) if (lab, k) == (label, kernel))
     args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
     got, exp = getattr(K, kernel)(*args), getattr(R, kernel)(*args)
+    assert isinstance(got, tuple) == isinstance(exp, tuple), f"{kernel}: {type(got)} where the reference gives {type(exp)}"
+    if isinstance(got, tuple):
+        assert len(got) == len(exp), f"{kernel}: {len(got)} outputs, the reference gives {len(exp)}"
     outs = list(zip(got, exp)) if isinstance(got, tuple) else [(got, exp)]
-    assert len(outs) == (len(exp) if isinstance(exp, tuple) else 1), f"{kernel}: {len(outs)} outputs"
     for i, (g, e) in enumerate(outs):
         name = f"{kernel} output {i}"
         if g.is_floating_point():

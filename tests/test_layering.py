@@ -128,6 +128,10 @@ def test_no_source_file_is_ignored_by_git() -> None:
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     ignored = [f for f in out if f.endswith((".py", ".cpp", ".cu", ".cuh", ".h", ".sh")) and "__pycache__" not in f]
     assert not ignored, f"source files ignored by git (absent from a clone): {ignored}"
+    # on a clean clone the ignored file is simply absent; its committed neighbours still match the rule
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--ignored", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert not tracked, f"committed files that .gitignore matches (a new file beside them is left out): {tracked}"
 
 
 def test_build_command_runs() -> None:
